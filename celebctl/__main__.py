@@ -1,0 +1,5 @@
+"""`python -m celebctl`."""
+
+from .cli import main
+
+main()
