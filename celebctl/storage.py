@@ -14,7 +14,6 @@ import hashlib
 import os
 import secrets
 import stat
-
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -1,0 +1,327 @@
+"""Identity bundles (``.celeb``): one zip that carries an identity to another machine.
+
+A bundle holds ``identity.toml`` and the data files it names, nothing else. Import treats the
+file as hostile: every check runs on bytes in memory before anything is written, and the
+registry only changes through :func:`registry.save_identity`, which is crash-safe.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import stat
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import registry, storage
+from .errors import BundleError, CelebctlError, CorruptEntry, SchemaError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUNDLE_SUFFIX = ".celeb"
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+MAX_MEMBERS = 8
+MAX_MEMBER_BYTES = 16 * 1024 * 1024
+MAX_TOTAL_BYTES = 32 * 1024 * 1024
+MAX_RATIO = 200  # uncompressed / compressed, for members over 64 KiB
+MAX_TOML_BYTES = 256 * 1024
+MAX_ST_HEADER = 64 * 1024
+FACE_EMBEDDING_DIM = 512
+MAX_FACE_SIDE = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bool = False) -> Path:
+    """Write identity ``name`` as a ``.celeb`` zip at ``out``.
+
+    The bundle contains the face crop and face embedding unless ``include_face`` is False; an
+    identity imported from a face-less bundle renders but cannot be refitted with `joint`.
+    """
+    ident = registry.get_identity(name, verify="all")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CelebctlError(f"{out} already exists. Pick another path or pass --force.")
+    if out.is_dir():
+        raise CelebctlError(f"{out} is a folder; give a file name such as {name}.celeb.")
+    meta = dict(ident.meta)
+    files = dict(meta["files"])
+    if not include_face:
+        files.pop("face", None)
+        files.pop("face_embedding", None)
+    meta["files"] = files
+    members = {registry.IDENTITY_TOML: tomli_w.dumps(meta).encode("utf-8")}
+    for entry in files.values():
+        members[entry["path"]] = (ident.path / entry["path"]).read_bytes()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            info = zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | 0o600) << 16
+            archive.writestr(info, data)
+    if not out.parent.exists():
+        raise CelebctlError(f"The folder {out.parent} does not exist.")
+    try:
+        storage.atomic_write_bytes(out, buffer.getvalue())
+    except CelebctlError:
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (pure, on bytes)
+
+
+def parse_safetensors(data: bytes, where: str) -> dict[str, Any]:
+    """Validate a safetensors blob by hand, then load it as numpy. Never unpickles anything.
+
+    The header is checked before the safetensors library sees the bytes, so a header that lies
+    about its size or offsets, or is absurdly large, is refused with a clear message.
+    """
+    import numpy as np
+
+    if len(data) < 8:
+        raise BundleError(f"{where} is too short to be a safetensors file.")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_ST_HEADER or header_len > len(data) - 8:
+        raise BundleError(f"{where} is not a valid safetensors file (bad header length).")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BundleError(f"{where} is not a valid safetensors file (unreadable header).") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{where} is not a valid safetensors file.")
+    body = len(data) - 8 - header_len
+    spans = []
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(spec, dict) or spec.get("dtype") != "F32":
+            raise BundleError(f"{where}: tensor '{key}' must be float32.")
+        shape, offsets = spec.get("shape"), spec.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 20
+                       for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise BundleError(f"{where}: tensor '{key}' has a malformed header entry.")
+        count = 1
+        for dim in shape:
+            count *= dim
+        start, end = offsets
+        if not 0 <= start <= end <= body or end - start != count * 4:
+            raise BundleError(f"{where}: tensor '{key}' header does not match the file size.")
+        spans.append((start, end))
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+    except Exception:  # the library's own errors; the header was checked above
+        raise BundleError(f"{where} is not a valid safetensors file.") from None
+    for key, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise BundleError(f"{where}: tensor '{key}' contains NaN or Inf.")
+    return tensors
+
+
+def _check_png(data: bytes, where: str) -> None:
+    from PIL import Image
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise BundleError(f"{where} is not a PNG image.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width > MAX_FACE_SIDE or height > MAX_FACE_SIDE:
+                raise BundleError(f"{where} is too large ({width}x{height}).")
+            image.load()
+    except BundleError:
+        raise
+    except Exception:
+        raise BundleError(f"{where} is not a readable PNG image.") from None
+
+
+_MEMBER_RE = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+
+
+def _read_members(data: bytes) -> dict[str, bytes]:
+    """Open the zip and read every member with hard caps; refuse anything unusual."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"The bundle is larger than {MAX_BUNDLE_BYTES // 2**20} MiB.")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        raise BundleError("This is not a celebctl bundle (not a zip file).") from None
+    except Exception:
+        raise BundleError("This is not a celebctl bundle (unreadable zip).") from None
+    with archive:
+        infos = archive.infolist()
+        if not infos:
+            raise BundleError("The bundle is empty.")
+        if len(infos) > MAX_MEMBERS:
+            raise BundleError(
+                f"The bundle has {len(infos)} members; at most {MAX_MEMBERS} allowed."
+            )
+        names = [info.filename for info in infos]
+        if len(set(names)) != len(names):
+            raise BundleError("The bundle has duplicate members.")
+        members: dict[str, bytes] = {}
+        total = 0
+        for info in infos:
+            name = info.filename
+            if (
+                not _MEMBER_RE.fullmatch(name)
+                or name in (".", "..")
+                or name.startswith(".")
+            ):
+                raise BundleError(
+                    f"The bundle member {name[:80]!r} has an unsafe path (only plain file names "
+                    "are allowed)."
+                )
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode) or stat.S_ISDIR(mode) or info.is_dir():
+                raise BundleError(f"The bundle member {name!r} is a link or folder.")
+            if info.flag_bits & 0x1:
+                raise BundleError("Encrypted bundles are not supported.")
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise BundleError(f"The bundle member {name!r} is too large.")
+            if info.file_size > 65536 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise BundleError(f"The bundle member {name!r} is compressed suspiciously well.")
+            try:
+                with archive.open(info) as handle:
+                    # Read at most one byte more than allowed: the declared size may lie.
+                    blob = handle.read(MAX_MEMBER_BYTES + 1)
+            except Exception:
+                raise BundleError(f"The bundle member {name!r} cannot be read.") from None
+            if len(blob) > MAX_MEMBER_BYTES or len(blob) != info.file_size:
+                raise BundleError(f"The bundle member {name!r} is not the size it claims.")
+            total += len(blob)
+            if total > MAX_TOTAL_BYTES:
+                raise BundleError("The bundle unpacks to too much data.")
+            members[name] = blob
+    return members
+
+
+@dataclass
+class BundlePlan:
+    """A fully checked bundle, ready to be written."""
+
+    write: registry.IdentityWrite
+    original_name: str
+    notes: list[str] = field(default_factory=list)
+
+
+def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
+    """Validate bundle bytes completely and return what would be written. Writes nothing."""
+    members = _read_members(data)
+    if registry.IDENTITY_TOML not in members:
+        raise BundleError(f"The bundle has no {registry.IDENTITY_TOML}.")
+    raw_toml = members[registry.IDENTITY_TOML]
+    if len(raw_toml) > MAX_TOML_BYTES:
+        raise BundleError(f"The bundle's {registry.IDENTITY_TOML} is too large.")
+    try:
+        meta = tomllib.loads(raw_toml.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise BundleError(f"The bundle's {registry.IDENTITY_TOML} is not valid TOML.") from None
+    try:
+        meta = registry.validate_meta(meta, f"The bundle's {registry.IDENTITY_TOML}")
+    except (SchemaError, CorruptEntry) as exc:
+        raise BundleError(str(exc)) from None
+    original = meta["name"]
+    files = meta["files"]
+    expected = {registry.IDENTITY_TOML} | {entry["path"] for entry in files.values()}
+    if set(members) != expected:
+        extra = sorted(set(members) - expected)
+        missing = sorted(expected - set(members))
+        raise BundleError(
+            "The bundle's members do not match its identity.toml"
+            + (f"; unexpected: {', '.join(extra)}" if extra else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + "."
+        )
+    for entry in files.values():
+        blob = members[entry["path"]]
+        if len(blob) != entry["size"] or storage.sha256_bytes(blob) != entry["sha256"]:
+            raise BundleError(f"The bundle member {entry['path']} does not match its checksum.")
+    tensors = parse_safetensors(members[files["coefficients"]["path"]], "coefficients")
+    if set(tensors) != {"coefficients"}:
+        raise BundleError("The coefficients file must hold exactly one 'coefficients' tensor.")
+    coefficients = tensors["coefficients"]
+    if coefficients.shape != (2, meta["components"]):
+        raise BundleError(
+            f"The coefficients have shape {tuple(coefficients.shape)}, expected "
+            f"(2, {meta['components']})."
+        )
+    embedding = None
+    if "face_embedding" in files:
+        tensors = parse_safetensors(members[files["face_embedding"]["path"]], "face embedding")
+        if set(tensors) != {"embedding"} or tensors["embedding"].shape != (FACE_EMBEDDING_DIM,):
+            raise BundleError(f"The face embedding must be one ({FACE_EMBEDDING_DIM},) tensor.")
+        embedding = tensors["embedding"]
+    face_png = None
+    if "face" in files:
+        face_png = members[files["face"]["path"]]
+        _check_png(face_png, "The face crop")
+    name = new_name or original
+    registry.validate_name(name)
+    notes = []
+    if face_png is None:
+        notes.append(
+            f"The bundle has no face crop: '{name}' can be rendered but not refitted with `joint`."
+        )
+    from . import paths
+
+    basis_toml = paths.bases_dir() / meta["basis_id"] / "basis.toml"
+    if not basis_toml.exists():
+        notes.append(
+            f"Basis {meta['basis_id']} is not on this machine; build it with "
+            f"`celebctl basis build --model {meta['model']}` before rendering."
+        )
+    keep = {k: v for k, v in meta.items() if k not in ("files", "name", "schema_version")}
+    keep.setdefault("imported_from", original)
+    write = registry.IdentityWrite(
+        name=name, coefficients=coefficients, meta=keep, face_png=face_png,
+        face_embedding=embedding,
+    )
+    return BundlePlan(write=write, original_name=original, notes=notes)
+
+
+def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
+                  ) -> tuple[registry.Identity, list[str]]:
+    """Check a bundle completely, then register it. A bad bundle leaves the registry as it was."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise BundleError(f"{path} is a folder, not a .celeb bundle.")
+        size = path.stat().st_size
+        if size > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{path} is larger than {MAX_BUNDLE_BYTES // 2**20} MiB.")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"No such file: {path}.") from None
+    except OSError as exc:
+        raise BundleError(f"Cannot read {path}: {exc.strerror}.") from None
+    plan = check_bundle(data, new_name)
+    if registry.identity_exists(plan.write.name) and not replace:
+        raise BundleError(
+            f"Identity '{plan.write.name}' already exists. Use --as NEW to import under another "
+            "name, or --force to replace it."
+        )
+    ident = registry.save_identity(plan.write, replace=replace)
+    return ident, plan.notes

@@ -1,0 +1,161 @@
+"""Registry commands: list, show, remove, rename, path, export, import."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import bundles, paths, registry
+from ..errors import CelebctlError, IdentityNotFound
+from .common import CelebTyper, JsonOpt, YesOpt, err, out, print_json, warn
+
+NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebctl list`.",
+                                        show_default=False)]
+
+
+class ExportFormat(str, Enum):
+    celeb = "celeb"
+
+
+def list_cmd(json_out: JsonOpt = False) -> None:
+    """List registered identities. Broken entries are reported as warnings."""
+    scan = registry.list_identities()
+    for message in scan.warnings:
+        warn(message)
+    if json_out:
+        print_json({
+            "identities": [ident.summary() for ident in scan.identities],
+            "warnings": scan.warnings,
+        })
+        return
+    if not scan.identities:
+        out.print("No identities yet. Add one with `celebctl add NAME PHOTO`.")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("name", "model", "basis", "p", "face", "updated"):
+        table.add_column(column)
+    for ident in scan.identities:
+        s = ident.summary()
+        table.add_row(
+            s["name"], str(s["model"]), str(s["basis_id"])[:12], str(s["components"]),
+            "yes" if s["has_face"] else "no", str(s["updated"]),
+        )
+    out.print(table)
+
+
+def show_cmd(name: NameArg, json_out: JsonOpt = False) -> None:
+    """Show one identity's metadata (never the embedding values)."""
+    ident = registry.get_identity(name, verify="all")
+    data = {"name": ident.name, "path": str(ident.path), **ident.meta}
+    if json_out:
+        print_json(data)
+        return
+    out.print(f"[bold]{ident.name}[/]  ({ident.path})")
+    _print_tree(data, indent=0, skip={"name", "path"})
+
+
+def _print_tree(data: dict, indent: int, skip: set[str] = frozenset()) -> None:
+    pad = "  " * indent
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            out.print(f"{pad}{key}:")
+            _print_tree(value, indent + 1)
+        else:
+            out.print(f"{pad}{key}: {value}", markup=False)
+
+
+def remove_cmd(
+    name: NameArg,
+    yes: YesOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted.")] = False,
+) -> None:
+    """Delete an identity: coefficients, face crop and face embedding."""
+    registry.validate_name(name)
+    if not registry.identity_dir(name).exists():
+        raise IdentityNotFound(name, registry.known_names())
+    folder = registry.identity_dir(name)
+    if dry_run:
+        out.print(f"Would delete identity '{name}' ({folder}) and every file in it.")
+        return
+    if not yes:
+        try:
+            confirmed = typer.confirm(f"Delete identity '{name}' and its face data?", default=False)
+        except typer.Abort:
+            confirmed = False
+        if not confirmed:
+            err.print("Nothing deleted. Pass --yes to delete without asking.")
+            raise typer.Exit(1)
+    ident = registry.remove_identity(name)
+    out.print(f"Removed '{ident.name}'.")
+
+
+def rename_cmd(
+    old: Annotated[str, typer.Argument(help="Current name.", show_default=False)],
+    new: Annotated[str, typer.Argument(help="New name.", show_default=False)],
+) -> None:
+    """Rename an identity (prompts then use the new name)."""
+    ident = registry.rename_identity(old, new)
+    out.print(f"Renamed '{old}' to '{ident.name}'.")
+
+
+def path_cmd() -> None:
+    """Print the data home (set CELEBCTL_HOME to move it)."""
+    out.print(str(paths.data_home()), markup=False)
+
+
+def export_cmd(
+    name: NameArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.",
+                                         show_default=False)],
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help=(
+        "`celeb`: a registry bundle for `celebctl import` (contains the face crop and face "
+        "embedding unless --no-face)."))] = ExportFormat.celeb,
+    no_face: Annotated[bool, typer.Option("--no-face", help=(
+        "Leave the face crop and face embedding out of a .celeb bundle (the identity still "
+        "renders but cannot be refitted with `joint`)."))] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export an identity. A `.celeb` bundle contains the person's face crop unless --no-face."""
+    path = bundles.export_bundle(name, output, include_face=not no_face, overwrite=force)
+    if json_out:
+        print_json({"name": name, "format": fmt.value, "path": str(path)})
+    else:
+        out.print(f"Wrote {path}", markup=False)
+
+
+def import_cmd(
+    bundle: Annotated[Path, typer.Argument(help="A .celeb bundle.", show_default=False)],
+    as_name: Annotated[str | None, typer.Option("--as", help="Register under another name.",
+                                                show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Import a .celeb bundle. Everything is checked before anything is written."""
+    ident, notes = bundles.import_bundle(bundle, new_name=as_name, replace=force)
+    for note in notes:
+        warn(note)
+    if json_out:
+        print_json({"name": ident.name, "path": str(ident.path), "notes": notes})
+    else:
+        out.print(f"Imported '{ident.name}'.")
+
+
+def register(app: CelebTyper) -> None:
+    """Attach the registry commands to the root app."""
+    app.command("list")(list_cmd)
+    app.command("show")(show_cmd)
+    app.command("remove")(remove_cmd)
+    app.command("rename")(rename_cmd)
+    app.command("path")(path_cmd)
+    app.command("export")(export_cmd)
+    app.command("import")(import_cmd)
+
+
+__all__ = ["register", "CelebctlError"]

@@ -1,0 +1,733 @@
+"""Identities on disk: save, load, list, remove, rename.
+
+Layout (see docs/registry.md)::
+
+    identities/<name>/identity.toml                      metadata, the commit point
+    identities/<name>/coefficients-<sha12>.safetensors   {"coefficients": (2, p) float32}
+    identities/<name>/face-<sha12>.png                   aligned face crop (optional)
+    identities/<name>/face_embedding-<sha12>.safetensors {"embedding": (512,) float32} (optional)
+
+Data files carry a content hash in their name, so replacing an identity never overwrites a file
+the current TOML points to: a crash at any point leaves the old identity or the new one, whole.
+A brand-new identity is assembled in a temp folder and renamed into place; removal renames the
+folder away first. This module imports numpy and safetensors but never torch, so `celebctl list`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import paths, storage
+from .errors import (
+    CorruptEntry,
+    IdentityExists,
+    IdentityNotFound,
+    InvalidName,
+    SchemaError,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEMA_VERSION = 1
+IDENTITY_TOML = "identity.toml"
+NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# Words a prompt needs for itself; an identity named like them would hijack ordinary prompts.
+RESERVED_NAMES = frozenset(
+    """a an the and or of with without in on at to by for from as is are be man woman person
+    people men women boy girl child face photo picture image portrait painting style art
+    celebctl none null true false""".split()
+)
+FILE_ROLES = ("coefficients", "face", "face_embedding")
+ROLE_SUFFIX = {
+    "coefficients": ".safetensors",
+    "face": ".png",
+    "face_embedding": ".safetensors",
+}
+MAX_COMPONENTS = 4096
+MAX_HIDDEN = 8192
+
+# Ordered migrations: MIGRATIONS[v] turns a schema-v TOML dict into schema v+1.
+MIGRATIONS: dict[int, Any] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# names
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid identity name, else raise :class:`InvalidName`."""
+    if not isinstance(name, str):
+        raise InvalidName("An identity name must be text.")
+    shown = name if len(name) <= 40 and name.isprintable() else repr(name[:40])
+    if not name:
+        raise InvalidName("An identity name cannot be empty.")
+    if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+        raise InvalidName(f"Invalid name {shown!s}: names cannot contain path separators.")
+    if name.lower() != name and NAME_RE.fullmatch(name.lower()):
+        raise InvalidName(
+            f"Invalid name '{shown}': use lowercase, e.g. '{name.lower()}'."
+        )
+    if not NAME_RE.fullmatch(name):
+        raise InvalidName(
+            f"Invalid name {shown!s}: use one word of 1-32 characters: a lowercase letter, then "
+            "lowercase letters, digits, '_' or '-' (for example 'alice' or 'bob_2')."
+        )
+    if name in RESERVED_NAMES:
+        raise InvalidName(
+            f"'{name}' is a reserved word that ordinary prompts use; pick another name "
+            "(for example 'alice' or 'mr_smith')."
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# data types
+
+
+@dataclass
+class Identity:
+    """One registered identity: its folder and parsed metadata."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def basis_id(self) -> str:
+        return str(self.meta.get("basis_id", ""))
+
+    @property
+    def has_face(self) -> bool:
+        return "face" in self.meta.get("files", {})
+
+    def file_path(self, role: str) -> Path | None:
+        entry = self.meta.get("files", {}).get(role)
+        return self.path / entry["path"] if entry else None
+
+    def load_coefficients(self):
+        """The (2, p) float32 coefficients as a numpy array (checksum verified)."""
+        data = _read_verified(self, "coefficients")
+        return _parse_tensor(data, "coefficients", self.name)
+
+    def load_face_embedding(self):
+        """The stored (512,) face embedding, or None when the identity has none."""
+        if "face_embedding" not in self.meta.get("files", {}):
+            return None
+        return _parse_tensor(_read_verified(self, "face_embedding"), "embedding", self.name)
+
+    def load_face_png(self) -> bytes | None:
+        """The aligned face crop as PNG bytes, or None when the identity has none."""
+        if not self.has_face:
+            return None
+        return _read_verified(self, "face")
+
+    def summary(self) -> dict[str, Any]:
+        """What `list --json` shows: the metadata minus bulky fit details."""
+        meta = self.meta
+        return {
+            "name": self.name,
+            "basis_id": meta.get("basis_id"),
+            "model": meta.get("model"),
+            "created": meta.get("created"),
+            "updated": meta.get("updated"),
+            "components": meta.get("components"),
+            "has_face": self.has_face,
+            "face_encoder": meta.get("face_encoder"),
+        }
+
+
+@dataclass
+class ScanResult:
+    """`list_identities` output: good entries plus a warning per broken one."""
+
+    identities: list[Identity] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IdentityWrite:
+    """Everything needed to write one identity."""
+
+    name: str
+    coefficients: Any  # numpy (2, p) float32
+    meta: dict[str, Any]
+    face_png: bytes | None = None
+    face_embedding: Any = None  # numpy (512,) float32 or None
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def now_iso() -> str:
+    """UTC timestamp, second precision, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def identity_dir(name: str) -> Path:
+    return paths.identities_dir() / name
+
+
+def _parse_toml(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CorruptEntry(f"{where} is not valid TOML ({exc}).") from exc
+
+
+def migrate(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bring a metadata dict to SCHEMA_VERSION or raise SchemaError."""
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SchemaError(f"{where} has no valid integer 'schema_version'.")
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{where} uses schema_version {version}, newer than this celebctl understands "
+            f"({SCHEMA_VERSION}). Upgrade celebctl."
+        )
+    if version < 1:
+        raise SchemaError(f"{where} has an invalid schema_version {version}.")
+    while version < SCHEMA_VERSION:
+        meta = MIGRATIONS[version](meta)
+        version = meta["schema_version"]
+    return meta
+
+
+def _expect(meta: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    kinds_t = kinds if isinstance(kinds, tuple) else (kinds,)
+    if key not in meta:
+        raise SchemaError(f"{where} is missing the key '{key}'.")
+    value = meta[key]
+    # bool is an int in Python; a TOML `true` where a number belongs is still a type error.
+    if not isinstance(value, kinds_t) or (isinstance(value, bool) and bool not in kinds_t):
+        wanted = "/".join(k.__name__ for k in kinds_t)
+        raise SchemaError(f"{where}: '{key}' should be {wanted}, found {type(value).__name__}.")
+    return value
+
+
+def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = None) -> dict:
+    """Check types and required keys of an identity TOML; raise SchemaError with the reason."""
+    meta = migrate(meta, where)
+    name = _expect(meta, "name", str, where)
+    try:
+        validate_name(name)
+    except InvalidName as exc:
+        raise SchemaError(f"{where}: {exc}") from None
+    if expected_name is not None and name != expected_name:
+        raise SchemaError(f"{where} names '{name}' but lives in folder '{expected_name}'.")
+    _expect(meta, "basis_id", str, where)
+    _expect(meta, "model", str, where)
+    components = _expect(meta, "components", int, where)
+    hidden = _expect(meta, "hidden", int, where)
+    if not 1 <= components <= MAX_COMPONENTS or not 1 <= hidden <= MAX_HIDDEN:
+        raise SchemaError(f"{where}: components/hidden out of range ({components}, {hidden}).")
+    for key in ("created", "updated"):
+        _expect(meta, key, str, where)
+    files = _expect(meta, "files", dict, where)
+    if "coefficients" not in files:
+        raise SchemaError(f"{where}: [files] has no 'coefficients' entry.")
+    for role, entry in files.items():
+        if role not in FILE_ROLES:
+            raise SchemaError(f"{where}: unknown file role '{role}'.")
+        if not isinstance(entry, dict):
+            raise SchemaError(f"{where}: files.{role} should be a table.")
+        rel = _expect(entry, "path", str, f"{where} files.{role}")
+        sha = _expect(entry, "sha256", str, f"{where} files.{role}")
+        size = _expect(entry, "size", int, f"{where} files.{role}")
+        if not re.fullmatch(rf"{role}-[0-9a-f]{{12}}{re.escape(ROLE_SUFFIX[role])}", rel):
+            raise SchemaError(f"{where}: files.{role}.path '{rel}' is not a valid file name.")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha) or size < 0:
+            raise SchemaError(f"{where}: files.{role} has an invalid sha256 or size.")
+    for key in ("fit", "source"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise SchemaError(f"{where}: '{key}' should be a table.")
+    return meta
+
+
+def _read_toml_file(path: Path, where: str) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptEntry(f"{where} is missing.") from None
+    except OSError as exc:
+        raise CorruptEntry(f"{where} cannot be read ({exc.strerror}).") from exc
+    return _parse_toml(raw, where)
+
+
+def _load_identity_dir(folder: Path, verify: str = "coefficients") -> Identity:
+    """Parse and check one identity folder.
+
+    ``verify`` is "none", "coefficients" (hash the small tensor file, check the others exist with
+    the recorded size; what `list` does) or "all" (hash every file).
+    """
+    name = folder.name
+    where = f"identities/{name}/{IDENTITY_TOML}"
+    meta = validate_meta(_read_toml_file(folder / IDENTITY_TOML, where), where, name)
+    ident = Identity(name=name, path=folder, meta=meta)
+    for role, entry in meta["files"].items():
+        file = folder / entry["path"]
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise CorruptEntry(
+                f"identities/{name}/{entry['path']} is missing; the entry is damaged. "
+                "Remove it (`celebctl remove`) or re-import it."
+            ) from None
+        if size != entry["size"]:
+            raise CorruptEntry(f"identities/{name}/{entry['path']} has the wrong size.")
+        if verify == "all" or (verify == "coefficients" and role == "coefficients"):
+            if storage.sha256_file(file) != entry["sha256"]:
+                raise CorruptEntry(
+                    f"identities/{name}/{entry['path']} does not match its checksum."
+                )
+    return ident
+
+
+def _read_verified(ident: Identity, role: str) -> bytes:
+    entry = ident.meta["files"][role]
+    data = (ident.path / entry["path"]).read_bytes()
+    if storage.sha256_bytes(data) != entry["sha256"]:
+        raise CorruptEntry(f"identities/{ident.name}/{entry['path']} does not match its checksum.")
+    return data
+
+
+def _parse_tensor(data: bytes, key: str, owner: str):
+    import numpy as np
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CorruptEntry(f"The tensor file of '{owner}' is not valid safetensors.") from exc
+    if key not in tensors:
+        raise CorruptEntry(f"The tensor file of '{owner}' has no '{key}' tensor.")
+    array = tensors[key]
+    if array.dtype != np.float32 or not np.isfinite(array).all():
+        raise CorruptEntry(f"The '{key}' tensor of '{owner}' is not finite float32.")
+    return array
+
+
+def known_names() -> list[str]:
+    root = paths.identities_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not storage.is_temp_name(p.name))
+
+
+def get_identity(name: str, verify: str = "all") -> Identity:
+    """Load one identity, checking its metadata and (by default) every checksum."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        validate_name(name)
+    folder = identity_dir(name)
+    if not (folder / IDENTITY_TOML).exists() and not folder.is_dir():
+        raise IdentityNotFound(name, known_names())
+    return _load_identity_dir(folder, verify=verify)
+
+
+def identity_exists(name: str) -> bool:
+    return (identity_dir(name) / IDENTITY_TOML).exists()
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _list_cache_path() -> Path:
+    return paths.data_home() / "cache" / "list-index.json"
+
+
+def _load_list_cache() -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(_list_cache_path().read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _cached_identity(folder: Path, entry: Any) -> Identity | None:
+    """Reuse a parsed entry when the TOML and every file it names are unchanged on disk.
+
+    The key is (mtime_ns, size, inode) of each file, as git's index does; any write changes it.
+    The cache is an optimisation only: anything odd means a full parse and verification.
+    """
+    try:
+        if not isinstance(entry, dict) or entry.get("toml") != _stat_key(folder / IDENTITY_TOML):
+            return None
+        meta = entry["meta"]
+        stamps = entry["files"]
+        for role, file_entry in meta["files"].items():
+            if stamps.get(role) != _stat_key(folder / file_entry["path"]):
+                return None
+        return Identity(name=folder.name, path=folder, meta=meta)
+    except (OSError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _save_list_cache(entries: dict[str, Any]) -> None:
+    import json
+
+    try:
+        storage.ensure_private_dir(_list_cache_path().parent)
+        payload = {"schema_version": SCHEMA_VERSION, "entries": entries}
+        storage.atomic_write_text(_list_cache_path(), json.dumps(payload))
+    except Exception:  # a read-only data home must not break `list`
+        pass
+
+
+def list_identities() -> ScanResult:
+    """Every identity, sorted by name. Broken entries become warnings, never exceptions."""
+    result = ScanResult()
+    root = paths.identities_dir()
+    if not root.is_dir():
+        return result
+    cache = _load_list_cache()
+    fresh: dict[str, Any] = {}
+    for folder in sorted(root.iterdir(), key=lambda p: p.name):
+        if storage.is_temp_name(folder.name):
+            continue
+        if not folder.is_dir():
+            result.warnings.append(f"identities/{folder.name} is not a folder; ignored.")
+            continue
+        ident = _cached_identity(folder, cache.get(folder.name))
+        if ident is None:
+            try:
+                ident = _load_identity_dir(folder, verify="coefficients")
+            except (CorruptEntry, SchemaError) as exc:
+                result.warnings.append(f"Skipping '{folder.name}': {exc}")
+                continue
+            except OSError as exc:
+                result.warnings.append(f"Skipping '{folder.name}': cannot be read ({exc}).")
+                continue
+        result.identities.append(ident)
+        try:
+            fresh[folder.name] = {
+                "toml": _stat_key(folder / IDENTITY_TOML),
+                "files": {role: _stat_key(folder / e["path"])
+                          for role, e in ident.meta["files"].items()},
+                "meta": ident.meta,
+            }
+        except OSError:
+            pass
+    if fresh != cache:
+        _save_list_cache(fresh)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _tensor_bytes(array, key: str) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    array = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+    return save({key: array})
+
+
+def _role_file(role: str, data: bytes) -> tuple[str, str]:
+    sha = storage.sha256_bytes(data)
+    return f"{role}-{sha[:12]}{ROLE_SUFFIX[role]}", sha
+
+
+def _render_meta(write: IdentityWrite, files: dict[str, dict[str, Any]],
+                 previous: dict[str, Any] | None) -> dict[str, Any]:
+    import numpy as np
+
+    coeffs = np.asarray(write.coefficients)
+    meta = dict(write.meta)
+    meta["schema_version"] = SCHEMA_VERSION
+    meta["name"] = write.name
+    stamp = now_iso()
+    meta["created"] = (previous or {}).get("created", meta.get("created", stamp))
+    meta["updated"] = stamp
+    meta["components"] = int(coeffs.shape[1])
+    meta.setdefault("hidden", int(meta.get("hidden", 0)))
+    meta["files"] = files
+    # Put scalar keys first so the TOML reads well; tomli_w needs tables after values anyway.
+    scalars = {k: v for k, v in meta.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in meta.items() if isinstance(v, dict)}
+    return {**scalars, **tables}
+
+
+def check_coefficients(coefficients, where: str) -> None:
+    """A (2, p) finite float array, or a CorruptEntry saying what is wrong."""
+    import numpy as np
+
+    array = np.asarray(coefficients)
+    if array.ndim != 2 or array.shape[0] != 2 or not 1 <= array.shape[1] <= MAX_COMPONENTS:
+        raise CorruptEntry(f"{where}: coefficients must have shape (2, p), got {array.shape}.")
+    if not np.isfinite(array).all():
+        raise CorruptEntry(f"{where}: coefficients contain NaN or Inf.")
+
+
+def _prepare_files(write: IdentityWrite) -> dict[str, bytes]:
+    check_coefficients(write.coefficients, f"identity '{write.name}'")
+    blobs = {"coefficients": _tensor_bytes(write.coefficients, "coefficients")}
+    if write.face_png is not None:
+        blobs["face"] = bytes(write.face_png)
+    if write.face_embedding is not None:
+        blobs["face_embedding"] = _tensor_bytes(write.face_embedding, "embedding")
+    return blobs
+
+
+def _write_into(folder: Path, write: IdentityWrite, previous: dict[str, Any] | None) -> None:
+    """Write the data files then the TOML (the commit point) into ``folder``."""
+    storage.ensure_private_dir(folder)
+    files: dict[str, dict[str, Any]] = {}
+    for role, data in _prepare_files(write).items():
+        filename, sha = _role_file(role, data)
+        target = folder / filename
+        if not (target.exists() and storage.sha256_file(target) == sha):
+            storage.atomic_write_bytes(target, data)
+        files[role] = {"path": filename, "sha256": sha, "size": len(data)}
+    meta = _render_meta(write, files, previous)
+    validate_meta(dict(meta), f"identity '{write.name}'", write.name)
+    storage.atomic_write_text(folder / IDENTITY_TOML, tomli_w.dumps(meta))
+    storage.fsync_dir(folder)
+
+
+def _prune_unreferenced(folder: Path) -> None:
+    """Delete data files the committed TOML no longer points to (old generations, temp files)."""
+    try:
+        meta = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
+        keep = {entry["path"] for entry in meta.get("files", {}).values()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    keep.add(IDENTITY_TOML)
+    for child in folder.iterdir():
+        if child.name not in keep and child.is_file():
+            with contextlib.suppress(OSError):
+                child.unlink()
+
+
+PENDING_SUFFIX = "pending"
+
+
+def _pending_marker(name: str) -> Path:
+    return paths.identities_dir() / f"{name}{storage.TMP_MARK}{PENDING_SUFFIX}"
+
+
+def _sweep_leftovers() -> list[Path]:
+    """Remove what killed writers left behind. Caller holds the writer lock.
+
+    A pending marker says a replace of that identity may have left new-generation files that
+    the TOML never came to name; prune them before the marker itself goes.
+    """
+    root = paths.identities_dir()
+    if not root.is_dir():
+        return []
+    for marker in root.glob(f"*{storage.TMP_MARK}{PENDING_SUFFIX}"):
+        name = marker.name.split(storage.TMP_MARK)[0]
+        folder = root / name
+        if (folder / IDENTITY_TOML).exists():
+            _prune_unreferenced(folder)
+    return storage.clean_temp_files(root)
+
+
+@contextlib.contextmanager
+def write_lock() -> Iterator[None]:
+    """The data home's writer lock; also sweeps leftovers of earlier crashed writers."""
+    storage.ensure_private_dir(paths.data_home())
+    with storage.writer_lock(paths.lock_path()):
+        _sweep_leftovers()
+        yield
+
+
+def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
+    """Write one identity. Caller holds the lock."""
+    folder = identity_dir(write.name)
+    existing = (folder / IDENTITY_TOML).exists()
+    if existing and not replace:
+        raise IdentityExists(
+            f"Identity '{write.name}' already exists. Use --replace to overwrite it, or pick "
+            "another name."
+        )
+    if existing:
+        previous = None
+        with contextlib.suppress(Exception):
+            previous = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
+        marker = _pending_marker(write.name)
+        storage.atomic_write_bytes(marker, b"")
+        try:
+            _write_into(folder, write, previous)
+        finally:
+            _prune_unreferenced(folder)
+            storage.remove_file(marker)
+    else:
+        root = storage.ensure_private_dir(paths.identities_dir())
+        if folder.exists():  # a folder with no TOML: debris of an interrupted write
+            shutil.rmtree(folder)
+        staging = root / f"{write.name}{storage.TMP_MARK}{os.getpid()}-new"
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            _write_into(staging, write, None)
+            os.replace(staging, folder)
+            storage.fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return _load_identity_dir(folder, verify="all")
+
+
+def save_identity(write: IdentityWrite, replace: bool = False) -> Identity:
+    """Write one identity crash-safely. Refuses an existing name unless ``replace``."""
+    validate_name(write.name)
+    _prepare_files(write)  # check inputs before touching anything
+    with write_lock():
+        return _commit_identity(write, replace)
+
+
+def _snapshot(name: str) -> Path | None:
+    """Copy an identity folder aside (hard links where possible) so it can be restored."""
+    folder = identity_dir(name)
+    if not (folder / IDENTITY_TOML).exists():
+        return None
+    backup = paths.identities_dir() / f"{name}{storage.TMP_MARK}{os.getpid()}-backup"
+    if backup.exists():
+        shutil.rmtree(backup)
+    shutil.copytree(folder, backup, copy_function=shutil.copy2)
+    return backup
+
+
+def _restore(name: str, backup: Path | None) -> None:
+    folder = identity_dir(name)
+    if backup is None:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    meta_file = backup / IDENTITY_TOML
+    # Restore files first, then the TOML (commit point), exactly like a normal write.
+    storage.ensure_private_dir(folder)
+    for child in backup.iterdir():
+        if child.name != IDENTITY_TOML:
+            shutil.copy2(child, folder / child.name)
+    storage.atomic_write_bytes(folder / IDENTITY_TOML, meta_file.read_bytes())
+    _prune_unreferenced(folder)
+
+
+def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> list[Identity]:
+    """Write several identities as one step: if any write fails, all are put back as they were.
+
+    Each identity on its own is always old-or-new in full, even across a crash; the rollback
+    covers errors raised in this process (disk full, a bad tensor, Ctrl-C).
+    """
+    writes = list(writes)
+    for write in writes:
+        validate_name(write.name)
+        _prepare_files(write)
+    if len({w.name for w in writes}) != len(writes):
+        raise InvalidName("The same identity is named twice.")
+    with write_lock():
+        for write in writes:
+            if identity_exists(write.name) and not replace:
+                raise IdentityExists(f"Identity '{write.name}' already exists.")
+        backups: dict[str, Path | None] = {}
+        done: list[Identity] = []
+        try:
+            for write in writes:
+                backups[write.name] = _snapshot(write.name)
+                done.append(_commit_identity(write, replace=True))
+        except BaseException:
+            for name, backup in backups.items():
+                with contextlib.suppress(Exception):
+                    _restore(name, backup)
+            raise
+        finally:
+            for backup in backups.values():
+                if backup is not None:
+                    shutil.rmtree(backup, ignore_errors=True)
+        return done
+
+
+def remove_identity(name: str) -> Identity:
+    """Delete an identity: its folder is renamed away (atomic) and then deleted."""
+    validate_name(name)
+    with write_lock():
+        folder = identity_dir(name)
+        if not folder.exists():
+            raise IdentityNotFound(name, known_names())
+        ident: Identity
+        try:
+            ident = _load_identity_dir(folder, verify="none")
+        except (CorruptEntry, SchemaError):
+            ident = Identity(name=name, path=folder, meta={})  # removing a broken entry is fine
+        trash = paths.identities_dir() / f"{name}{storage.TMP_MARK}{os.getpid()}-removed"
+        try:
+            # The TOML goes first so that even a half-deleted folder is never a valid entry.
+            storage.remove_file(folder / IDENTITY_TOML)
+            os.replace(folder, trash)
+            storage.fsync_dir(paths.identities_dir())
+        except OSError as exc:
+            raise storage._storage_error(exc, folder) from exc
+        shutil.rmtree(trash, ignore_errors=True)
+        return ident
+
+
+def rename_identity(old: str, new: str) -> Identity:
+    """Rename an identity. The new entry is complete before the old one disappears."""
+    validate_name(old)
+    validate_name(new)
+    if old == new:
+        return get_identity(old)
+    with write_lock():
+        source = identity_dir(old)
+        if not (source / IDENTITY_TOML).exists():
+            raise IdentityNotFound(old, known_names())
+        if identity_dir(new).exists() and (identity_dir(new) / IDENTITY_TOML).exists():
+            raise IdentityExists(
+                f"Identity '{new}' already exists. Remove it first or pick another name."
+            )
+        ident = _load_identity_dir(source, verify="all")
+        root = paths.identities_dir()
+        staging = root / f"{new}{storage.TMP_MARK}{os.getpid()}-rename"
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            storage.ensure_private_dir(staging)
+            for entry in ident.meta["files"].values():
+                shutil.copy2(source / entry["path"], staging / entry["path"])
+            meta = dict(ident.meta)
+            meta["name"] = new
+            meta["updated"] = now_iso()
+            storage.atomic_write_text(staging / IDENTITY_TOML, tomli_w.dumps(meta))
+            if identity_dir(new).exists():  # debris without a TOML
+                shutil.rmtree(identity_dir(new))
+            os.replace(staging, identity_dir(new))
+            storage.fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        # The new entry is committed; now retire the old one.
+        trash = root / f"{old}{storage.TMP_MARK}{os.getpid()}-removed"
+        storage.remove_file(source / IDENTITY_TOML)
+        os.replace(source, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return _load_identity_dir(identity_dir(new), verify="all")
+
+
+def identities_using_basis(basis_id: str) -> list[str]:
+    """Names of the (readable) identities that refer to ``basis_id``."""
+    return [i.name for i in list_identities().identities if i.basis_id == basis_id]
