@@ -67,6 +67,10 @@ class BasisInUse(CelebctlError):
     """A basis that identities still refer to."""
 
 
+class FetchError(CelebctlError):
+    """A download failed or a fetched file was refused; nothing was written."""
+
+
 class ModelUnavailable(CelebctlError):
     """A model cannot be loaded (not cached, offline, wrong path, bad file)."""
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import identities
+from . import basis, fit, identities
 from .common import out, typer_factory
 
 app = typer_factory(
@@ -36,7 +36,9 @@ def _root(
     """Put a real person into Stable Diffusion from one photo (Celeb Basis)."""
 
 
+fit.register(app)
 identities.register(app)
+app.add_typer(basis.app, name="basis")
 
 
 def main() -> None:

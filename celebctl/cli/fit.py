@@ -1,0 +1,123 @@
+"""`celebctl add` and `celebctl joint`: fit identities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..fitting import FitSettings, add_identity_from_photo, refit_jointly
+from .common import (
+    CelebTyper,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    out,
+    print_json,
+    warn,
+)
+from .progress import progress_callback
+
+StepsOpt = Annotated[int | None, typer.Option(
+    "--steps", help="Optimisation steps (default 400 per identity).", show_default=False)]
+LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
+ResolutionOpt = Annotated[int | None, typer.Option(
+    "--resolution", help="Training image size in px (default: the model's, 512 for SD).",
+    show_default=False)]
+DirectOpt = Annotated[bool, typer.Option(
+    "--direct", help="Learn the (2, p) coefficients directly instead of the face mapping.")]
+
+
+def _report(outcome, json_out: bool, verb: str) -> None:
+    for note in outcome.notes:
+        warn(note)
+    summary = outcome.result.summary
+    if json_out:
+        print_json({
+            "identities": [i.name for i in outcome.identities],
+            "basis_id": outcome.basis_id,
+            "model": outcome.model,
+            "fit": summary,
+            "paths": [str(i.path) for i in outcome.identities],
+        })
+        return
+    names = ", ".join(f"'{i.name}'" for i in outcome.identities)
+    out.print(
+        f"{verb} {names}: {summary['steps']} steps in {summary['wall_time_s']:.1f} s, loss "
+        f"{summary['loss_mean_first10']:.4f} -> {summary['loss_mean_last10']:.4f} "
+        f"(mean of first/last 10 steps)."
+    )
+
+
+def add_cmd(
+    name: Annotated[str, typer.Argument(help="Name to register (one lowercase word).",
+                                        show_default=False)],
+    photo: Annotated[Path, typer.Argument(help="A photo with the person's face (JPEG, PNG, "
+                                          "WebP, BMP).", show_default=False)],
+    model: ModelOpt = None,
+    face: Annotated[int | None, typer.Option(
+        "--face", help="Which face to use when the photo has several (1 = leftmost).",
+        show_default=False)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing identity.")
+                       ] = False,
+    steps: StepsOpt = None,
+    lr: LrOpt = 1e-2,
+    batch_size: BatchOpt = 2,
+    seed: SeedOpt = 0,
+    resolution: ResolutionOpt = None,
+    direct: DirectOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit a new identity from one photo and register it as NAME.
+
+    Builds the model's celeb basis first if it is missing. Ctrl-C stops cleanly: nothing is
+    written.
+    """
+    settings = FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           resolution=resolution, direct=direct)
+    with progress_callback(quiet) as progress:
+        outcome = add_identity_from_photo(name, photo, model=model, device=device, dtype=dtype,
+                                          settings=settings, face_index=face, replace=replace,
+                                          progress=progress)
+    _report(outcome, json_out, "Added")
+
+
+def joint_cmd(
+    names: Annotated[list[str], typer.Argument(help="Two or more registered identities.",
+                                               show_default=False)],
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = 1e-2,
+    batch_size: BatchOpt = 2,
+    seed: SeedOpt = 0,
+    resolution: ResolutionOpt = None,
+    direct: DirectOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Refit identities together (one shared mapping) so they combine well in one prompt.
+
+    Uses their stored face crops; all of them are replaced in one all-or-nothing step.
+    """
+    settings = FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           resolution=resolution, direct=direct)
+    with progress_callback(quiet) as progress:
+        outcome = refit_jointly(names, model=model, device=device, dtype=dtype,
+                                settings=settings, progress=progress)
+    _report(outcome, json_out, "Refitted")
+
+
+def register(app: CelebTyper) -> None:
+    """Attach `add` and `joint` to the root app."""
+    app.command("add")(add_cmd)
+    app.command("joint")(joint_cmd)

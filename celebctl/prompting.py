@@ -1,0 +1,246 @@
+"""Prompt text -> identities found -> token ids with slots -> prompt embeddings.
+
+Pure functions: nothing here mutates a tokenizer or a text encoder. An identity named in a
+prompt expands in place to its two token vectors; the text encoder's own embedding table is
+used for every other token, and the identity's vectors are put into the slots on the way in.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import IdentityNotFound, PromptError, did_you_mean
+
+TOKENS_PER_IDENTITY = 2
+MAX_PROMPT_CHARS = 4000
+# A name occurrence: an optional "<...>" explicit form, or a bare word at word boundaries.
+_WORD_CHARS = r"A-Za-z0-9_\-"
+_EXPLICIT = re.compile(r"<([A-Za-z][A-Za-z0-9_\-]{0,31})>")
+
+
+@dataclass(frozen=True)
+class IdentityMention:
+    """One place in the prompt where an identity is named."""
+
+    name: str
+    start: int
+    end: int
+    explicit: bool
+
+
+@dataclass
+class ParsedPrompt:
+    """A prompt split into plain text and identity mentions."""
+
+    text: str
+    segments: list[str | IdentityMention] = field(default_factory=list)
+
+    @property
+    def identities(self) -> list[str]:
+        """Distinct identity names in order of first mention."""
+        seen: list[str] = []
+        for seg in self.segments:
+            if isinstance(seg, IdentityMention) and seg.name not in seen:
+                seen.append(seg.name)
+        return seen
+
+    def expanded(self, style: str = "angle") -> str:
+        """The prompt with each identity shown as `<name>` (what other tools load it as)."""
+        parts = []
+        for seg in self.segments:
+            if isinstance(seg, IdentityMention):
+                parts.append(f"<{seg.name}>")
+            else:
+                parts.append(seg)
+        return "".join(parts)
+
+
+def clean_prompt(text: str) -> str:
+    """Normalise a prompt: NFC, whitespace runs to one space; refuse what cannot be rendered."""
+    if not isinstance(text, str):
+        raise PromptError("The prompt must be text.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(
+            f"The prompt is {len(text):,} characters long; the model reads at most 77 tokens "
+            "(a few hundred characters). Shorten it."
+        )
+    text = unicodedata.normalize("NFC", text)
+    bad = [c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"]
+    if bad:
+        raise PromptError(
+            f"The prompt contains control characters ({', '.join(sorted({repr(c) for c in bad}))}); "
+            "remove them."
+        )
+    text = " ".join(text.split())
+    if not text:
+        raise PromptError("The prompt is empty. Describe the picture, e.g. \"a photo of alice\".")
+    return text
+
+
+def parse_prompt(text: str, known: Iterable[str]) -> ParsedPrompt:
+    """Find registered identities in ``text``.
+
+    Bare words match case-insensitively at word boundaries ("Alice's" finds alice, "malice"
+    does not); `<name>` is the explicit form and must name a registered identity.
+    """
+    text = clean_prompt(text)
+    known_set = {k.lower() for k in known}
+    mentions: list[IdentityMention] = []
+    for match in _EXPLICIT.finditer(text):
+        name = match.group(1).lower()
+        if name not in known_set:
+            raise IdentityNotFound(name, sorted(known_set))
+        mentions.append(IdentityMention(name, match.start(), match.end(), True))
+    if known_set:
+        names = sorted(known_set, key=len, reverse=True)
+        bare = re.compile(
+            rf"(?<![{_WORD_CHARS}<])({'|'.join(re.escape(n) for n in names)})(?![{_WORD_CHARS}>])",
+            re.IGNORECASE,
+        )
+        taken = [(m.start, m.end) for m in mentions]
+        for match in bare.finditer(text):
+            if any(s <= match.start() < e for s, e in taken):
+                continue
+            mentions.append(IdentityMention(match.group(1).lower(), match.start(), match.end(),
+                                            False))
+    mentions.sort(key=lambda m: m.start)
+    parsed = ParsedPrompt(text=text)
+    cursor = 0
+    for mention in mentions:
+        if mention.start > cursor:
+            parsed.segments.append(text[cursor:mention.start])
+        parsed.segments.append(mention)
+        cursor = mention.end
+    if cursor < len(text):
+        parsed.segments.append(text[cursor:])
+    return parsed
+
+
+@dataclass
+class TokenizedPrompt:
+    """Token ids padded to the model window, and where each identity's vectors go."""
+
+    input_ids: list[int]
+    slots: list[tuple[int, str, int]]  # (position, identity name, vector index 0/1)
+    length: int  # tokens used, including start and end
+
+
+def tokenize_prompt(parsed: ParsedPrompt, tokenizer: Any, placeholder_id: int | None = None
+                    ) -> TokenizedPrompt:
+    """Token ids for ``parsed`` with two slot positions per identity mention.
+
+    Plain text segments are tokenised on their own; CLIP's tokenizer splits at spaces and
+    punctuation, so this equals tokenising the whole text with the identities cut out.
+    Raises PromptError when the prompt is longer than the model's window.
+    """
+    window = int(getattr(tokenizer, "model_max_length", 77))
+    if window > 1024:  # some tokenizers report a huge sentinel when unset
+        window = 77
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # The slot id is never seen by the model (its embedding is replaced); it must not be the end
+    # token, because CLIP pools at the first/maximal end token.
+    slot_id = 0 if placeholder_id is None else placeholder_id
+    ids: list[int] = [bos]
+    slots: list[tuple[int, str, int]] = []
+    for seg in parsed.segments:
+        if isinstance(seg, IdentityMention):
+            for k in range(TOKENS_PER_IDENTITY):
+                slots.append((len(ids), seg.name, k))
+                ids.append(slot_id)
+        elif seg.strip():
+            ids.extend(tokenizer(seg, add_special_tokens=False)["input_ids"])
+    ids.append(eos)
+    if len(ids) > window:
+        over = len(ids) - window
+        raise PromptError(
+            f"The prompt is {len(ids) - 2} tokens long; the model reads at most {window - 2} "
+            f"(each identity counts {TOKENS_PER_IDENTITY}). Shorten it by {over} token"
+            f"{'s' if over != 1 else ''}."
+        )
+    length = len(ids)
+    ids.extend([pad] * (window - length))
+    return TokenizedPrompt(input_ids=ids, slots=slots, length=length)
+
+
+def identity_vectors(coefficients, mean, components):
+    """The identity's token embeddings: mean[i] + coefficients[i] @ components[i], i = 0, 1.
+
+    ``coefficients`` (2, p), ``mean`` (2, hidden), ``components`` (2, p, hidden); torch tensors.
+    Differentiable in ``coefficients`` (the fit uses it too).
+    """
+    import torch
+
+    return mean + torch.einsum("...tp,tph->...th", coefficients, components)
+
+
+def encode_tokens(text_encoder, input_ids, slot_mask=None, slot_values=None):
+    """Run a frozen CLIP text encoder with some input-token embeddings replaced.
+
+    ``input_ids`` (B, L) long; ``slot_mask`` (B, L) bool; ``slot_values`` (B, L, hidden): at masked
+    positions the token embedding is replaced by the value (gradients flow into it). The
+    encoder's weights are untouched: a forward hook on the embedding lookup, removed on return,
+    swaps the rows. Returns the last hidden state (B, L, hidden).
+    """
+    import torch
+
+    embedding = text_encoder.get_input_embeddings()
+    handle = None
+    if slot_mask is not None and bool(slot_mask.any()):
+
+        def swap_rows(module, inputs, output):
+            values = slot_values.to(device=output.device, dtype=output.dtype)
+            return torch.where(slot_mask.to(output.device)[..., None], values, output)
+
+        handle = embedding.register_forward_hook(swap_rows)
+    try:
+        output = text_encoder(input_ids.to(embedding.weight.device))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return output[0]
+
+
+def build_slot_tensors(prompts: Sequence[TokenizedPrompt], vectors: dict[str, Any],
+                       hidden: int, device=None, dtype=None):
+    """Batch token ids, slot mask and slot values for a list of tokenised prompts.
+
+    ``vectors`` maps identity name -> (2, hidden) tensor (may require grad).
+    """
+    import torch
+
+    ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long, device=device)
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    rows = []
+    for b, prompt in enumerate(prompts):
+        for position, name, k in prompt.slots:
+            mask[b, position] = True
+            rows.append((b, position, vectors[name][k]))
+    if not rows:
+        return ids, None, None
+    values = torch.zeros((*ids.shape, hidden), device=device,
+                         dtype=dtype or next(iter(vectors.values())).dtype)
+    # index_put keeps the graph to the identity vectors (values starts as a constant).
+    b_index = torch.tensor([r[0] for r in rows], device=device)
+    p_index = torch.tensor([r[1] for r in rows], device=device)
+    values = values.index_put((b_index, p_index), torch.stack([r[2] for r in rows]).to(values.dtype))
+    return ids, mask, values
+
+
+def encode_prompts(text_encoder, tokenizer, parsed_prompts: Sequence[ParsedPrompt],
+                   vectors: dict[str, Any]):
+    """Prompt embeddings (B, 77, hidden) for parsed prompts naming identities in ``vectors``."""
+    tokenized = [tokenize_prompt(p, tokenizer) for p in parsed_prompts]
+    hidden = text_encoder.get_input_embeddings().weight.shape[1]
+    device = text_encoder.get_input_embeddings().weight.device
+    ids, mask, values = build_slot_tensors(tokenized, vectors, hidden, device=device)
+    return encode_tokens(text_encoder, ids, mask, values)
+
+
+def suggest_identity(word: str, known: Iterable[str]) -> str | None:
+    """A close registered name for an unknown word, if any."""
+    return did_you_mean(word.lower(), list(known))
