@@ -211,7 +211,14 @@ def _principal_directions(rows: torch.Tensor, p: int) -> tuple[torch.Tensor, tor
     centred = rows - mean
     # full_matrices: when n-1 < p the basis is completed with orthonormal zero-variance
     # directions, so every position stores exactly p components (as in the paper, p = 512).
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=n - 1 < p)
+    # One thread: for matrices this small, MKL's threaded SVD gains nothing and, when the
+    # cores are busy, its OpenMP spin-waits turn 0.1 s into 10 s or more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=n - 1 < p)
+    finally:
+        torch.set_num_threads(threads)
     rank = min(n - 1, hidden)
     variance = torch.zeros(hidden, dtype=torch.float64)
     variance[: singular.shape[0]] = singular**2
@@ -415,6 +422,11 @@ def _float_list(value: Any, length: int, key: str, where: str) -> list[float]:
     return [float(v) for v in value]
 
 
+def _optional_int(meta: dict[str, Any], key: str, default: int) -> int:
+    value = meta.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 _KNOWN_KEYS = {"schema_version", "id", "method", "model", "hidden", "components",
                "requested_components", "num_names", "single_token_names", "unique_rows", "rank",
                "embedding_sha256", "tokenizer_sha256", "names_sha256", "names_source",
@@ -459,11 +471,9 @@ def parse_meta(meta: dict[str, Any], folder: Path, where: str) -> BasisInfo:
         model=_expect(meta, "model", str, where),
         hidden=hidden,
         components=p,
-        requested_components=int(meta.get("requested_components", p))
-        if isinstance(meta.get("requested_components", p), int) else p,
+        requested_components=_optional_int(meta, "requested_components", p),
         num_names=_expect(meta, "num_names", int, where),
-        single_token_names=int(meta.get("single_token_names", 0))
-        if isinstance(meta.get("single_token_names", 0), int) else 0,
+        single_token_names=_optional_int(meta, "single_token_names", 0),
         unique_rows=_int_pair(meta, "unique_rows", where),
         rank=_int_pair(meta, "rank", where),
         embedding_sha256=shas["embedding_sha256"],

@@ -278,7 +278,7 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     if "face" in files:
         face_png = members[files["face"]["path"]]
         _check_png(face_png, "The face crop")
-    name = new_name or original
+    name = original if new_name is None else new_name  # `--as ""` is an error, not "no --as"
     registry.validate_name(name)
     notes = []
     if face_png is None:

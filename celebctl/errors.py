@@ -35,6 +35,10 @@ class IdentityExists(CelebctlError):
     """The target name is already taken."""
 
 
+class IdentityChanged(CelebctlError):
+    """An identity changed or vanished on disk while a command that read it was running."""
+
+
 class CorruptEntry(CelebctlError):
     """A registry entry on disk is damaged (missing file, bad TOML, checksum mismatch)."""
 

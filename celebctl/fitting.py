@@ -83,7 +83,7 @@ class FitResult:
 
 
 class CoefficientMapping:
-    """The paper's mapping: face feature (512) -> linear -> LeakyReLU(0.2) -> (2, p), rows L2-normed.
+    """The paper's mapping: face feature (512) -> linear -> LeakyReLU(0.2) -> (2, p), L2 per row.
 
     With ``direct`` the (2, p) coefficients of each identity are learned directly instead (the
     ablation in the paper), still L2-normalised per row.
@@ -309,14 +309,13 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         coeffs = mapping(features, owner_index)  # (B, 2, p)
         vectors = mean + torch.einsum("btp,tph->bth", coeffs, basis_components)  # (B, 2, hidden)
         ids = torch.tensor([templates[c].input_ids for c in chosen], device=device)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        values = torch.zeros((*ids.shape, hidden), device=device)
-        for b, c in enumerate(chosen):
-            for k, pos in enumerate(slot_positions[c]):
-                mask[b, pos] = True
         rows = torch.tensor([b for b, c in enumerate(chosen) for _ in slot_positions[c]],
                             device=device)
         cols = torch.tensor([pos for c in chosen for pos in slot_positions[c]], device=device)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        mask[rows, cols] = True
+        # index_put keeps the graph from the slot values back to the mapping.
+        values = torch.zeros((*ids.shape, hidden), device=device)
         values = values.index_put((rows, cols), vectors.reshape(-1, hidden))
 
         noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -336,7 +335,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         loss = F.mse_loss(prediction.float(), target.float())
         if not torch.isfinite(loss):
             raise FitError(
-                f"The loss became {loss.item()} at step {step + 1}; try a lower --lr or --dtype fp32."
+                f"The loss became {loss.item()} at step {step + 1}; try a lower --lr or "
+                "--dtype fp32."
             )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -354,7 +354,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
                 if ema[i] is None:
                     ema[i] = current.clone()
                 else:
-                    ema[i].mul_(settings.ema_momentum).add_(current, alpha=1 - settings.ema_momentum)
+                    ema[i].mul_(settings.ema_momentum).add_(
+                        current, alpha=1 - settings.ema_momentum)
         value = float(loss.detach())
         losses.append(value)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
@@ -456,8 +457,10 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
     registry.validate_name(name)
     if registry.identity_exists(name) and not replace:
         raise IdentityExists(
-            f"Identity '{name}' already exists. Use --replace to overwrite it, or pick another name."
+            f"Identity '{name}' already exists. Use --replace to overwrite it, or pick "
+            "another name."
         )
+    registry.check_writable()  # a read-only data home fails now, not after the fit
     spec = models.resolve_model_spec(model)
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
@@ -522,6 +525,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     if len(set(names)) != len(names):
         raise InvalidName("An identity is named twice.")
     idents = [registry.get_identity(n, verify="all") for n in names]
+    registry.check_writable()  # a read-only data home fails now, not after the fit
     faceless = [i.name for i in idents if not i.has_face]
     if faceless:
         raise FitError(
@@ -565,6 +569,8 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         writes.append(registry.IdentityWrite(
             name=ident.name, coefficients=result.coefficients[ident.name], meta=meta,
             face_png=ident.load_face_png(), face_embedding=result.face_embeddings[ident.name],
+            # Refused if another process changed, renamed or removed it during the fit.
+            replaces_sha256=ident.meta["files"]["coefficients"]["sha256"],
         ))
     written = registry.save_identities(writes, replace=True)
     return FitOutcome(written, [], result, basis.id, spec.ref)

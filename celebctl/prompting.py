@@ -18,7 +18,10 @@ from .errors import IdentityNotFound, PromptError, did_you_mean
 TOKENS_PER_IDENTITY = 2
 MAX_PROMPT_CHARS = 4000
 # A name occurrence: an optional "<...>" explicit form, or a bare word at word boundaries.
-_WORD_CHARS = r"A-Za-z0-9_\-"
+# Word characters are Unicode-aware (\w) plus '-', since names may contain hyphens: "malice",
+# "Ñalice" and "alice-like" do not name alice.
+_NOT_BEFORE = r"[\w\-<]"
+_NOT_AFTER = r"[\w\->]"
 _EXPLICIT = re.compile(r"<([A-Za-z][A-Za-z0-9_\-]{0,31})>")
 
 
@@ -59,8 +62,11 @@ class ParsedPrompt:
         return "".join(parts)
 
 
-def clean_prompt(text: str) -> str:
-    """Normalise a prompt: NFC, whitespace runs to one space; refuse what cannot be rendered."""
+def clean_prompt(text: str, allow_empty: bool = False) -> str:
+    """Normalise a prompt: NFC, whitespace runs to one space; refuse what cannot be rendered.
+
+    An empty prompt is an error unless ``allow_empty`` (negative prompts may be empty).
+    """
     if not isinstance(text, str):
         raise PromptError("The prompt must be text.")
     if len(text) > MAX_PROMPT_CHARS:
@@ -72,22 +78,23 @@ def clean_prompt(text: str) -> str:
     bad = [c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"]
     if bad:
         raise PromptError(
-            f"The prompt contains control characters ({', '.join(sorted({repr(c) for c in bad}))}); "
-            "remove them."
+            "The prompt contains control characters "
+            f"({', '.join(sorted({repr(c) for c in bad})[:8])}); remove them."
         )
     text = " ".join(text.split())
-    if not text:
+    if not text and not allow_empty:
         raise PromptError("The prompt is empty. Describe the picture, e.g. \"a photo of alice\".")
     return text
 
 
-def parse_prompt(text: str, known: Iterable[str]) -> ParsedPrompt:
+def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False) -> ParsedPrompt:
     """Find registered identities in ``text``.
 
     Bare words match case-insensitively at word boundaries ("Alice's" finds alice, "malice"
-    does not); `<name>` is the explicit form and must name a registered identity.
+    does not); `<name>` is the explicit form and must name a registered identity. An empty
+    ``text`` raises PromptError unless ``allow_empty`` (for negative prompts).
     """
-    text = clean_prompt(text)
+    text = clean_prompt(text, allow_empty=allow_empty)
     known_set = {k.lower() for k in known}
     mentions: list[IdentityMention] = []
     for match in _EXPLICIT.finditer(text):
@@ -98,15 +105,21 @@ def parse_prompt(text: str, known: Iterable[str]) -> ParsedPrompt:
     if known_set:
         names = sorted(known_set, key=len, reverse=True)
         bare = re.compile(
-            rf"(?<![{_WORD_CHARS}<])({'|'.join(re.escape(n) for n in names)})(?![{_WORD_CHARS}>])",
+            rf"(?<!{_NOT_BEFORE})({'|'.join(re.escape(n) for n in names)})(?!{_NOT_AFTER})",
             re.IGNORECASE,
         )
         taken = [(m.start, m.end) for m in mentions]
         for match in bare.finditer(text):
+            name = match.group(1).lower()
             if any(s <= match.start() < e for s, e in taken):
                 continue
-            mentions.append(IdentityMention(match.group(1).lower(), match.start(), match.end(),
-                                            False))
+            # Unicode case folding can match a look-alike ("alİce"), and a combining mark after
+            # the name makes it part of another word.
+            if name not in known_set or (
+                match.end() < len(text) and unicodedata.category(text[match.end()]).startswith("M")
+            ):
+                continue
+            mentions.append(IdentityMention(name, match.start(), match.end(), False))
     mentions.sort(key=lambda m: m.start)
     parsed = ParsedPrompt(text=text)
     cursor = 0
@@ -129,13 +142,14 @@ class TokenizedPrompt:
     length: int  # tokens used, including start and end
 
 
-def tokenize_prompt(parsed: ParsedPrompt, tokenizer: Any, placeholder_id: int | None = None
-                    ) -> TokenizedPrompt:
+def tokenize_prompt(parsed: ParsedPrompt, tokenizer: Any, placeholder_id: int | None = None,
+                    label: str = "prompt") -> TokenizedPrompt:
     """Token ids for ``parsed`` with two slot positions per identity mention.
 
     Plain text segments are tokenised on their own; CLIP's tokenizer splits at spaces and
     punctuation, so this equals tokenising the whole text with the identities cut out.
-    Raises PromptError when the prompt is longer than the model's window.
+    Raises PromptError when the prompt is longer than the model's window; ``label`` names
+    the prompt in that message ("negative prompt").
     """
     window = int(getattr(tokenizer, "model_max_length", 77))
     if window > 1024:  # some tokenizers report a huge sentinel when unset
@@ -153,12 +167,13 @@ def tokenize_prompt(parsed: ParsedPrompt, tokenizer: Any, placeholder_id: int | 
                 slots.append((len(ids), seg.name, k))
                 ids.append(slot_id)
         elif seg.strip():
-            ids.extend(tokenizer(seg, add_special_tokens=False)["input_ids"])
+            # verbose=False: a long segment must not make transformers log a warning.
+            ids.extend(tokenizer(seg, add_special_tokens=False, verbose=False)["input_ids"])
     ids.append(eos)
     if len(ids) > window:
         over = len(ids) - window
         raise PromptError(
-            f"The prompt is {len(ids) - 2} tokens long; the model reads at most {window - 2} "
+            f"The {label} is {len(ids) - 2} tokens long; the model reads at most {window - 2} "
             f"(each identity counts {TOKENS_PER_IDENTITY}). Shorten it by {over} token"
             f"{'s' if over != 1 else ''}."
         )
@@ -227,7 +242,9 @@ def build_slot_tensors(prompts: Sequence[TokenizedPrompt], vectors: dict[str, An
     # index_put keeps the graph to the identity vectors (values starts as a constant).
     b_index = torch.tensor([r[0] for r in rows], device=device)
     p_index = torch.tensor([r[1] for r in rows], device=device)
-    values = values.index_put((b_index, p_index), torch.stack([r[2] for r in rows]).to(values.dtype))
+    # Vectors may live on the CPU while the encoder is on a GPU.
+    stacked = torch.stack([r[2] for r in rows]).to(device=values.device, dtype=values.dtype)
+    values = values.index_put((b_index, p_index), stacked)
     return ids, mask, values
 
 

@@ -10,17 +10,19 @@ Layout (see docs/registry.md)::
 Data files carry a content hash in their name, so replacing an identity never overwrites a file
 the current TOML points to: a crash at any point leaves the old identity or the new one, whole.
 A brand-new identity is assembled in a temp folder and renamed into place; removal renames the
-folder away first. This module imports numpy and safetensors but never torch, so `celebctl list`
-stays fast.
+folder away first. Writes that span several steps leave a marker (a temp-named file) so that the
+next writer can finish or undo them: a replace prunes its uncommitted files, a rename is rolled
+forward, a joint write is rolled back. This module imports numpy and safetensors but never
+torch, so `celebctl list` stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,11 +33,14 @@ import tomli_w
 
 from . import paths, storage
 from .errors import (
+    CelebctlError,
     CorruptEntry,
+    IdentityChanged,
     IdentityExists,
     IdentityNotFound,
     InvalidName,
     SchemaError,
+    StorageError,
 )
 
 if sys.version_info >= (3, 11):
@@ -168,6 +173,10 @@ class IdentityWrite:
     meta: dict[str, Any]
     face_png: bytes | None = None
     face_embedding: Any = None  # numpy (512,) float32 or None
+    # sha256 of the coefficients file this write was computed from (joint refits). When the
+    # identity on disk no longer has it (changed, renamed or removed meanwhile), the write is
+    # refused instead of overwriting or resurrecting it.
+    replaces_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +414,12 @@ def list_identities() -> ScanResult:
     fresh: dict[str, Any] = {}
     for folder in sorted(root.iterdir(), key=lambda p: p.name):
         if storage.is_temp_name(folder.name):
+            if folder.name.endswith(JOURNAL_SUFFIX):
+                result.warnings.append(
+                    "A `joint` refit is being written or was interrupted; if it was interrupted, "
+                    "the next change to the registry (or `celebctl doctor --fix`) puts its "
+                    "identities back as they were."
+                )
             continue
         if not folder.is_dir():
             result.warnings.append(f"identities/{folder.name} is not a folder; ignored.")
@@ -471,6 +486,23 @@ def _render_meta(write: IdentityWrite, files: dict[str, dict[str, Any]],
     return {**scalars, **tables}
 
 
+def _check_unchanged(write: IdentityWrite) -> None:
+    """Refuse a write computed from an identity that changed or vanished since. Lock held."""
+    if write.replaces_sha256 is None:
+        return
+    current = _coefficients_sha(identity_dir(write.name))
+    if current is None:
+        raise IdentityChanged(
+            f"Identity '{write.name}' was removed or renamed by another celebctl process while "
+            "this command ran; nothing was written. Check `celebctl list` and run it again."
+        )
+    if current != write.replaces_sha256:
+        raise IdentityChanged(
+            f"Identity '{write.name}' was changed by another celebctl process while this command "
+            "ran; nothing was written. Run it again."
+        )
+
+
 def check_coefficients(coefficients, where: str) -> None:
     """A (2, p) finite float array, or a CorruptEntry saying what is wrong."""
     import numpy as np
@@ -518,32 +550,119 @@ def _prune_unreferenced(folder: Path) -> None:
     keep.add(IDENTITY_TOML)
     for child in folder.iterdir():
         if child.name not in keep and child.is_file():
-            with contextlib.suppress(OSError):
-                child.unlink()
+            with contextlib.suppress(OSError, StorageError):
+                storage.remove_file(child)
 
 
 PENDING_SUFFIX = "pending"
+RENAME_INFIX = "rename-to-"
+JOURNAL_SUFFIX = "joint-journal"
 
 
 def _pending_marker(name: str) -> Path:
     return paths.identities_dir() / f"{name}{storage.TMP_MARK}{PENDING_SUFFIX}"
 
 
-def _sweep_leftovers() -> list[Path]:
-    """Remove what killed writers left behind. Caller holds the writer lock.
+def _rename_marker(old: str, new: str) -> Path:
+    return paths.identities_dir() / f"{old}{storage.TMP_MARK}{RENAME_INFIX}{new}"
 
-    A pending marker says a replace of that identity may have left new-generation files that
-    the TOML never came to name; prune them before the marker itself goes.
+
+def _journal_path() -> Path:
+    return paths.identities_dir() / f"joint{storage.TMP_MARK}{os.getpid()}-{JOURNAL_SUFFIX}"
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete an identity folder: rename it away in one step, then its TOML, then the rest.
+
+    Caller holds the writer lock. A crash part-way leaves only a temp-named folder, which the
+    next writer deletes.
+    """
+    if not os.path.lexists(folder):
+        return
+    trash = storage.temp_path_for(folder)
+    storage.rename(folder, trash)
+    storage.remove_file(trash / IDENTITY_TOML)
+    storage.remove_tree(trash, ignore_errors=True)
+
+
+def _coefficients_sha(folder: Path) -> str | None:
+    """sha256 of the coefficients the committed TOML names; None when there is no TOML."""
+    try:
+        meta = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
+        return str(meta["files"]["coefficients"]["sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
+
+
+def finish_pending_replace(marker: Path) -> None:
+    """A replace of that identity may have left new files its TOML never came to name: prune."""
+    folder = paths.identities_dir() / marker.name.split(storage.TMP_MARK)[0]
+    if (folder / IDENTITY_TOML).exists():
+        _prune_unreferenced(folder)
+    storage.remove_file(marker)
+
+
+def finish_rename(marker: Path) -> None:
+    """Roll an interrupted rename forward: once the new entry is committed, retire the old one."""
+    old, _, rest = marker.name.partition(storage.TMP_MARK)
+    new = rest[len(RENAME_INFIX):]
+    root = paths.identities_dir()
+    if NAME_RE.fullmatch(old) and NAME_RE.fullmatch(new) and old != new:
+        new_sha = _coefficients_sha(root / new)
+        old_sha = _coefficients_sha(root / old)
+        # Retire the old entry only when it is the renamed one (same coefficients) or debris.
+        if new_sha not in (None, "unreadable") and old_sha in (new_sha, None):
+            discard_folder(root / old)
+    storage.remove_file(marker)
+
+
+def roll_back_joint(journal: Path) -> None:
+    """Put every identity of an interrupted joint write back as it was, from its snapshot."""
+    root = paths.identities_dir()
+    try:
+        plan = json.loads(journal.read_text("utf-8"))
+        entries = [(str(name), backup) for name, backup in plan["identities"].items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        entries = []  # written atomically, so only a hand-made file gets here: nothing to undo
+    for name, backup in entries:
+        if not NAME_RE.fullmatch(name):
+            continue
+        if backup is None:
+            _restore(name, None)
+        elif isinstance(backup, str) and storage.is_temp_name(backup) and "/" not in backup \
+                and (root / backup / IDENTITY_TOML).is_file():
+            _restore(name, root / backup)
+    storage.remove_file(journal)
+
+
+def recover_leftovers() -> list[Path]:
+    """Finish or undo what killed writers left behind, then delete their temp files.
+
+    Caller holds the writer lock. Interrupted joint writes are rolled back first (their
+    snapshots are temp folders), then renames rolled forward, then replaces pruned. Returns the
+    temp files and folders deleted (here and in the list cache's folder, which `list` writes
+    without the lock: a temp file it is writing at this moment only costs it its cache update).
     """
     root = paths.identities_dir()
+    removed = storage.clean_temp_files(_list_cache_path().parent)
     if not root.is_dir():
-        return []
-    for marker in root.glob(f"*{storage.TMP_MARK}{PENDING_SUFFIX}"):
-        name = marker.name.split(storage.TMP_MARK)[0]
-        folder = root / name
-        if (folder / IDENTITY_TOML).exists():
-            _prune_unreferenced(folder)
-    return storage.clean_temp_files(root)
+        return removed
+    for journal in sorted(root.glob(f"*{storage.TMP_MARK}*{JOURNAL_SUFFIX}")):
+        roll_back_joint(journal)
+    for marker in sorted(root.glob(f"*{storage.TMP_MARK}{RENAME_INFIX}*")):
+        finish_rename(marker)
+    for marker in sorted(root.glob(f"*{storage.TMP_MARK}{PENDING_SUFFIX}")):
+        finish_pending_replace(marker)
+    return removed + storage.clean_temp_files(root)
+
+
+def check_writable() -> None:
+    """Fail early (before a long fit) when the data home cannot be written."""
+    home = paths.data_home()
+    storage.ensure_private_dir(home)
+    storage.check_writable(home)
 
 
 @contextlib.contextmanager
@@ -551,13 +670,14 @@ def write_lock() -> Iterator[None]:
     """The data home's writer lock; also sweeps leftovers of earlier crashed writers."""
     storage.ensure_private_dir(paths.data_home())
     with storage.writer_lock(paths.lock_path()):
-        _sweep_leftovers()
+        recover_leftovers()
         yield
 
 
 def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
     """Write one identity. Caller holds the lock."""
     folder = identity_dir(write.name)
+    _check_unchanged(write)
     existing = (folder / IDENTITY_TOML).exists()
     if existing and not replace:
         raise IdentityExists(
@@ -577,17 +697,15 @@ def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
             storage.remove_file(marker)
     else:
         root = storage.ensure_private_dir(paths.identities_dir())
-        if folder.exists():  # a folder with no TOML: debris of an interrupted write
-            shutil.rmtree(folder)
+        if os.path.lexists(folder):  # a folder with no TOML: debris of an interrupted write
+            discard_folder(folder)
         staging = root / f"{write.name}{storage.TMP_MARK}{os.getpid()}-new"
-        if staging.exists():
-            shutil.rmtree(staging)
+        storage.remove_tree(staging)
         try:
             _write_into(staging, write, None)
-            os.replace(staging, folder)
-            storage.fsync_dir(root)
+            storage.rename(staging, folder)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.remove_tree(staging, ignore_errors=True)
             raise
     return _load_identity_dir(folder, verify="all")
 
@@ -601,30 +719,34 @@ def save_identity(write: IdentityWrite, replace: bool = False) -> Identity:
 
 
 def _snapshot(name: str) -> Path | None:
-    """Copy an identity folder aside (hard links where possible) so it can be restored."""
+    """Hard-link an identity's files aside (copies where links fail) so it can be restored."""
     folder = identity_dir(name)
     if not (folder / IDENTITY_TOML).exists():
         return None
     backup = paths.identities_dir() / f"{name}{storage.TMP_MARK}{os.getpid()}-backup"
-    if backup.exists():
-        shutil.rmtree(backup)
-    shutil.copytree(folder, backup, copy_function=shutil.copy2)
+    storage.remove_tree(backup)
+    storage.ensure_private_dir(backup)
+    for child in folder.iterdir():
+        if child.is_file() and not child.is_symlink() and not storage.is_temp_name(child.name):
+            storage.link_or_copy(child, backup / child.name)
     return backup
 
 
 def _restore(name: str, backup: Path | None) -> None:
+    """Put an identity back as ``backup`` holds it (None: it did not exist). Idempotent.
+
+    Links need no free space, so this works on a full disk.
+    """
     folder = identity_dir(name)
     if backup is None:
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        discard_folder(folder)
         return
-    meta_file = backup / IDENTITY_TOML
     # Restore files first, then the TOML (commit point), exactly like a normal write.
     storage.ensure_private_dir(folder)
     for child in backup.iterdir():
-        if child.name != IDENTITY_TOML:
-            shutil.copy2(child, folder / child.name)
-    storage.atomic_write_bytes(folder / IDENTITY_TOML, meta_file.read_bytes())
+        if child.name != IDENTITY_TOML and not (folder / child.name).exists():
+            storage.link_or_copy(child, folder / child.name)
+    storage.install_file(backup / IDENTITY_TOML, folder / IDENTITY_TOML)
     _prune_unreferenced(folder)
 
 
@@ -644,22 +766,38 @@ def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> li
         for write in writes:
             if identity_exists(write.name) and not replace:
                 raise IdentityExists(f"Identity '{write.name}' already exists.")
+            _check_unchanged(write)
         backups: dict[str, Path | None] = {}
+        journal = _journal_path()
         done: list[Identity] = []
         try:
             for write in writes:
                 backups[write.name] = _snapshot(write.name)
+            # The journal names the snapshots: until it is deleted (the commit point of the
+            # whole write), a crash is undone by the next writer (recover_leftovers).
+            plan = {"identities": {n: b.name if b else None for n, b in backups.items()}}
+            storage.atomic_write_text(journal, json.dumps(plan))
+            for write in writes:
                 done.append(_commit_identity(write, replace=True))
         except BaseException:
-            for name, backup in backups.items():
-                with contextlib.suppress(Exception):
+            # If this undo fails too (read-only, say), the journal stays and the next writer
+            # undoes the write; the error that stopped it is the one reported.
+            with contextlib.suppress(OSError, CelebctlError):
+                for name, backup in backups.items():
                     _restore(name, backup)
+                storage.remove_file(journal)
+            if not journal.exists():
+                _remove_backups(backups)
             raise
-        finally:
-            for backup in backups.values():
-                if backup is not None:
-                    shutil.rmtree(backup, ignore_errors=True)
+        storage.remove_file(journal)
+        _remove_backups(backups)
         return done
+
+
+def _remove_backups(backups: dict[str, Path | None]) -> None:
+    for backup in backups.values():
+        if backup is not None:
+            storage.remove_tree(backup, ignore_errors=True)
 
 
 def remove_identity(name: str) -> Identity:
@@ -674,15 +812,9 @@ def remove_identity(name: str) -> Identity:
             ident = _load_identity_dir(folder, verify="none")
         except (CorruptEntry, SchemaError):
             ident = Identity(name=name, path=folder, meta={})  # removing a broken entry is fine
-        trash = paths.identities_dir() / f"{name}{storage.TMP_MARK}{os.getpid()}-removed"
-        try:
-            # The TOML goes first so that even a half-deleted folder is never a valid entry.
-            storage.remove_file(folder / IDENTITY_TOML)
-            os.replace(folder, trash)
-            storage.fsync_dir(paths.identities_dir())
-        except OSError as exc:
-            raise storage._storage_error(exc, folder) from exc
-        shutil.rmtree(trash, ignore_errors=True)
+        # The folder is renamed away in one step (the entry, face crop and embedding disappear
+        # together), then its TOML goes first, then the rest.
+        discard_folder(folder)
         return ident
 
 
@@ -703,28 +835,32 @@ def rename_identity(old: str, new: str) -> Identity:
         ident = _load_identity_dir(source, verify="all")
         root = paths.identities_dir()
         staging = root / f"{new}{storage.TMP_MARK}{os.getpid()}-rename"
-        if staging.exists():
-            shutil.rmtree(staging)
+        marker = _rename_marker(old, new)
+        storage.remove_tree(staging)
         try:
             storage.ensure_private_dir(staging)
             for entry in ident.meta["files"].values():
-                shutil.copy2(source / entry["path"], staging / entry["path"])
+                storage.link_or_copy(source / entry["path"], staging / entry["path"])
             meta = dict(ident.meta)
             meta["name"] = new
             meta["updated"] = now_iso()
             storage.atomic_write_text(staging / IDENTITY_TOML, tomli_w.dumps(meta))
-            if identity_dir(new).exists():  # debris without a TOML
-                shutil.rmtree(identity_dir(new))
-            os.replace(staging, identity_dir(new))
-            storage.fsync_dir(root)
+            if os.path.lexists(identity_dir(new)):  # debris without a TOML
+                discard_folder(identity_dir(new))
+            # From here a crash is rolled forward by the next writer (finish_rename).
+            storage.atomic_write_bytes(marker, b"")
+            storage.rename(staging, identity_dir(new))
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            # The marker is written after the staging folder is complete, so with the staging
+            # folder gone the rename was committed and the marker must stay to roll it forward.
+            if os.path.lexists(staging):
+                storage.remove_tree(staging, ignore_errors=True)
+                with contextlib.suppress(StorageError):
+                    storage.remove_file(marker)
             raise
         # The new entry is committed; now retire the old one.
-        trash = root / f"{old}{storage.TMP_MARK}{os.getpid()}-removed"
-        storage.remove_file(source / IDENTITY_TOML)
-        os.replace(source, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        discard_folder(source)
+        storage.remove_file(marker)
         return _load_identity_dir(identity_dir(new), verify="all")
 
 

@@ -1,13 +1,61 @@
 #!/usr/bin/env bash
 # The celebctl demo on the built-in offline `tiny` model. Run it with `make demo`.
+#
+# It builds the basis, adds two people from photos, refits them together, renders a prompt that
+# names both, and exports one of them for other tools. The tiny model has random weights: it
+# exercises every step of the real pipeline, but its pictures are noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CELEBCTL=".venv/bin/celebctl"
-export CELEBCTL_HOME="${CELEBCTL_HOME:-$PWD/demo-output/home}"
 OUT="$PWD/demo-output"
+export CELEBCTL_HOME="${CELEBCTL_HOME:-$OUT/home}"
+CELEBCTL=(.venv/bin/celebctl)
+MODEL=(--model tiny)
 mkdir -p "$OUT"
+started=$(date +%s)
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-echo "== celebctl demo (data home: $CELEBCTL_HOME)"
-$CELEBCTL --version
-$CELEBCTL list
-echo "== demo finished; everything is under $OUT"
+step "celebctl $(${CELEBCTL[@]} --version | cut -d' ' -f2); data home: $CELEBCTL_HOME"
+
+step "A second face for 'bob': the test photo mirrored and recoloured"
+.venv/bin/python - "$OUT/bob.png" <<'PY'
+import sys
+from PIL import Image, ImageOps
+image = Image.open("tests/data/astronaut.png").convert("RGB")
+r, g, b = ImageOps.mirror(image).split()
+Image.merge("RGB", (b, r, g)).save(sys.argv[1])
+PY
+echo "wrote $OUT/bob.png"
+
+step "celebctl basis build ${MODEL[*]}"
+"${CELEBCTL[@]}" basis build "${MODEL[@]}"
+
+step "celebctl add alice tests/data/astronaut.png ${MODEL[*]} --replace"
+"${CELEBCTL[@]}" add alice tests/data/astronaut.png "${MODEL[@]}" --replace
+
+step "celebctl add bob $OUT/bob.png ${MODEL[*]} --replace"
+"${CELEBCTL[@]}" add bob "$OUT/bob.png" "${MODEL[@]}" --replace
+
+step "celebctl joint alice bob"
+"${CELEBCTL[@]}" joint alice bob
+
+step "celebctl list"
+"${CELEBCTL[@]}" list
+
+step "celebctl render \"alice shaking hands with bob\" -n 4 --grid"
+"${CELEBCTL[@]}" render "alice shaking hands with bob" -n 4 --grid --out "$OUT/renders"
+
+step "celebctl export alice (WebUI/ComfyUI, diffusers, and a .celeb bundle)"
+"${CELEBCTL[@]}" export alice --format a1111 -o "$OUT/alice.safetensors" --force
+"${CELEBCTL[@]}" export alice --format diffusers -o "$OUT/alice-diffusers" --force
+"${CELEBCTL[@]}" export alice --format celeb -o "$OUT/alice.celeb" --force
+
+elapsed=$(( $(date +%s) - started ))
+step "Done in ${elapsed} s. Everything is under $OUT:"
+echo "  registry (identities, basis, tiny model): $CELEBCTL_HOME"
+echo "  renders and contact sheet:                $OUT/renders"
+echo "  exports:                                  $OUT/alice.safetensors, $OUT/alice-diffusers/, $OUT/alice.celeb"
+echo
+echo "The built-in tiny model has random weights, so its pictures are noise: the demo shows the"
+echo "whole pipeline working, not a likeness. For real pictures use a real model, e.g."
+echo "  celebctl add alice photo.jpg --model stable-diffusion-v1-5/stable-diffusion-v1-5"
+echo "(see README.md)."

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub reads these once, at import: set them before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 DATA = Path(__file__).parent / "data"
 
@@ -24,3 +29,35 @@ def celebctl_home(tmp_path, monkeypatch) -> Path:
 def photo_path() -> Path:
     """The public-domain NASA astronaut portrait (one face)."""
     return DATA / "astronaut.png"
+
+
+@pytest.fixture(scope="session")
+def _tiny_template(tmp_path_factory) -> Path:
+    """A data home with the tiny model and its basis built once per test session."""
+    import os
+
+    template = tmp_path_factory.mktemp("tiny-template")
+    old = os.environ.get("CELEBCTL_HOME")
+    os.environ["CELEBCTL_HOME"] = str(template)
+    try:
+        from celebctl import basis
+
+        basis.ensure_basis("tiny")
+    finally:
+        if old is None:
+            os.environ.pop("CELEBCTL_HOME", None)
+        else:
+            os.environ["CELEBCTL_HOME"] = old
+    return template
+
+
+@pytest.fixture
+def tiny_home(celebctl_home, _tiny_template) -> Path:
+    """The test's data home, pre-filled with the cached tiny model and its basis."""
+    import shutil
+
+    celebctl_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for part in ("models", "bases"):
+        if (_tiny_template / part).exists():
+            shutil.copytree(_tiny_template / part, celebctl_home / part, dirs_exist_ok=True)
+    return celebctl_home

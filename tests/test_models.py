@@ -11,8 +11,10 @@ from celebctl import models, paths
 from celebctl.errors import InvalidOption, ModelUnavailable
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tokenizer():
+    # Function scope: a module-scoped fixture would run before conftest's autouse fixture has
+    # set HF_HUB_OFFLINE, and huggingface_hub reads it once, at import.
     return models.build_clip_tokenizer()
 
 
@@ -74,7 +76,7 @@ def test_tiny_cached_load_equals_build():
     built = models.build_tiny_model()
     for name in ("text_encoder", "unet", "vae"):
         assert _same_weights(getattr(comps, name), built[name]), name
-    cache = paths.models_dir() / "tiny-v1"
+    cache = models.tiny_model_dir()
     assert sorted(p.name for p in cache.iterdir()) == [
         "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert not any("celebctl-tmp" in p.name for p in cache.parent.iterdir())
@@ -119,7 +121,7 @@ def test_load_text_model_loads_no_unet():
 
 def test_damaged_tiny_cache_is_rebuilt():
     models.load_text_model("tiny")
-    weights = paths.models_dir() / "tiny-v1" / "text_encoder" / "model.safetensors"
+    weights = models.tiny_model_dir() / "text_encoder" / "model.safetensors"
     weights.write_bytes(b"not safetensors")
     text = models.load_text_model("tiny")
     assert _same_weights(text.text_encoder, models.build_tiny_model()["text_encoder"])
@@ -214,8 +216,13 @@ def test_unknown_spec_is_invalid():
 
 
 def test_uncached_hub_model_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; another test may have imported it
+    # before the env was set, and then every lookup would retry the network for ~45 s.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for load in (models.load_text_model,
                  lambda s: models.load_pipeline_components(s, "cpu", "fp32")):
         with pytest.raises(ModelUnavailable) as info:
@@ -294,3 +301,20 @@ def test_embedding_table_sha():
     changed = table.clone()
     changed[0, 0] = 0.5
     assert sha != models.embedding_table_sha256(changed)
+
+
+@pytest.mark.slow
+def test_sd1_single_file_text_encoder_loads_offline(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = models._build_text_encoder(models.sd15_text_config())
+    prefix = "cond_stage_model.transformer.text_model."
+    tensors = {prefix + k: v.contiguous() for k, v in reference.state_dict().items()}
+    tensors["model.diffusion_model.placeholder"] = torch.zeros(1)
+    path = tmp_path / "sd1.safetensors"
+    save_file(tensors, str(path))
+    text = models.load_text_model(str(path))
+    assert text.spec.kind == "single_file"
+    assert _same_weights(text.text_encoder, reference)
+    assert models.tokenizer_sha256(text.tokenizer) == models.tokenizer_sha256(
+        models.build_clip_tokenizer())

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import basis, fit, identities
+from . import basis, doctor, fit, identities, render
 from .common import out, typer_factory
 
 app = typer_factory(
@@ -27,6 +27,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version_callback, is_eager=True,
@@ -34,10 +35,13 @@ def _root(
     ] = False,
 ) -> None:
     """Put a real person into Stable Diffusion from one photo (Celeb Basis)."""
+    doctor.repair_modes_before(ctx.invoked_subcommand)
 
 
 fit.register(app)
 identities.register(app)
+doctor.register(app)
+render.register(app)
 app.add_typer(basis.app, name="basis")
 
 

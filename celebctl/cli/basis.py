@@ -57,7 +57,7 @@ def build_cmd(
                 progress=lambda message: status.update(f"{message} ..."),
             )
     if json_out:
-        print_json({"created": created, **info.to_dict()})
+        print_json({"existed": not created, **info.to_dict()})
         return
     if created:
         err.print(f"Built basis for {info.model}: p = {info.components}, "
@@ -81,7 +81,7 @@ def fetch_cmd(
     """Register a basis someone else built; it is checked completely before anything is written."""
     info, created = core.fetch_basis(source, sha256=sha256)
     if json_out:
-        print_json({"created": created, **info.to_dict()})
+        print_json({"existed": not created, **info.to_dict()})
         return
     err.print(("Registered" if created else "Already registered:") + f" basis for {info.model}.",
               highlight=False, markup=False)

@@ -42,7 +42,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            err.print("Interrupted; nothing was written.")
+            err.print(getattr(func, "interrupt_message", "Interrupted."))
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper

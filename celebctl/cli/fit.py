@@ -117,6 +117,11 @@ def joint_cmd(
     _report(outcome, json_out, "Refitted")
 
 
+# Fits write nothing until they finish, so an interrupted one leaves the registry as it was.
+add_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
+joint_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
+
+
 def register(app: CelebTyper) -> None:
     """Attach `add` and `joint` to the root app."""
     app.command("add")(add_cmd)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .. import bundles, paths, registry
 from ..errors import CelebctlError, IdentityNotFound
+from ..export import export_identity
 from .common import CelebTyper, JsonOpt, YesOpt, err, out, print_json, warn
 
 NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebctl list`.",
@@ -18,7 +19,11 @@ NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebc
 
 
 class ExportFormat(str, Enum):
+    """What `celebctl export --format` writes."""
+
     celeb = "celeb"
+    a1111 = "a1111"
+    diffusers = "diffusers"
 
 
 def list_cmd(json_out: JsonOpt = False) -> None:
@@ -111,23 +116,42 @@ def path_cmd() -> None:
 
 def export_cmd(
     name: NameArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.",
-                                         show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help=(
+        "File to write (`celeb`: NAME.celeb, `a1111`: NAME.safetensors); a folder for "
+        "`diffusers`."), show_default=False)],
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help=(
-        "`celeb`: a registry bundle for `celebctl import` (contains the face crop and face "
-        "embedding unless --no-face)."))] = ExportFormat.celeb,
+        "`celeb`: a registry bundle for `celebctl import`; it contains the person's face crop "
+        "and face embedding unless --no-face. "
+        "`a1111`: a textual-inversion embedding (.safetensors) for the WebUI's or ComfyUI's "
+        "embeddings folder; type the file name in prompts. "
+        "`diffusers`: a folder with learned_embeds.safetensors for "
+        "`pipe.load_textual_inversion(FOLDER)`; prompts say <NAME>. "
+        "`a1111` and `diffusers` hold only the two token vectors, no face data."))
+    ] = ExportFormat.celeb,
     no_face: Annotated[bool, typer.Option("--no-face", help=(
         "Leave the face crop and face embedding out of a .celeb bundle (the identity still "
         "renders but cannot be refitted with `joint`)."))] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export an identity. A `.celeb` bundle contains the person's face crop unless --no-face."""
-    path = bundles.export_bundle(name, output, include_face=not no_face, overwrite=force)
+    """Export an identity for celebctl, the WebUI/ComfyUI or diffusers.
+
+    A `.celeb` bundle contains the person's face crop unless --no-face; the other formats
+    contain only the identity's two token vectors.
+    """
+    result = export_identity(name, output, fmt.value, overwrite=force, include_face=not no_face)
     if json_out:
-        print_json({"name": name, "format": fmt.value, "path": str(path)})
-    else:
+        print_json(result.to_dict())
+        return
+    for path in result.files:
         out.print(f"Wrote {path}", markup=False)
+    if result.format == "a1111":
+        out.print(f"Put it in the WebUI's or ComfyUI's embeddings folder and write "
+                  f"'{result.token}' in WebUI prompts ('embedding:{result.token}' in ComfyUI).",
+                  markup=False)
+    elif result.format == "diffusers":
+        out.print(f"Load it with pipe.load_textual_inversion(\"{result.path}\") and write "
+                  f"'{result.token}' in prompts.", markup=False)
 
 
 def import_cmd(

@@ -1,0 +1,117 @@
+"""`celebctl render`: prompts naming identities -> PNG files."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..rendering import DEFAULT_OUT_DIR, plan_render, render_prompt
+from .common import (
+    CelebTyper,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    out,
+    print_json,
+    warn,
+)
+from .progress import progress_callback
+
+
+class SchedulerName(str, Enum):
+    """`--scheduler` choices."""
+
+    ddim = "ddim"
+    dpm = "dpm"
+    euler = "euler"
+
+
+def render_cmd(
+    prompt: Annotated[str, typer.Argument(
+        help="What to draw. Registered identities are found by name (\"alice shaking hands "
+        "with bob\"); `<alice>` names one explicitly.", show_default=False)],
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images to make; image "
+                                            "i uses seed SEED+i.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance "
+                                            "scale.")] = 7.5,
+    scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help="Sampler.")
+                         ] = SchedulerName.ddim,
+    seed: SeedOpt = 0,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in px, a multiple "
+                                              "of 8 (default: the model's, 512 for SD).",
+                                              show_default=False)] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in px, a "
+                                               "multiple of 8 (default: the model's).",
+                                               show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images denoised at "
+                                            "once.")] = 1,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files "
+                                          "(created if missing; files are never overwritten).")
+                       ] = DEFAULT_OUT_DIR,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of all "
+                                       "images.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the expanded prompt, "
+                                          "identities, basis, model and token count; load no "
+                                          "model, write nothing.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Render a prompt that names registered identities; print the paths of the PNG files.
+
+    Each PNG carries its prompt and settings (WebUI-style `parameters` text), so the same seed
+    and settings give the same image again.
+    """
+    if dry_run:
+        plan = plan_render(prompt, negative, model)
+        if json_out:
+            print_json(plan.to_dict())
+            return
+        out.print(f"Prompt:     {plan.prompt.expanded()}", markup=False)
+        if plan.negative.text:
+            out.print(f"Negative:   {plan.negative.expanded()}", markup=False)
+        out.print(f"Identities: {', '.join(plan.identities) or '(none)'}", markup=False)
+        out.print(f"Basis:      {plan.basis_id or '(none)'}", markup=False)
+        out.print(f"Model:      {plan.model}", markup=False)
+        out.print(f"Tokens:     {plan.token_count} of {plan.max_tokens}"
+                  + (f" (negative: {plan.negative_token_count})" if plan.negative.text else ""),
+                  markup=False)
+        for note in plan.notes:
+            warn(note)
+        return
+    with progress_callback(quiet) as progress:
+        result = render_prompt(
+            prompt, negative=negative, num_images=num_images, steps=steps, guidance=guidance,
+            scheduler=scheduler.value, seed=seed, width=width, height=height,
+            batch_size=batch_size, model=model, device=device, dtype=dtype, out_dir=out_dir,
+            grid=grid, progress=progress,
+        )
+    for note in result.notes:
+        warn(note)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    for path in result.paths:
+        out.print(str(path), markup=False)
+    if result.grid is not None:
+        out.print(str(result.grid), markup=False)
+
+
+render_cmd.interrupt_message = (  # type: ignore[attr-defined]
+    "Interrupted; images finished before the interrupt were kept, nothing is half-written."
+)
+
+
+def register(app: CelebTyper) -> None:
+    """Attach `render` to the root app."""
+    app.command("render")(render_cmd)

@@ -1,0 +1,326 @@
+"""`celebctl doctor`: check the data home and repair what can be repaired without losing data.
+
+:func:`check_home` lists every :class:`Problem`; :func:`run_doctor` with ``fix=True`` applies the
+fixes that are safe (they finish or undo interrupted writes, delete temp files and files no
+identity names, tighten modes) and checks again. A damaged identity is never deleted: its
+problem has no fix, and the message says what to run (`celebctl remove NAME`, re-import, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths, registry, storage
+from .errors import CelebctlError, CorruptEntry, SchemaError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Fixes run in this order: undo or finish interrupted writes before their temp files go.
+FIX_ORDER = (
+    "interrupted-joint",
+    "interrupted-rename",
+    "interrupted-replace",
+    "temp",
+    "uncommitted",
+    "unreferenced",
+    "mode",
+)
+RECOVERY_KINDS = frozenset(FIX_ORDER[:3])
+
+
+@dataclass
+class Problem:
+    """One thing wrong in the data home. ``fix`` says what --fix does; None: it needs a person."""
+
+    kind: str
+    path: Path
+    message: str
+    fix: str | None = None
+
+    def key(self) -> tuple[str, str]:
+        return self.kind, str(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path), "message": self.message,
+                "fix": self.fix}
+
+
+@dataclass
+class DoctorReport:
+    """What `doctor` found, what it fixed and what is left."""
+
+    home: Path
+    problems: list[Problem] = field(default_factory=list)
+    fixed: list[Problem] = field(default_factory=list)
+    remaining: list[Problem] = field(default_factory=list)
+    fix_errors: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.remaining
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "home": str(self.home),
+            "healthy": self.healthy,
+            "problems": [p.to_dict() for p in self.problems],
+            "fixed": [p.to_dict() for p in self.fixed],
+            "remaining": [p.to_dict() for p in self.remaining],
+            "fix_errors": self.fix_errors,
+        }
+
+
+def relative_to_home(path: Path, home: Path) -> str:
+    """``path`` as shown in messages: relative to the data home when inside it."""
+    try:
+        return str(path.relative_to(home))
+    except ValueError:
+        return str(path)
+
+
+_rel = relative_to_home
+
+
+def repair_home_modes(quick: bool = False) -> list[tuple[Path, int, int]]:
+    """Tighten modes in the data home that let other users read it (every command runs this).
+
+    ``quick`` checks two levels and walks the whole tree only if it finds something there.
+    Returns (path, old mode, new mode) for each change.
+    """
+    return storage.repair_home_modes(paths.data_home(), deep=not quick)
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_modes(home: Path) -> list[Problem]:
+    return [
+        Problem("mode", path,
+                f"{_rel(path, home)} has mode {mode:04o}: other users may read it (the registry "
+                "holds face crops and face embeddings).",
+                f"chmod {wanted:04o}")
+        for path, mode, wanted in storage.loose_modes(home)
+    ]
+
+
+def _leftover_problem(path: Path, home: Path) -> Problem:
+    name, rel = path.name, _rel(path, home)
+    in_identities = path.parent == paths.identities_dir()
+    if in_identities and name.endswith(registry.JOURNAL_SUFFIX):
+        return Problem("interrupted-joint", path,
+                       f"{rel}: a `joint` refit was interrupted before it committed.",
+                       "roll it back: put its identities back as they were")
+    if in_identities and registry.RENAME_INFIX in name.partition(storage.TMP_MARK)[2]:
+        old, _, rest = name.partition(storage.TMP_MARK)
+        new = rest[len(registry.RENAME_INFIX):]
+        return Problem("interrupted-rename", path,
+                       f"{rel}: renaming '{old}' to '{new}' was interrupted.",
+                       f"finish it: keep '{new}' if it was committed, then retire '{old}'")
+    if in_identities and name.endswith(storage.TMP_MARK + registry.PENDING_SUFFIX):
+        owner = name.partition(storage.TMP_MARK)[0]
+        return Problem("interrupted-replace", path,
+                       f"{rel}: replacing '{owner}' was interrupted; files of the unfinished "
+                       "write may be left in its folder.",
+                       f"delete the files identity.toml of '{owner}' does not name")
+    kind = "folder" if path.is_dir() and not path.is_symlink() else "file"
+    return Problem("temp", path, f"{rel}: temp {kind} left by an interrupted write.",
+                   f"delete the {kind}")
+
+
+def _check_leftovers(home: Path) -> list[Problem]:
+    """Temp files and markers anywhere in the home; a temp folder counts once, not its content."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(home):
+        for name in list(dirnames):
+            if storage.is_temp_name(name):
+                found.append(Path(dirpath) / name)
+                dirnames.remove(name)
+        found += [Path(dirpath) / name for name in filenames if storage.is_temp_name(name)]
+    return [_leftover_problem(path, home) for path in sorted(found)]
+
+
+def _identity_problems(folder: Path, home: Path) -> list[Problem]:
+    name, rel = folder.name, _rel(folder, home)
+    remove_hint = f"Run `celebctl remove {name}` and add or import it again."
+    toml_path = folder / registry.IDENTITY_TOML
+    if not toml_path.exists():
+        return [Problem("uncommitted", folder,
+                        f"{rel} has no identity.toml: a write that never committed (its files "
+                        "are not an identity and nothing uses them).", "delete the folder")]
+    try:
+        raw = tomllib.loads(toml_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return [Problem("invalid", folder,
+                        f"{rel}/identity.toml cannot be read or is not valid TOML ({exc}). "
+                        f"{remove_hint}")]
+    version = raw.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and \
+            version > registry.SCHEMA_VERSION:
+        return [Problem("schema", folder,
+                        f"{rel}/identity.toml uses schema_version {version}, newer than this "
+                        f"celebctl understands ({registry.SCHEMA_VERSION}). Upgrade celebctl.")]
+    try:
+        ident = registry._load_identity_dir(folder, verify="all")
+    except SchemaError as exc:
+        return [Problem("invalid", folder, f"{exc} {remove_hint}")]
+    except CorruptEntry as exc:
+        return [Problem("checksum", folder, f"{exc} {remove_hint}")]
+    except OSError as exc:
+        return [Problem("invalid", folder, f"{rel} cannot be read ({exc}).")]
+    problems = []
+    keep = {registry.IDENTITY_TOML} | {e["path"] for e in ident.meta["files"].values()}
+    for child in sorted(folder.iterdir()):
+        if child.name in keep or storage.is_temp_name(child.name):
+            continue
+        problems.append(Problem("unreferenced", child,
+                                f"{_rel(child, home)} is not named by identity.toml of "
+                                f"'{name}' (left by an interrupted replace).", "delete it"))
+    basis_toml = paths.bases_dir() / ident.basis_id / "basis.toml"
+    if not basis_toml.is_file():
+        problems.append(Problem(
+            "basis-missing", folder,
+            f"'{name}' uses basis {ident.basis_id}, which is not in the data home; it cannot be "
+            f"rendered until you run `celebctl basis build --model {ident.meta.get('model')}` "
+            "(or `celebctl basis fetch`)."))
+    return problems
+
+
+def _check_identities(home: Path) -> list[Problem]:
+    root = paths.identities_dir()
+    if not root.is_dir():
+        return []
+    problems = []
+    for folder in sorted(root.iterdir()):
+        if storage.is_temp_name(folder.name):
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            problems.append(Problem(
+                "invalid", folder,
+                f"{_rel(folder, home)} is not an identity folder; move it out of the data home."))
+            continue
+        problems += _identity_problems(folder, home)
+    return problems
+
+
+def _check_bases(home: Path) -> list[Problem]:
+    from . import basis
+
+    root = paths.bases_dir()
+    if not root.is_dir():
+        return []
+    problems = []
+    for folder in sorted(root.iterdir()):
+        if storage.is_temp_name(folder.name):
+            continue
+        hint = (f"Remove it with `celebctl basis remove {folder.name} --force` and build or "
+                "fetch it again.")
+        if folder.is_symlink() or not folder.is_dir():
+            problems.append(Problem("invalid", folder,
+                                    f"{_rel(folder, home)} is not a basis folder. {hint}"))
+            continue
+        with contextlib.suppress(OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            version = tomllib.loads((folder / basis.META_FILE).read_text("utf-8")).get(
+                "schema_version")
+            if isinstance(version, int) and version > basis.SCHEMA_VERSION:
+                problems.append(Problem(
+                    "schema", folder,
+                    f"{_rel(folder, home)}/{basis.META_FILE} uses schema_version {version}, newer "
+                    f"than this celebctl understands ({basis.SCHEMA_VERSION}). Upgrade celebctl."))
+                continue
+        try:
+            info = basis._read_meta(folder)
+            digest = storage.sha256_file(folder / basis.TENSORS_FILE)
+        except CelebctlError as exc:
+            problems.append(Problem("invalid", folder, f"{exc}"))
+            continue
+        except OSError as exc:
+            problems.append(Problem("checksum", folder,
+                                    f"{_rel(folder, home)}/{basis.TENSORS_FILE} cannot be read "
+                                    f"({exc.strerror or exc}). {hint}"))
+            continue
+        if digest != info.tensors_sha256:
+            problems.append(Problem("checksum", folder,
+                                    f"{_rel(folder, home)}/{basis.TENSORS_FILE} does not match "
+                                    f"the checksum in {basis.META_FILE}. {hint}"))
+    return problems
+
+
+def check_home(home: Path | None = None) -> list[Problem]:
+    """Every problem in the data home: modes, leftovers of interrupted writes, damaged or
+    uncommitted identities, stray files, checksum mismatches, missing bases, unknown schemas."""
+    home = home or paths.data_home()
+    if not home.exists():
+        return []
+    others = _check_leftovers(home) + _check_identities(home) + _check_bases(home)
+    # A loose mode inside something that --fix deletes anyway is not worth a line of its own.
+    doomed = [p.path for p in others if p.kind in ("temp", "uncommitted", "unreferenced")]
+    modes = [p for p in _check_modes(home)
+             if not any(p.path == d or d in p.path.parents for d in doomed)]
+    return modes + others
+
+
+# --------------------------------------------------------------------------------------------
+# fixes
+
+
+def _apply(problem: Problem) -> None:
+    path = problem.path
+    if problem.kind == "interrupted-joint":
+        registry.roll_back_joint(path)
+    elif problem.kind == "interrupted-rename":
+        registry.finish_rename(path)
+    elif problem.kind == "interrupted-replace":
+        registry.finish_pending_replace(path)
+    elif problem.kind in ("temp", "unreferenced"):
+        storage.remove_tree(path)
+    elif problem.kind == "uncommitted":
+        registry.discard_folder(path)
+    elif problem.kind == "mode":
+        if os.path.lexists(path) and not path.is_symlink():
+            os.chmod(path, storage.DIR_MODE if path.is_dir() else storage.FILE_MODE)
+
+
+def _apply_all(problems: list[Problem], report: DoctorReport) -> None:
+    order = {kind: i for i, kind in enumerate(FIX_ORDER)}
+    for problem in sorted(problems, key=lambda p: order.get(p.kind, len(order))):
+        if problem.fix is None:
+            continue
+        try:
+            _apply(problem)
+        except (OSError, CelebctlError) as exc:
+            report.fix_errors.append(f"{_rel(problem.path, report.home)}: {exc}")
+
+
+def run_doctor(fix: bool = False) -> DoctorReport:
+    """Check the data home; with ``fix``, apply the safe fixes and check again.
+
+    Checking alone takes no lock and writes nothing (so it works on a read-only home; while
+    another process writes, its temp files show up). Fixing holds the writer lock.
+    """
+    home = paths.data_home()
+    report = DoctorReport(home=home)
+    if not home.exists():
+        return report
+    report.problems = check_home(home)
+    if not fix:
+        report.remaining = list(report.problems)
+        return report
+    with storage.writer_lock(paths.lock_path()):
+        # Finishing or undoing an interrupted write changes what else is wrong (a file that
+        # looked unreferenced may be named again), so those fixes go first and the rest is
+        # checked afresh before it is fixed.
+        _apply_all([p for p in check_home(home) if p.kind in RECOVERY_KINDS], report)
+        _apply_all([p for p in check_home(home) if p.kind not in RECOVERY_KINDS], report)
+        report.remaining = check_home(home)
+    left = {p.key() for p in report.remaining}
+    report.fixed = [p for p in report.problems if p.fix is not None and p.key() not in left]
+    return report

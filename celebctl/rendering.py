@@ -1,0 +1,668 @@
+"""Prompt embeddings -> images + metadata.
+
+A prompt names identities; each expands in place to its two token vectors (see
+:mod:`celebctl.prompting`), and the frozen pipeline runs as usual on the resulting
+``prompt_embeds``. Nothing here mutates the model: the tokenizer and the embedding table stay
+as loaded, so renders in one process never leak into each other.
+
+Images go to a normal user folder as ``<prompt-slug>-<seed>.png`` (never overwriting a file) and
+carry their settings as PNG text chunks: ``parameters`` in the WebUI's form and ``celebctl`` as
+JSON. With the same seed and settings on the CPU the PNG bytes are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import re
+import secrets
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from .prompting import ParsedPrompt, parse_prompt, tokenize_prompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import Components, ModelSpec
+
+ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
+
+# --scheduler value -> (diffusers class, the name the WebUI writes as "Sampler").
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", "DDIM"),
+    "dpm": ("DPMSolverMultistepScheduler", "DPM++ 2M"),
+    "euler": ("EulerDiscreteScheduler", "Euler"),
+}
+DEFAULT_OUT_DIR = Path("renders")
+OUTPUT_FILE_MODE = 0o644
+SLUG_MAX_CHARS = 60
+MAX_IMAGES = 1000
+MAX_STEPS = 1000
+MAX_BATCH = 64
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_SEED = 2**63 - 1
+_OUT_TMP_MARK = ".celebctl-tmp-"
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: everything that can be checked without loading a model
+
+
+@dataclass
+class RenderPlan:
+    """A checked render request: parsed prompts, identities, basis, model and token counts."""
+
+    prompt: ParsedPrompt
+    negative: ParsedPrompt
+    identities: list[str]
+    basis_id: str | None
+    spec: ModelSpec
+    token_count: int  # tokens of the prompt, start/end tokens not counted
+    negative_token_count: int
+    max_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        """The model's stable reference (repo id, absolute path, `tiny`, ...)."""
+        return self.spec.ref
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `celebctl render --dry-run --json` prints)."""
+        return {
+            "prompt": self.prompt.text,
+            "expanded": self.prompt.expanded(),
+            "negative": self.negative.text,
+            "negative_expanded": self.negative.expanded(),
+            "identities": list(self.identities),
+            "basis_id": self.basis_id,
+            "model": self.model,
+            "tokens": self.token_count,
+            "negative_tokens": self.negative_token_count,
+            "max_tokens": self.max_tokens,
+            "notes": list(self.notes),
+        }
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_tokenizer() -> tuple[Any, str]:
+    """The packaged CLIP tokenizer and its sha256, built once per process (never mutated)."""
+    from . import models
+
+    tokenizer = models.build_clip_tokenizer()
+    return tokenizer, models.tokenizer_sha256(tokenizer)
+
+
+def _tokenizer_for_plan(spec: ModelSpec) -> tuple[Any, str | None]:
+    """A tokenizer to count tokens with, and its sha256 when it is the model's own.
+
+    SD 1.x models use the packaged CLIP tokenizer; a local folder's own tokenizer is read when
+    present (a tokenizer is a vocabulary, not a torch model).
+    """
+    from . import models
+
+    if spec.kind == "folder" and spec.path is not None and (spec.path / "tokenizer").is_dir():
+        with contextlib.suppress(Exception), models.quiet_libraries(include_diffusers=False):
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(str(spec.path / "tokenizer"))
+            return tokenizer, models.tokenizer_sha256(tokenizer)
+    tokenizer, sha = _packaged_tokenizer()
+    return tokenizer, sha if spec.kind in (models.TINY, models.SD15_RANDOM) else None
+
+
+def _shared_basis(idents: Sequence[Any]) -> str | None:
+    bases = {ident.basis_id for ident in idents}
+    if len(bases) > 1:
+        detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
+        raise BasisMismatch(
+            f"The identities in this prompt use different bases ({detail}), so they cannot be "
+            "rendered together. Re-add them with the same --model (or refit them together with "
+            "`celebctl joint`)."
+        )
+    return bases.pop() if bases else None
+
+
+def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None = None, *,
+                tokenizer: Any = None) -> RenderPlan:
+    """Parse and check a render request without loading any model.
+
+    Finds the registered identities named in ``prompt`` and ``negative``, checks they share one
+    basis, picks the model (``model``; else the identities' recorded model when they agree; else
+    the configured default) and counts tokens against the 77-token window with the model's
+    tokenizer where it is known without loading (the packaged CLIP tokenizer for SD 1.x), or
+    with ``tokenizer`` when given (an already loaded model's). Raises PromptError,
+    IdentityNotFound, BasisMismatch, BasisNotFound or ModelUnavailable.
+    """
+    from . import basis as basis_mod
+    from . import models, registry
+
+    known = registry.known_names()
+    parsed = parse_prompt(prompt, known)
+    parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
+    names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
+    idents = [registry.get_identity(name, verify="all") for name in names]
+    basis_id = _shared_basis(idents)
+    notes: list[str] = []
+    recorded_models = [ident.meta.get("model") for ident in idents]
+    recorded = {str(m) for m in recorded_models if m}
+    if model is None and len(recorded) == 1 and all(recorded_models):
+        model = next(iter(recorded))
+    spec = models.resolve_model_spec(model)
+    info = basis_mod.get_basis_info(basis_id) if basis_id else None
+
+    # A given tokenizer belongs to a loaded model: check_model_matches_basis checks it fully.
+    tokenizer, sha = (tokenizer, None) if tokenizer is not None else _tokenizer_for_plan(spec)
+    if info is not None and sha is not None and sha != info.tokenizer_sha256:
+        raise BasisMismatch(
+            f"Model {spec.ref}'s tokenizer does not match basis {info.id} (built from "
+            f"{info.model}, used by {', '.join(names)}). Pass the identities' model with "
+            f"--model {info.model}, or re-add them with --model {spec.ref}."
+        )
+    tokens = tokenize_prompt(parsed, tokenizer)
+    negative_tokens = tokenize_prompt(parsed_negative, tokenizer, label="negative prompt")
+    window = len(tokens.input_ids)
+    if info is not None and recorded - {spec.ref}:
+        notes.append(f"The identities were fitted with {', '.join(sorted(recorded))}; "
+                     f"{spec.ref}'s embedding table is checked against their basis when it "
+                     "loads.")
+    if spec.is_noise_model:
+        notes.append(noise_note(spec))
+    return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
+                      basis_id=basis_id, spec=spec, token_count=tokens.length - 2,
+                      negative_token_count=negative_tokens.length - 2, max_tokens=window - 2,
+                      notes=notes)
+
+
+def noise_note(spec: ModelSpec) -> str:
+    """The note for models with random weights."""
+    return (f"'{spec.ref}' has random weights: its images are noise; use --model with real "
+            "weights for real pictures.")
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def prompt_slug(text: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """A file-name stem from a prompt: lowercase ASCII words joined by '-', never empty."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    slug = ""
+    for word in words:
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > max_chars:
+            if not slug:
+                slug = word[:max_chars]
+            break
+        slug = candidate
+    return slug or "render"
+
+
+def _storage_error(exc: OSError, path: Path) -> StorageError:
+    from .storage import _storage_error as describe
+
+    return describe(exc, path)
+
+
+def _write_temp(folder: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a hidden, fsynced temp file in ``folder`` with ``mode``."""
+    tmp = folder / f".render{_OUT_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.name == "posix":
+        os.chmod(tmp, mode)  # the umask must not narrow (or widen) an output file's mode
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    from .storage import fsync_dir
+
+    with contextlib.suppress(OSError):
+        fsync_dir(folder)
+
+
+def _link_new(tmp: Path, path: Path) -> bool:
+    """Give ``tmp`` the name ``path`` unless that exists (atomically where links work)."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def write_user_file(path: Path, data: bytes, overwrite: bool = False,
+                    mode: int = OUTPUT_FILE_MODE) -> Path:
+    """Write a file for the user (outside the data home) crash-safely, mode 0644.
+
+    The data goes to a temp file that is fsynced and then renamed into place, so ``path`` is
+    either absent, the old file or the complete new one. Without ``overwrite`` an existing file
+    raises CelebctlError, also when another process creates it meanwhile.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise CelebctlError(f"The folder {folder} does not exist.")
+    if path.is_dir():
+        raise CelebctlError(f"{path} is a folder; give a file name.")
+    if path.exists() and not overwrite:
+        raise CelebctlError(f"{path} already exists. Pick another path or pass --force.")
+    tmp = None
+    try:
+        tmp = _write_temp(folder, data, mode)
+        if overwrite:
+            os.replace(tmp, path)
+        elif not _link_new(tmp, path):
+            raise CelebctlError(f"{path} already exists. Pick another path or pass --force.")
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise _storage_error(exc, path) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return path
+
+
+def write_new_file(folder: Path, stem: str, suffix: str, data: bytes,
+                   mode: int = OUTPUT_FILE_MODE) -> Path:
+    """Write ``data`` as ``folder/stem+suffix``, or ``stem-1``, ``stem-2``... if taken.
+
+    Never overwrites a file (also not one another process writes at the same time).
+    """
+    tmp = None
+    try:
+        tmp = _write_temp(folder, data, mode)
+        for n in range(100_000):
+            path = folder / f"{stem}{f'-{n}' if n else ''}{suffix}"
+            if _link_new(tmp, path):
+                _fsync_dir(folder)
+                return path
+    except OSError as exc:
+        raise _storage_error(exc, folder / f"{stem}{suffix}") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    raise StorageError(f"Too many files named {stem}-N{suffix} in {folder}; clean it up.")
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidOption(f"--out {out_dir} is a file; give a folder for the images.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _storage_error(exc, out_dir) from exc
+    if not os.access(out_dir, os.W_OK):
+        raise StorageError(f"Cannot write to {out_dir}: permission denied. Pick another --out.")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _quote(value: str) -> str:
+    """Quote a WebUI parameter value the way the WebUI does (values with , : or newlines)."""
+    if "," not in value and "\n" not in value and ":" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def model_label(spec: ModelSpec) -> str:
+    """How a model is named in image metadata: local paths by their last part only."""
+    if spec.kind in ("folder", "single_file") and spec.path is not None:
+        return spec.path.name
+    return spec.ref
+
+
+def image_parameters(settings: dict[str, Any]) -> str:
+    """The WebUI-style ``parameters`` text for one image's settings (see :func:`render_prompt`)."""
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = [
+        ("Steps", str(settings["steps"])),
+        ("Sampler", settings["sampler"]),
+        ("CFG scale", f"{settings['cfg_scale']:g}"),
+        ("Seed", str(settings["seed"])),
+        ("Size", f"{settings['width']}x{settings['height']}"),
+        ("Model", settings["model"]),
+        ("celebctl", settings["celebctl_version"]),
+    ]
+    if settings.get("basis_id"):
+        fields.append(("Basis", settings["basis_id"]))
+    if settings.get("identities"):
+        fields.append(("Identities", ", ".join(settings["identities"])))
+        fields.append(("Expanded", settings["expanded"]))
+        if settings.get("negative_expanded") != settings.get("negative_prompt"):
+            fields.append(("Negative expanded", settings["negative_expanded"]))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Any, settings: dict[str, Any]) -> bytes:
+    """Encode a PIL image as PNG with ``parameters`` (WebUI) and ``celebctl`` (JSON) chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", image_parameters(settings))  # iTXt when not Latin-1
+    info.add_text("celebctl", json.dumps(settings, sort_keys=True, ensure_ascii=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_metadata(path: str | Path) -> dict[str, Any]:
+    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict}``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or {})
+    data: dict[str, Any] = {"parameters": text.get("parameters")}
+    raw = text.get("celebctl")
+    data["celebctl"] = json.loads(raw) if raw else None
+    return data
+
+
+def contact_sheet(images: Sequence[Any], columns: int | None = None) -> Any:
+    """All images in one picture, row by row (ceil(sqrt(n)) columns), black where empty."""
+    from PIL import Image
+
+    if not images:
+        raise InvalidOption("No images for a contact sheet.")
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        sheet.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass
+class RenderResult:
+    """What a render wrote, and what it rendered."""
+
+    paths: list[Path]
+    grid: Path | None
+    prompt: str
+    expanded: str
+    negative: str
+    negative_expanded: str
+    identities: list[str]
+    basis_id: str | None
+    model: str
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    notes: list[str]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `celebctl render --json` prints)."""
+        return {
+            "paths": [str(p) for p in self.paths],
+            "grid": str(self.grid) if self.grid else None,
+            "prompt": self.prompt,
+            "expanded": self.expanded,
+            "negative": self.negative,
+            "negative_expanded": self.negative_expanded,
+            "identities": list(self.identities),
+            "basis_id": self.basis_id,
+            "model": self.model,
+            "seeds": list(self.seeds),
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "scheduler": self.scheduler,
+            "notes": list(self.notes),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def check_render_options(*, num_images: int, steps: int, guidance: float, scheduler: str,
+                         seed: int, width: int | None, height: int | None,
+                         batch_size: int) -> None:
+    """Raise InvalidOption for a setting that cannot work, before anything loads."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
+        raise InvalidOption(f"--num-images must be between 1 and {MAX_IMAGES}.")
+    if not whole(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidOption(f"--steps must be between 1 and {MAX_STEPS}.")
+    if not whole(batch_size) or not 1 <= batch_size <= MAX_BATCH:
+        raise InvalidOption(f"--batch-size must be between 1 and {MAX_BATCH}.")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise InvalidOption("--guidance must be a number >= 0 (7.5 is usual; <= 1 turns "
+                            "classifier-free guidance off).")
+    if scheduler not in SCHEDULERS:
+        raise InvalidOption(f"Unknown scheduler '{scheduler}': use {', '.join(SCHEDULERS)}.")
+    if not whole(seed) or not 0 <= seed or seed + num_images - 1 > MAX_SEED:
+        raise InvalidOption(f"--seed must be between 0 and {MAX_SEED - num_images + 1}.")
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None and (not whole(value) or value % 8
+                                  or not MIN_SIZE <= value <= MAX_SIZE):
+            raise InvalidOption(f"{flag} must be a multiple of 8 between {MIN_SIZE} and "
+                                f"{MAX_SIZE}, not {value}.")
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """A fresh diffusers scheduler of kind ``name`` (ddim, dpm, euler) from a model's config."""
+    import diffusers
+
+    from .models import quiet_libraries
+
+    if name not in SCHEDULERS:
+        raise InvalidOption(f"Unknown scheduler '{name}': use {', '.join(SCHEDULERS)}.")
+    cls = getattr(diffusers, SCHEDULERS[name][0])
+    with quiet_libraries():  # other schedulers' keys in the config are ignored, not news
+        return cls.from_config(dict(config))
+
+
+def identity_vectors_for(names: Sequence[str], basis: Any) -> dict[str, Any]:
+    """name -> (2, hidden) fp32 token vectors of registered identities on ``basis``."""
+    import torch
+
+    from . import registry
+    from .prompting import identity_vectors
+
+    vectors = {}
+    for name in names:
+        ident = registry.get_identity(name, verify="all")
+        coefficients = torch.from_numpy(ident.load_coefficients()).to(torch.float32)
+        if coefficients.shape[-1] != basis.p:
+            raise BasisMismatch(f"Identity '{name}' has {coefficients.shape[-1]} coefficients "
+                                f"per token but basis {basis.id} has {basis.p} components.")
+        vectors[name] = identity_vectors(coefficients, basis.mean, basis.components)
+    return vectors
+
+
+def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[str, Any]
+                       ) -> tuple[Any, Any]:
+    """(prompt_embeds, negative_prompt_embeds), each (1, 77, hidden), in the model's dtype.
+
+    The two are encoded separately, as the pipeline does for text prompts, so the result
+    matches diffusers' textual-inversion path bit for bit.
+    """
+    import torch
+
+    from .prompting import build_slot_tensors, encode_tokens
+
+    encoder, tokenizer = components.text_encoder, components.tokenizer
+    table = encoder.get_input_embeddings().weight
+    embeds = []
+    for parsed, label in ((plan.prompt, "prompt"), (plan.negative, "negative prompt")):
+        tokens = tokenize_prompt(parsed, tokenizer, label=label)
+        ids, mask, values = build_slot_tensors([tokens], vectors, table.shape[1],
+                                               device=table.device, dtype=torch.float32)
+        with torch.no_grad():
+            embeds.append(encode_tokens(encoder, ids, mask, values).to(encoder.dtype))
+    return embeds[0], embeds[1]
+
+
+def _build_pipeline(components: Components, scheduler: Any) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    from .models import quiet_libraries
+
+    with quiet_libraries():
+        pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
+                  guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+                  width: int | None = None, height: int | None = None, batch_size: int = 1,
+                  model: str | ModelSpec | None = None, device: str = "auto",
+                  dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
+                  grid: bool = False, progress: ProgressCallback | None = None,
+                  components: Components | None = None) -> RenderResult:
+    """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
+
+    Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
+    that can be checked cheaply (options, prompt, identities, basis, token window) is checked
+    before the model loads. ``components`` reuses already loaded model parts (``model``,
+    ``device`` and ``dtype`` are then ignored). ``progress(phase, done, total, info)`` gets
+    "render" with one count per denoising step per image. Returns what was written.
+    """
+    import torch
+
+    from . import basis as basis_mod
+    from . import models
+
+    started = time.perf_counter()
+    check_render_options(num_images=num_images, steps=steps, guidance=guidance,
+                         scheduler=scheduler, seed=seed, width=width, height=height,
+                         batch_size=batch_size)
+    if components is not None:
+        if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
+            raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
+        model = components.spec
+    plan = plan_render(prompt, negative, model,
+                       tokenizer=components.tokenizer if components is not None else None)
+    if components is None:
+        torch_device = models.resolve_device(device)
+        models.resolve_dtype(dtype, torch_device)
+    out_dir = _prepare_out_dir(Path(out_dir))
+
+    basis = basis_mod.load_basis(plan.basis_id) if plan.basis_id else None
+    if components is None:
+        components = models.load_pipeline_components(plan.spec, torch_device, dtype)
+    if basis is not None:
+        basis_mod.check_model_matches_basis(basis, components.text_encoder,
+                                            components.tokenizer, model_ref=plan.spec.ref)
+    vectors = identity_vectors_for(plan.identities, basis) if basis is not None else {}
+    prompt_embeds, negative_embeds = encode_prompt_pair(components, plan, vectors)
+
+    width = width or components.default_resolution
+    height = height or components.default_resolution
+    pipe = _build_pipeline(components, make_scheduler(scheduler, components.scheduler.config))
+    seeds = [seed + i for i in range(num_images)]
+    counter = {"done": 0, "batch": 0, "total": num_images * steps}
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]
+                    ) -> dict[str, Any]:
+        counter["done"] += counter["batch"]
+        if progress is not None:
+            progress("render", counter["done"], counter["total"], {})
+        return kwargs
+
+    settings_base = {
+        "prompt": plan.prompt.text,
+        "negative_prompt": plan.negative.text,
+        "expanded": plan.prompt.expanded(),
+        "negative_expanded": plan.negative.expanded(),
+        "steps": steps,
+        "sampler": SCHEDULERS[scheduler][1],
+        "scheduler": scheduler,
+        "cfg_scale": float(guidance),
+        "width": width,
+        "height": height,
+        "model": model_label(plan.spec),
+        "basis_id": plan.basis_id,
+        "identities": list(plan.identities),
+        "celebctl_version": __version__,
+    }
+    paths: list[Path] = []
+    images: list[Any] = []
+    stem = prompt_slug(plan.prompt.text)
+    for start in range(0, num_images, batch_size):
+        batch_seeds = seeds[start:start + batch_size]
+        current_batch = counter["batch"] = len(batch_seeds)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+        with torch.no_grad(), models.quiet_libraries():
+            output = pipe(
+                prompt_embeds=prompt_embeds.expand(current_batch, -1, -1),
+                negative_prompt_embeds=negative_embeds.expand(current_batch, -1, -1),
+                generator=generators, num_inference_steps=steps, guidance_scale=guidance,
+                height=height, width=width, output_type="pil",
+                callback_on_step_end=on_step_end,
+            )
+        for image_seed, image in zip(batch_seeds, output.images, strict=True):
+            settings = {**settings_base, "seed": image_seed}
+            paths.append(write_new_file(out_dir, f"{stem}-{image_seed}", ".png",
+                                        png_bytes(image, settings)))
+            images.append(image)
+
+    grid_path = None
+    if grid:
+        sheet_settings = {**settings_base, "seed": seeds[0], "seeds": seeds,
+                          "files": [p.name for p in paths]}
+        grid_path = write_new_file(out_dir, f"{stem}-{seeds[0]}-grid", ".png",
+                                   png_bytes(contact_sheet(images), sheet_settings))
+    notes = list(plan.notes)
+    if guidance <= 1 and plan.negative.text:
+        notes.append("--guidance <= 1 turns classifier-free guidance off, so the negative "
+                     "prompt has no effect.")
+    return RenderResult(
+        paths=paths, grid=grid_path, prompt=plan.prompt.text, expanded=plan.prompt.expanded(),
+        negative=plan.negative.text, negative_expanded=plan.negative.expanded(),
+        identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
+        seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
+        scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
+    )
+
+
+__all__ = [
+    "RenderPlan", "RenderResult", "SCHEDULERS", "contact_sheet", "image_parameters",
+    "make_scheduler", "model_label", "noise_note", "plan_render", "png_bytes", "prompt_slug",
+    "read_png_metadata", "render_prompt", "write_new_file", "write_user_file",
+]

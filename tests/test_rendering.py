@@ -1,0 +1,399 @@
+"""Rendering on the tiny model: files, metadata, determinism, isolation, errors, the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from celebctl import __version__, models, registry, rendering
+from celebctl.cli import app
+from celebctl.errors import BasisMismatch, IdentityNotFound, InvalidOption, PromptError
+from tests.helpers import add_identity
+
+PHOTO = Path(__file__).parent / "data" / "astronaut.png"
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: alice and bob are fitted once per session (3 steps on tiny) and copied per test
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    # A 64 px model gains nothing from threads, and on a busy machine torch's spinning worker
+    # threads make each step many times slower.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def data_home(path: Path):
+    old = os.environ.get("CELEBCTL_HOME")
+    os.environ["CELEBCTL_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("CELEBCTL_HOME", None)
+        else:
+            os.environ["CELEBCTL_HOME"] = old
+
+
+def fitted_template(request) -> Path:
+    """A data home with the tiny model, its basis and alice + bob; built once per session."""
+    from celebctl.fitting import FitSettings, add_identity_from_photo
+
+    root = request.getfixturevalue("tmp_path_factory").getbasetemp() / "fitted-alice-bob"
+    if (root / "done").is_file():
+        return root
+    with one_torch_thread():
+        tiny_template = request.getfixturevalue("_tiny_template")
+    shutil.copytree(tiny_template, root, dirs_exist_ok=True)
+    with data_home(root), one_torch_thread():
+        for seed, name in enumerate(("alice", "bob")):
+            add_identity_from_photo(name, PHOTO, model="tiny", device="cpu", dtype="fp32",
+                                    settings=FitSettings(steps=3, seed=seed))
+    (root / "done").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fitted(request) -> Path:
+    return fitted_template(request)
+
+
+@pytest.fixture
+def home(tiny_home, fitted) -> Path:
+    shutil.copytree(fitted / "identities", tiny_home / "identities", dirs_exist_ok=True)
+    return tiny_home
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def components(fitted):
+    with data_home(fitted):
+        return models.load_pipeline_components("tiny", "cpu", "fp32")
+
+
+def render(components, prompt="alice shaking hands with bob", out=None, **kwargs):
+    kwargs.setdefault("steps", 2)
+    return rendering.render_prompt(prompt, components=components, out_dir=out, **kwargs)
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if any torch module is constructed."""
+    import torch
+
+    built = []
+    original = torch.nn.Module.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
+    yield built
+    monkeypatch.setattr(torch.nn.Module, "__init__", original)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------------------------
+# files and metadata
+
+
+def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "renders"
+    result = render(components, out=out, negative="blurry, bob", seed=5, num_images=2)
+    basis_id = registry.get_identity("alice").basis_id
+    assert [p.name for p in result.paths] == ["alice-shaking-hands-with-bob-5.png",
+                                              "alice-shaking-hands-with-bob-6.png"]
+    assert result.seeds == [5, 6] and result.identities == ["alice", "bob"]
+    assert result.expanded == "<alice> shaking hands with <bob>"
+    assert result.basis_id == basis_id and result.model == "tiny"
+    assert any("random weights: its images are noise" in n for n in result.notes)
+    for path in result.paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        with Image.open(path) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in result.paths]
+
+    meta = rendering.read_png_metadata(result.paths[1])
+    assert meta["parameters"] == (
+        "alice shaking hands with bob\n"
+        "Negative prompt: blurry, bob\n"
+        f"Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 64x64, Model: tiny, "
+        f"celebctl: {__version__}, Basis: {basis_id}, Identities: \"alice, bob\", "
+        "Expanded: <alice> shaking hands with <bob>, Negative expanded: \"blurry, <bob>\""
+    )
+    assert meta["celebctl"] == {
+        "prompt": "alice shaking hands with bob", "negative_prompt": "blurry, bob",
+        "expanded": "<alice> shaking hands with <bob>", "negative_expanded": "blurry, <bob>",
+        "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 7.5, "seed": 6,
+        "width": 64, "height": 64, "model": "tiny", "basis_id": basis_id,
+        "identities": ["alice", "bob"], "celebctl_version": __version__,
+    }
+    # The WebUI's own parser (its regex) reads the settings line back.
+    fields = dict(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)',
+                             meta["parameters"].splitlines()[-1]))
+    assert fields["Seed"] == "6" and fields["Sampler"] == "DDIM"
+    assert json.loads(fields["Identities"]) == "alice, bob"
+
+
+def test_same_seed_gives_byte_identical_pngs_and_never_overwrites(home, components, tmp_path):
+    first = render(components, out=tmp_path, seed=3).paths[0]
+    second = render(components, out=tmp_path, seed=3).paths[0]
+    third = render(components, out=tmp_path, seed=3).paths[0]
+    assert [first.name, second.name, third.name] == [
+        "alice-shaking-hands-with-bob-3.png", "alice-shaking-hands-with-bob-3-1.png",
+        "alice-shaking-hands-with-bob-3-2.png"]
+    assert first.read_bytes() == second.read_bytes() == third.read_bytes()
+    other = render(components, out=tmp_path, seed=4).paths[0]
+    assert other.read_bytes() != first.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_a_users_file_is_never_replaced(home, components, tmp_path):
+    mine = tmp_path / "alice-shaking-hands-with-bob-0.png"
+    mine.write_bytes(b"my own file")
+    result = render(components, out=tmp_path)
+    assert result.paths[0].name == "alice-shaking-hands-with-bob-0-1.png"
+    assert mine.read_bytes() == b"my own file"
+
+
+def test_batches_and_grid(home, components, tmp_path):
+    from PIL import Image
+
+    batched = render(components, out=tmp_path / "b", seed=10, num_images=3, batch_size=2,
+                     grid=True)
+    single = render(components, out=tmp_path / "s", seed=11)
+    assert batched.seeds == [10, 11, 12]
+    a = np.asarray(Image.open(batched.paths[1]), dtype=int)
+    b = np.asarray(Image.open(single.paths[0]), dtype=int)
+    assert np.abs(a - b).max() <= 1  # image i has seed+i whatever the batch size
+    with Image.open(batched.grid) as sheet:
+        assert sheet.size == (128, 128)  # 2 columns x 2 rows of 64 px
+    assert batched.grid.name == "alice-shaking-hands-with-bob-10-grid.png"
+    assert rendering.read_png_metadata(batched.grid)["celebctl"]["seeds"] == [10, 11, 12]
+
+
+def test_progress_counts_every_step_of_every_image(home, components, tmp_path):
+    calls = []
+    render(components, out=tmp_path, steps=2, num_images=3, batch_size=2,
+           progress=lambda *args: calls.append(args))
+    assert [c[:3] for c in calls] == [("render", 2, 6), ("render", 4, 6), ("render", 5, 6),
+                                      ("render", 6, 6)]
+
+
+@pytest.mark.parametrize("scheduler, sampler", [("dpm", "DPM++ 2M"), ("euler", "Euler")])
+def test_other_schedulers(home, components, tmp_path, scheduler, sampler):
+    result = render(components, out=tmp_path, scheduler=scheduler, width=72, height=64)
+    meta = rendering.read_png_metadata(result.paths[0])
+    assert f"Sampler: {sampler}," in meta["parameters"] and "Size: 72x64" in meta["parameters"]
+    assert components.scheduler.__class__.__name__ == "DDIMScheduler"  # untouched
+
+
+def test_prompt_without_identities(home, components, tmp_path):
+    result = render(components, "a red apple on a table", out=tmp_path)
+    assert result.identities == [] and result.basis_id is None
+    params = rendering.read_png_metadata(result.paths[0])["parameters"]
+    assert "Identities" not in params and "Basis" not in params
+
+
+def test_prompt_slug():
+    slug = rendering.prompt_slug("Alice's portrait, oil on canvas!")
+    assert slug == "alice-s-portrait-oil-on-canvas"
+    assert rendering.prompt_slug("<alice> über café") == "alice-uber-cafe"
+    assert rendering.prompt_slug("\u05e9\u05dc\u05d5\u05dd !!!") == "render"
+    long = rendering.prompt_slug("word " * 50)
+    assert len(long) <= 60 and long.endswith("word") and not long.endswith("-")
+    assert rendering.prompt_slug("x" * 100) == "x" * 60
+
+
+# --------------------------------------------------------------------------------------------
+# no state leaks between renders
+
+
+def test_renders_do_not_mutate_the_model(home, components, tmp_path):
+    import torch
+
+    def snapshot():
+        return {k: v.clone() for k, v in components.text_encoder.state_dict().items()}
+
+    before = snapshot()
+    vocab_before = len(components.tokenizer)
+    first = render(components, "a photo of alice", out=tmp_path / "1", seed=2)
+    render(components, "a photo of bob", out=tmp_path / "2", seed=2)
+    again = render(components, "a photo of alice", out=tmp_path / "3", seed=2)
+    assert first.paths[0].read_bytes() == again.paths[0].read_bytes()
+    after = snapshot()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert len(components.tokenizer) == vocab_before
+    assert not components.text_encoder.get_input_embeddings()._forward_hooks
+    alice = render(components, "a photo of alice", out=tmp_path / "4", seed=9).paths[0]
+    bob = render(components, "a photo of bob", out=tmp_path / "4", seed=9).paths[0]
+    assert alice.read_bytes() != bob.read_bytes()  # the identity changes the picture
+
+
+# --------------------------------------------------------------------------------------------
+# planning, --dry-run and errors
+
+
+def test_plan_loads_no_model(home, no_models):
+    plan = rendering.plan_render("Alice shaking hands with bob", "blurry <bob>")
+    assert plan.model == "tiny"  # the identities' recorded model, not the configured default
+    assert plan.identities == ["alice", "bob"]
+    assert plan.token_count == 7 and plan.negative_token_count == 3 and plan.max_tokens == 75
+    assert plan.basis_id == registry.get_identity("alice").basis_id
+    assert no_models == []
+
+
+def test_dry_run_cli_loads_no_model_and_writes_nothing(home, no_models, tmp_path):
+    out = tmp_path / "renders"
+    result = invoke("render", "alice shaking hands with bob", "--dry-run", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Prompt:     <alice> shaking hands with <bob>" in result.stdout
+    assert "Identities: alice, bob" in result.stdout and "Tokens:     7 of 75" in result.stdout
+    assert "Model:      tiny" in result.stdout
+    assert "random weights" in result.stderr
+    data = json.loads(invoke("render", "alice", "--dry-run", "--json").stdout)
+    assert data["expanded"] == "<alice>" and data["tokens"] == 2 and data["model"] == "tiny"
+    assert no_models == [] and not out.exists()
+
+
+def test_model_choice(home):
+    assert rendering.plan_render("a cat").model == models.DEFAULT_MODEL
+    plan = rendering.plan_render("alice", model="sd15-random")
+    assert plan.model == "sd15-random"
+    assert any("fitted with tiny" in n for n in plan.notes)
+
+
+def test_identities_on_different_bases(home, no_models):
+    add_identity("carol", basis_id="c" * 16)
+    with pytest.raises(BasisMismatch) as info:
+        rendering.plan_render("alice and carol")
+    message = str(info.value)
+    assert "different bases" in message and "carol: cccccccccccccccc" in message
+    with pytest.raises(BasisMismatch, match="different bases"):
+        rendering.plan_render("alice", negative="carol")
+    result = invoke("render", "bob with carol", "--dry-run")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: The identities")
+    assert no_models == []
+
+
+def _tiny_copy(home: Path, dest: Path) -> Path:
+    shutil.copytree(models.tiny_model_dir(), dest)
+    return dest
+
+
+def test_model_that_does_not_match_the_basis(home, tmp_path):
+    import torch
+    from transformers import CLIPTextModel
+
+    folder = _tiny_copy(home, tmp_path / "other-model")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight.mul_(1.5)
+    encoder.save_pretrained(folder / "text_encoder")
+    out = tmp_path / "renders"
+    with pytest.raises(BasisMismatch, match="embedding table does not match basis"):
+        rendering.render_prompt("alice", model=str(folder), steps=2, device="cpu", out_dir=out)
+    assert not any(out.glob("*.png"))
+
+
+def test_tokenizer_mismatch_is_found_without_loading(home, tmp_path, no_models):
+    from transformers import CLIPTokenizer
+
+    folder = _tiny_copy(home, tmp_path / "other-tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer.add_tokens(["<zzz>"])
+    tokenizer.save_pretrained(folder / "tokenizer")
+    with pytest.raises(BasisMismatch, match="tokenizer does not match basis"):
+        rendering.plan_render("alice at the beach", model=str(folder))
+    assert no_models == []
+
+
+def test_too_long_prompt_fails_before_loading(home, no_models, tmp_path):
+    with pytest.raises(PromptError, match="Shorten it by 5 tokens"):
+        rendering.render_prompt(" ".join(["alice"] * 40), out_dir=tmp_path / "r")
+    with pytest.raises(PromptError, match="^The negative prompt is"):
+        rendering.render_prompt("alice", negative=" ".join(["bob"] * 40), out_dir=tmp_path)
+    result = invoke("render", "x " * 10_000, "--dry-run")
+    assert result.exit_code == 1 and "20,000 characters" in result.stderr
+    assert no_models == [] and not (tmp_path / "r").exists()
+
+
+def test_unknown_explicit_identity(home):
+    with pytest.raises(IdentityNotFound, match="Did you mean 'alice'"):
+        rendering.plan_render("<alise> at the beach")
+    result = invoke("render", "<alise> at the beach", "--dry-run")
+    assert result.exit_code == 1
+    assert "Error: No identity 'alise'. Did you mean 'alice'? See `celebctl list`." in result.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"width": 65}, "--width must be a multiple of 8"),
+    ({"height": 4096}, "--height must be a multiple of 8"),
+    ({"steps": 0}, "--steps must be between"),
+    ({"num_images": 0}, "--num-images must be between"),
+    ({"guidance": float("nan")}, "--guidance must be"),
+    ({"scheduler": "plms"}, "Unknown scheduler 'plms'"),
+    ({"seed": -1}, "--seed must be between"),
+    ({"batch_size": 0}, "--batch-size must be between"),
+])
+def test_bad_options_fail_before_anything(home, no_models, tmp_path, kwargs, message):
+    with pytest.raises(InvalidOption, match=re.escape(message)):
+        rendering.render_prompt("alice", out_dir=tmp_path / "r", **kwargs)
+    assert no_models == [] and not (tmp_path / "r").exists()
+
+
+def test_out_dir_that_is_a_file(home, components, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(InvalidOption, match="is a file"):
+        render(components, out=target)
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI end to end (loads the tiny model itself)
+
+
+def test_cli_render_json(home, tmp_path):
+    out = tmp_path / "renders"
+    result = invoke("render", "alice shaking hands with bob", "--steps", 2, "-n", 2,
+                    "--seed", 4, "--out", out, "--grid", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["seeds"] == [4, 5] and data["identities"] == ["alice", "bob"]
+    assert data["expanded"] == "<alice> shaking hands with <bob>"
+    assert [Path(p).name for p in data["paths"]] == ["alice-shaking-hands-with-bob-4.png",
+                                                     "alice-shaking-hands-with-bob-5.png"]
+    assert all(Path(p).is_file() for p in data["paths"]) and Path(data["grid"]).is_file()
+    assert "random weights" in result.stderr
+    plain = invoke("render", "alice", "--steps", 1, "--out", out, "--quiet")
+    assert plain.exit_code == 0 and plain.stdout.strip() == str(out / "alice-0.png")
