@@ -290,7 +290,12 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
     losses: list[float] = []
     smoothed = None
     unet, text_encoder = components.unet, components.text_encoder
-    slot_positions = [[pos for pos, _, _ in t.slots] for t in templates]
+    # Token ids and the subject's slot positions of every template, on the device once.
+    template_ids = torch.tensor([t.input_ids for t in templates], device=device)
+    template_slots = torch.tensor([[pos for pos, _, _ in t.slots] for t in templates],
+                                  device=device)
+    batch_rows = torch.arange(settings.batch_size, device=device)
+    from . import prompting
 
     for step in range(settings.steps):
         # Every batch mixes identities: sample j of step s belongs to identity (s*B + j) mod n.
@@ -308,10 +313,10 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
 
         coeffs = mapping(features, owner_index)  # (B, 2, p)
         vectors = mean + torch.einsum("btp,tph->bth", coeffs, basis_components)  # (B, 2, hidden)
-        ids = torch.tensor([templates[c].input_ids for c in chosen], device=device)
-        rows = torch.tensor([b for b, c in enumerate(chosen) for _ in slot_positions[c]],
-                            device=device)
-        cols = torch.tensor([pos for c in chosen for pos in slot_positions[c]], device=device)
+        chosen_index = torch.tensor(chosen, device=device)
+        ids = template_ids[chosen_index]
+        cols = template_slots[chosen_index].reshape(-1)
+        rows = batch_rows[: len(chosen)].repeat_interleave(template_slots.shape[1])
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
         mask[rows, cols] = True
         # index_put keeps the graph from the slot values back to the mapping.
@@ -327,10 +332,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         else:
             target = noise
 
-        from .prompting import encode_tokens
-
         with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            hidden_states = encode_tokens(text_encoder, ids, mask, values)
+            hidden_states = prompting.encode_tokens(text_encoder, ids, mask, values)
             prediction = unet(noisy.to(dtype), timesteps, hidden_states.to(dtype)).sample
         loss = F.mse_loss(prediction.float(), target.float())
         if not torch.isfinite(loss):

@@ -148,22 +148,27 @@ def test_ctrl_c_in_a_real_process(tiny_home, photo_path):
          "--steps", "100000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
     )
-    # Wait until the model is loading or fitting (the basis note is printed just before; on a
-    # pipe rich draws the bar only at the end), then press Ctrl-C.
-    deadline = time.time() + 120
-    seen = b""
-    fd = proc.stderr.fileno()
-    os.set_blocking(fd, False)
-    while time.time() < deadline and b"Basis" not in seen and proc.poll() is None:
-        try:
-            seen += os.read(fd, 65536)
-        except BlockingIOError:
-            time.sleep(0.2)
-    assert b"Basis" in seen, seen
-    time.sleep(5)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-    assert proc.returncode == 130
-    assert b"Interrupted; nothing was written." in (proc.stderr.read() or b"") + seen
+    try:
+        # Wait until the model is loading or fitting (the basis note is printed just before; on a
+        # pipe rich draws the bar only at the end), then press Ctrl-C.
+        deadline = time.time() + 120
+        seen = b""
+        fd = proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        while time.time() < deadline and b"Basis" not in seen and proc.poll() is None:
+            try:
+                seen += os.read(fd, 65536)
+            except BlockingIOError:
+                time.sleep(0.2)
+        assert b"Basis" in seen, seen
+        time.sleep(5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        assert proc.returncode == 130
+        assert b"Interrupted; nothing was written." in (proc.stderr.read() or b"") + seen
+    finally:
+        if proc.poll() is None:  # never leave a runaway fit behind
+            proc.kill()
+            proc.wait(30)
     assert _registry_files() == []
