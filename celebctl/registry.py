@@ -352,8 +352,8 @@ def identity_exists(name: str) -> bool:
     return (identity_dir(name) / IDENTITY_TOML).exists()
 
 
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
+def _stat_key(path: Path | str) -> list[int]:
+    st = os.stat(path)
     return [st.st_mtime_ns, st.st_size, st.st_ino]
 
 
@@ -381,12 +381,14 @@ def _cached_identity(folder: Path, entry: Any) -> Identity | None:
     The cache is an optimisation only: anything odd means a full parse and verification.
     """
     try:
-        if not isinstance(entry, dict) or entry.get("toml") != _stat_key(folder / IDENTITY_TOML):
+        base = str(folder)
+        if not isinstance(entry, dict) or entry.get("toml") != _stat_key(
+                os.path.join(base, IDENTITY_TOML)):
             return None
         meta = entry["meta"]
         stamps = entry["files"]
         for role, file_entry in meta["files"].items():
-            if stamps.get(role) != _stat_key(folder / file_entry["path"]):
+            if stamps.get(role) != _stat_key(os.path.join(base, file_entry["path"])):
                 return None
         return Identity(name=folder.name, path=folder, meta=meta)
     except (OSError, KeyError, TypeError, AttributeError):
@@ -424,7 +426,12 @@ def list_identities() -> ScanResult:
         if not folder.is_dir():
             result.warnings.append(f"identities/{folder.name} is not a folder; ignored.")
             continue
-        ident = _cached_identity(folder, cache.get(folder.name))
+        cached = cache.get(folder.name)
+        ident = _cached_identity(folder, cached)
+        if ident is not None:
+            result.identities.append(ident)
+            fresh[folder.name] = cached  # just checked against the disk
+            continue
         if ident is None:
             try:
                 ident = _load_identity_dir(folder, verify="coefficients")

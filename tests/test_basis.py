@@ -228,8 +228,14 @@ def test_rebuild_is_a_noop_and_force_rebuilds(tiny_basis):
     again, created = basis.build_basis("tiny")
     assert not created and again.id == info.id
     assert toml_path.stat().st_mtime_ns == stamp
+    before = basis.load_basis(info.id)
     forced, created = basis.build_basis("tiny", force=True)
-    assert created and forced.id == info.id and forced.tensors_sha256 == info.tensors_sha256
+    assert created and forced.id == info.id
+    # The id is a hash of the inputs. The tensors agree to rounding: LAPACK (MKL) may take
+    # alignment-dependent code paths, so the last bit can differ between two builds.
+    after = basis.load_basis(info.id)
+    torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.components, before.components, rtol=0, atol=1e-5)
     assert len(basis.list_bases()) == 1
 
 

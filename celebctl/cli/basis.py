@@ -8,8 +8,20 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import basis as core
-from .common import JsonOpt, ModelOpt, QuietOpt, YesOpt, err, out, print_json, typer_factory, warn
+from .common import (
+    JsonOpt,
+    LazyModule,
+    ModelOpt,
+    QuietOpt,
+    YesOpt,
+    err,
+    out,
+    print_json,
+    typer_factory,
+    warn,
+)
+
+core = LazyModule("celebctl.basis")
 
 app = typer_factory(
     help="Celeb bases: the mean and principal directions of celebrity-name token embeddings, "

@@ -106,3 +106,18 @@ DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+class LazyModule:
+    """A core module imported on first use, so `celebctl list` does not pay for `render`."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            import importlib
+
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from .. import doctor as core
 from .. import paths
-from .common import EXIT_ERROR, CelebTyper, JsonOpt, err, out, print_json, warn
+from .common import EXIT_ERROR, CelebTyper, JsonOpt, LazyModule, err, out, print_json, warn
+
+core = LazyModule("celebctl.doctor")
 
 # Commands that must stay fast check two levels of the data home; the others check all of it.
 QUICK_COMMANDS = frozenset({"list", "show", "path"})

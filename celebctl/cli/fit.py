@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from ..fitting import FitSettings, add_identity_from_photo, refit_jointly
 from .common import (
     CelebTyper,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LazyModule,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -21,6 +21,8 @@ from .common import (
     warn,
 )
 from .progress import progress_callback
+
+fitting = LazyModule("celebctl.fitting")
 
 StepsOpt = Annotated[int | None, typer.Option(
     "--steps", help="Optimisation steps (default 400 per identity).", show_default=False)]
@@ -81,12 +83,12 @@ def add_cmd(
     Builds the model's celeb basis first if it is missing. Ctrl-C stops cleanly: nothing is
     written.
     """
-    settings = FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                           resolution=resolution, direct=direct)
+    settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                   resolution=resolution, direct=direct)
     with progress_callback(quiet) as progress:
-        outcome = add_identity_from_photo(name, photo, model=model, device=device, dtype=dtype,
-                                          settings=settings, face_index=face, replace=replace,
-                                          progress=progress)
+        outcome = fitting.add_identity_from_photo(
+            name, photo, model=model, device=device, dtype=dtype, settings=settings,
+            face_index=face, replace=replace, progress=progress)
     _report(outcome, json_out, "Added")
 
 
@@ -109,11 +111,11 @@ def joint_cmd(
 
     Uses their stored face crops; all of them are replaced in one all-or-nothing step.
     """
-    settings = FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                           resolution=resolution, direct=direct)
+    settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                   resolution=resolution, direct=direct)
     with progress_callback(quiet) as progress:
-        outcome = refit_jointly(names, model=model, device=device, dtype=dtype,
-                                settings=settings, progress=progress)
+        outcome = fitting.refit_jointly(names, model=model, device=device, dtype=dtype,
+                                        settings=settings, progress=progress)
     _report(outcome, json_out, "Refitted")
 
 

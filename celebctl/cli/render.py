@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from ..rendering import DEFAULT_OUT_DIR, plan_render, render_prompt
 from .common import (
     CelebTyper,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LazyModule,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -22,6 +22,9 @@ from .common import (
     warn,
 )
 from .progress import progress_callback
+
+rendering = LazyModule("celebctl.rendering")
+DEFAULT_OUT_DIR = Path("renders")
 
 
 class SchedulerName(str, Enum):
@@ -73,7 +76,7 @@ def render_cmd(
     and settings give the same image again.
     """
     if dry_run:
-        plan = plan_render(prompt, negative, model)
+        plan = rendering.plan_render(prompt, negative, model)
         if json_out:
             print_json(plan.to_dict())
             return
@@ -90,7 +93,7 @@ def render_cmd(
             warn(note)
         return
     with progress_callback(quiet) as progress:
-        result = render_prompt(
+        result = rendering.render_prompt(
             prompt, negative=negative, num_images=num_images, steps=steps, guidance=guidance,
             scheduler=scheduler.value, seed=seed, width=width, height=height,
             batch_size=batch_size, model=model, device=device, dtype=dtype, out_dir=out_dir,
