@@ -239,6 +239,8 @@ def main() -> None:
                         help="default: the model's (64 for tiny, 512 for sd15-random)")
     parser.add_argument("--pool-size", type=int, default=4)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--title", default="Fit step: celebctl vs reference loop",
+                        help="section of docs/benchmarks.md to write")
     args = parser.parse_args()
     os.environ.setdefault("CELEBCTL_HOME", str(Path.home() / ".cache" / "celebctl-bench"))
     import torch
@@ -268,7 +270,7 @@ def main() -> None:
     print()
     print(body)
     if args.write:
-        write_section("Fit step: celebctl vs reference loop", body)
+        write_section(args.title, body)
 
 
 if __name__ == "__main__":

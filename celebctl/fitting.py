@@ -177,8 +177,12 @@ class SamplePool:
 
 def build_sample_pool(components, subjects: Sequence[FitSubject], face_encoder, settings,
                       generator, rng: random.Random, progress: ProgressCallback | None = None,
-                      encode_batch: int = 8) -> SamplePool:
-    """Augment each face ``pool_size`` times, encode the pastes with the VAE in batches."""
+                      encode_batch: int = 2) -> SamplePool:
+    """Augment each face ``pool_size`` times, encode the pastes with the VAE in batches.
+
+    Small encode batches keep the pool's peak memory (the VAE encoder's activations at full
+    resolution) below that of a training step.
+    """
     import torch
 
     from . import faces
