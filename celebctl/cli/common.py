@@ -76,7 +76,9 @@ def typer_factory(help: str, **kwargs: Any) -> CelebTyper:
 
 def print_json(data: Any) -> None:
     """Write JSON to stdout (plain, no rich markup, one document)."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    # Indented for a person at a terminal; compact (and C-encoded, much faster) for pipes.
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
     sys.stdout.flush()
 
 

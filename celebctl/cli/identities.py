@@ -125,7 +125,7 @@ def export_cmd(
         "`a1111`: a textual-inversion embedding (.safetensors) for the WebUI's or ComfyUI's "
         "embeddings folder; type the file name in prompts. "
         "`diffusers`: a folder with learned_embeds.safetensors for "
-        "`pipe.load_textual_inversion(FOLDER)`; prompts say <NAME>. "
+        "`pipe.load_textual_inversion(FOLDER)`; prompts say `<NAME>`. "
         "`a1111` and `diffusers` hold only the two token vectors, no face data."))
     ] = ExportFormat.celeb,
     no_face: Annotated[bool, typer.Option("--no-face", help=(
