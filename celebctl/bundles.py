@@ -74,10 +74,7 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
             archive.writestr(info, data)
     if not out.parent.exists():
         raise CelebctlError(f"The folder {out.parent} does not exist.")
-    try:
-        storage.atomic_write_bytes(out, buffer.getvalue())
-    except CelebctlError:
-        raise
+    storage.atomic_write_bytes(out, buffer.getvalue())
     return out
 
 
