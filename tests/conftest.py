@@ -61,3 +61,21 @@ def tiny_home(celebctl_home, _tiny_template) -> Path:
         if (_tiny_template / part).exists():
             shutil.copytree(_tiny_template / part, celebctl_home / part, dirs_exist_ok=True)
     return celebctl_home
+
+
+@pytest.fixture(scope="session")
+def fitted(request) -> Path:
+    """A data home with the tiny model, its basis and alice + bob fitted (3 steps), once."""
+    from tests.helpers import fitted_template
+
+    return fitted_template(request)
+
+
+@pytest.fixture
+def home(tiny_home, fitted) -> Path:
+    """The test's data home with alice and bob registered (copied from ``fitted``)."""
+    import shutil
+
+    shutil.copytree(fitted / "identities", tiny_home / "identities", dirs_exist_ok=True)
+    return tiny_home
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 from pathlib import Path
 
@@ -14,20 +13,9 @@ from typer.testing import CliRunner
 from celebctl import basis, export, models, registry
 from celebctl.cli import app
 from celebctl.errors import CelebctlError, IdentityNotFound, InvalidOption
-from tests.test_rendering import fitted_template, one_torch_thread
+from tests.helpers import one_torch_thread
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def fitted(request) -> Path:
-    return fitted_template(request)
-
-
-@pytest.fixture
-def home(tiny_home, fitted) -> Path:
-    shutil.copytree(fitted / "identities", tiny_home / "identities", dirs_exist_ok=True)
-    return tiny_home
 
 
 @pytest.fixture(scope="module", autouse=True)

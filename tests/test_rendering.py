@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import stat
@@ -17,7 +15,7 @@ from typer.testing import CliRunner
 from celebctl import __version__, models, registry, rendering
 from celebctl.cli import app
 from celebctl.errors import BasisMismatch, IdentityNotFound, InvalidOption, PromptError
-from tests.helpers import add_identity
+from tests.helpers import add_identity, data_home, one_torch_thread
 
 PHOTO = Path(__file__).parent / "data" / "astronaut.png"
 runner = CliRunner()
@@ -25,62 +23,6 @@ runner = CliRunner()
 
 # --------------------------------------------------------------------------------------------
 # fixtures: alice and bob are fitted once per session (3 steps on tiny) and copied per test
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    # A 64 px model gains nothing from threads, and on a busy machine torch's spinning worker
-    # threads make each step many times slower.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def data_home(path: Path):
-    old = os.environ.get("CELEBCTL_HOME")
-    os.environ["CELEBCTL_HOME"] = str(path)
-    try:
-        yield path
-    finally:
-        if old is None:
-            os.environ.pop("CELEBCTL_HOME", None)
-        else:
-            os.environ["CELEBCTL_HOME"] = old
-
-
-def fitted_template(request) -> Path:
-    """A data home with the tiny model, its basis and alice + bob; built once per session."""
-    from celebctl.fitting import FitSettings, add_identity_from_photo
-
-    root = request.getfixturevalue("tmp_path_factory").getbasetemp() / "fitted-alice-bob"
-    if (root / "done").is_file():
-        return root
-    with one_torch_thread():
-        tiny_template = request.getfixturevalue("_tiny_template")
-    shutil.copytree(tiny_template, root, dirs_exist_ok=True)
-    with data_home(root), one_torch_thread():
-        for seed, name in enumerate(("alice", "bob")):
-            add_identity_from_photo(name, PHOTO, model="tiny", device="cpu", dtype="fp32",
-                                    settings=FitSettings(steps=3, seed=seed))
-    (root / "done").write_text("ok")
-    return root
-
-
-@pytest.fixture(scope="session")
-def fitted(request) -> Path:
-    return fitted_template(request)
-
-
-@pytest.fixture
-def home(tiny_home, fitted) -> Path:
-    shutil.copytree(fitted / "identities", tiny_home / "identities", dirs_exist_ok=True)
-    return tiny_home
 
 
 @pytest.fixture(scope="module", autouse=True)
