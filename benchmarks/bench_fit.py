@@ -178,7 +178,7 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
     # The reference sees the same kind of augmented pastes, encoded at every step.
     rng = random.Random(0)
     crop = _pil_to_tensor(prepared.aligned)
-    pixel_pool = [_paste(_augment(crop, None, rng), res, rng) for _ in range(pool_size)]
+    pixel_pool = [_paste(_augment(crop, rng), res, rng) for _ in range(pool_size)]
     tokenizer = components.tokenizer
     placeholder = tokenizer("sks", add_special_tokens=False)["input_ids"][:1] + \
         tokenizer("ohwx", add_special_tokens=False)["input_ids"][:1]

@@ -122,7 +122,7 @@ class CoefficientMapping:
         return F.normalize(raw, dim=-1)
 
 
-def _augment(crop, generator, rng: random.Random):
+def _augment(crop, rng: random.Random):
     """Flip + colour jitter of one (3, H, W) crop in [0, 1]; returns the augmented crop."""
     import torch
     import torchvision.transforms.v2.functional as TF
@@ -196,7 +196,7 @@ def build_sample_pool(components, subjects: Sequence[FitSubject], face_encoder, 
         crop = _pil_to_tensor(subject.face)
         clean_inputs.append(crop)
         for _ in range(settings.pool_size):
-            augmented = _augment(crop, generator, rng)
+            augmented = _augment(crop, rng)
             feature_inputs.append(augmented)
             pastes.append(_paste(augmented, settings.resolution, rng))
             owners.append(index)

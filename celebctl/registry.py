@@ -432,15 +432,14 @@ def list_identities() -> ScanResult:
             result.identities.append(ident)
             fresh[folder.name] = cached  # just checked against the disk
             continue
-        if ident is None:
-            try:
-                ident = _load_identity_dir(folder, verify="coefficients")
-            except (CorruptEntry, SchemaError) as exc:
-                result.warnings.append(f"Skipping '{folder.name}': {exc}")
-                continue
-            except OSError as exc:
-                result.warnings.append(f"Skipping '{folder.name}': cannot be read ({exc}).")
-                continue
+        try:
+            ident = _load_identity_dir(folder, verify="coefficients")
+        except (CorruptEntry, SchemaError) as exc:
+            result.warnings.append(f"Skipping '{folder.name}': {exc}")
+            continue
+        except OSError as exc:
+            result.warnings.append(f"Skipping '{folder.name}': cannot be read ({exc}).")
+            continue
         result.identities.append(ident)
         try:
             fresh[folder.name] = {
