@@ -15,9 +15,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import math
+import os
 import re
 import shutil
-import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, paths, storage
+from . import __version__, documents, paths, storage
 from .errors import (
     BasisInUse,
     BasisMismatch,
@@ -39,11 +39,6 @@ from .errors import (
     StorageError,
     did_you_mean,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -66,6 +61,7 @@ MAX_NAMES_BYTES = 16 * 1024 * 1024
 # A model whose table was loaded in fp16/bf16 still matches a basis built from its fp32 table:
 # the per-position mean of the rows must agree to this relative error (bf16 rounding is ~0.4 %).
 MATCH_RTOL = 1e-2
+MAX_MEAN_ABS = 1e3
 _ID_RE = re.compile(rf"^[0-9a-f]{{{ID_LENGTH}}}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -110,10 +106,10 @@ def load_names(path: str | Path | None = None) -> list[str]:
         return _parse_names(text, "The packaged names list")
     file = Path(path).expanduser()
     try:
-        if file.stat().st_size > MAX_NAMES_BYTES:
-            raise InvalidOption(f"Names file {file} is larger than "
-                                f"{MAX_NAMES_BYTES // (1024 * 1024)} MB; is it the right file?")
-        text = file.read_text(encoding="utf-8")
+        text = storage.read_regular_file(file, MAX_NAMES_BYTES).decode("utf-8")
+    except storage.FileRefused as exc:
+        raise InvalidOption(f"Names file {file} {exc.reason}; pass a text file with one name "
+                            "per line.") from None
     except FileNotFoundError as exc:
         raise InvalidOption(f"Names file {file} does not exist.") from exc
     except IsADirectoryError as exc:
@@ -326,6 +322,12 @@ class BasisInfo:
         """Number of components per position."""
         return self.components
 
+    @property
+    def built_here(self) -> bool:
+        """True when this machine built the basis from its model (not fetched): only then is
+        its ``model`` something celebctl itself recorded, and may be loaded without asking."""
+        return "fetched_from" not in self.extra
+
     def summary(self) -> str:
         """One line: cumulative explained variance at 10/50/100/all components per position."""
         cum = self.explained_variance_cumulative
@@ -465,10 +467,13 @@ def parse_meta(meta: dict[str, Any], folder: Path, where: str) -> BasisInfo:
     explained = _expect(meta, "explained_variance", dict, where)
     ratios = (_float_list(explained.get("ratio_pos1"), p, "explained_variance.ratio_pos1", where),
               _float_list(explained.get("ratio_pos2"), p, "explained_variance.ratio_pos2", where))
+    model = _expect(meta, "model", str, where)
+    if not model or len(model) > 1024 or documents.has_control_chars(model):
+        raise SchemaError(f"{where}: 'model' must be 1-1024 printable characters.")
     return BasisInfo(
         id=basis_id,
         path=folder,
-        model=_expect(meta, "model", str, where),
+        model=model,
         hidden=hidden,
         components=p,
         requested_components=_optional_int(meta, "requested_components", p),
@@ -494,15 +499,18 @@ def _read_meta(folder: Path) -> BasisInfo:
     path = folder / META_FILE
     where = str(path)
     try:
-        if path.stat().st_size > MAX_META_BYTES:
-            raise CorruptEntry(f"{where} is too large to be a basis TOML.")
-        meta = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = storage.read_regular_file(path, MAX_META_BYTES, follow_symlinks=False)
+        meta = documents.parse_toml(raw)
     except FileNotFoundError as exc:
         raise CorruptEntry(f"Basis folder {folder} has no {META_FILE}: it is incomplete (an "
                            f"interrupted build?). Remove it with `celebctl basis remove "
                            f"{folder.name} --force` and build again.") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CorruptEntry(f"{where} cannot be read: {exc}.") from exc
+    except storage.FileRefused as exc:
+        raise CorruptEntry(f"{where} {exc.reason}.") from None
+    except documents.UnsafeDocument as exc:
+        raise CorruptEntry(f"{where} {exc}.") from None
+    except OSError as exc:
+        raise CorruptEntry(f"{where} cannot be read: {exc.strerror or exc}.") from exc
     return parse_meta(meta, folder, where)
 
 
@@ -585,6 +593,15 @@ def _check_tensors(tensors: dict[str, Any], info: BasisInfo, where: str) -> None
             raise CorruptEntry(f"{where}: tensor '{key}' must be 1-D int64.")
         if ids.numel() != info.unique_rows[index] or (ids.numel() and int(ids.min()) < 0):
             raise CorruptEntry(f"{where}: tensor '{key}' does not match unique_rows in the TOML.")
+    # Token embeddings are small numbers; a mean that overflows fp16 (the dtype models render
+    # in) would draw black images without an error.
+    if tensors["mean"].abs().max() > MAX_MEAN_ABS:
+        raise CorruptEntry(f"{where}: tensor 'mean' has values beyond +-{MAX_MEAN_ABS:g}; that is "
+                           "not a token-embedding mean.")
+    ratio = tensors["explained_variance_ratio"]
+    if (ratio < 0).any() or (ratio > 1 + 1e-4).any() or (ratio.sum(dim=1) > 1 + 1e-3).any():
+        raise CorruptEntry(f"{where}: tensor 'explained_variance_ratio' is not a set of "
+                           "fractions that sum to at most 1.")
     # Components are orthonormal per position; anything else is not a basis we made.
     comps = tensors["components"].to(torch.float64)
     gram = comps @ comps.transpose(1, 2)
@@ -603,15 +620,18 @@ def _load_tensor_bytes(raw: bytes, where: str) -> dict[str, Any]:
                            "reads safetensors, never pickles.") from exc
 
 
-def load_basis(basis_id: str) -> Basis:
-    """Load a basis by id or unambiguous id prefix, verifying its checksum and shapes."""
+def load_basis(basis_id: str, allow_prefix: bool = False) -> Basis:
+    """Load a basis by its exact id (or, with ``allow_prefix``, an unambiguous prefix a person
+    typed), verifying its checksum and shapes."""
     import torch
 
-    folder = _resolve_folder(basis_id)
+    folder = _resolve_folder(basis_id, allow_prefix)
     info = _read_meta(folder)
     path = folder / TENSORS_FILE
     try:
-        raw = path.read_bytes()
+        raw = storage.read_regular_file(path, MAX_TENSORS_BYTES, follow_symlinks=False)
+    except storage.FileRefused as exc:
+        raise CorruptEntry(f"{path} {exc.reason}.") from None
     except FileNotFoundError as exc:
         raise CorruptEntry(f"Basis {info.id} is missing {TENSORS_FILE}. Remove it with "
                            f"`celebctl basis remove {info.id} --force` and build or fetch it "
@@ -672,8 +692,24 @@ def list_bases() -> BasisList:
     return BasisList(found, warnings)
 
 
-def _resolve_folder(basis_id: str) -> Path:
-    """The folder of a basis given its id or an unambiguous prefix of it."""
+def is_basis_id(text: object) -> bool:
+    """True for a well-formed basis id: exactly 16 lowercase hex digits."""
+    return isinstance(text, str) and bool(_ID_RE.match(text))
+
+
+def _resolve_folder(basis_id: str, allow_prefix: bool = False) -> Path:
+    """The folder of a basis given its exact id, or with ``allow_prefix`` (what a person types
+    on the command line) an unambiguous prefix of it. Ids from files are always exact."""
+    if not allow_prefix:
+        if not is_basis_id(basis_id):
+            raise BasisNotFound(f"{str(basis_id)[:40]!r} is not a basis id (16 lowercase hex "
+                                "digits). See `celebctl basis list`.")
+        folder = paths.bases_dir() / basis_id
+        if folder.is_dir() and not folder.is_symlink():
+            return folder
+        raise BasisNotFound(f"Basis {basis_id} is not on this machine. Build it with "
+                            "`celebctl basis build --model MODEL` or fetch it with `celebctl "
+                            "basis fetch`; `celebctl basis list` shows what is here.")
     text = basis_id.strip().lower()
     folders = {p.name: p for p in _basis_folders()}
     if text in folders:
@@ -693,49 +729,67 @@ def _resolve_folder(basis_id: str) -> Path:
     raise BasisNotFound(message)
 
 
-def get_basis_info(basis_id: str) -> BasisInfo:
-    """Metadata of one basis (id or prefix), without loading its tensors."""
-    return _read_meta(_resolve_folder(basis_id))
+def get_basis_info(basis_id: str, allow_prefix: bool = False) -> BasisInfo:
+    """Metadata of one basis (exact id, or a prefix with ``allow_prefix``), without loading its
+    tensors."""
+    return _read_meta(_resolve_folder(basis_id, allow_prefix))
+
+
+def info_for_identities(basis_id: str, names: Sequence[str]) -> Any:
+    """The metadata of the basis identities use, or BasisNotFound that says how to get it."""
+    try:
+        return get_basis_info(basis_id)
+    except BasisNotFound:
+        raise BasisNotFound(
+            f"{', '.join(names)} use{'s' if len(names) == 1 else ''} basis {basis_id}, which is "
+            "not on this machine. Fetch it from whoever sent the identity (`celebctl basis "
+            "fetch`), or build it with `celebctl basis build --model MODEL` for the model the "
+            "identity was fitted with."
+        ) from None
 
 
 def basis_users(basis_id: str) -> list[str]:
-    """Names of identities whose identity.toml refers to ``basis_id`` (broken ones skipped)."""
+    """Names of the identities whose identity.toml refers to exactly ``basis_id``.
+
+    Damaged entries count too, as long as their TOML can be read: a basis is never deleted from
+    under an identity because something else in its entry is wrong.
+    """
+    from . import registry
+
     root = paths.identities_dir()
     if not root.is_dir():
         return []
     users = []
     for folder in sorted(root.iterdir()):
-        if storage.is_temp_name(folder.name):
+        if storage.is_temp_name(folder.name) or folder.is_symlink():
             continue
-        toml_path = folder / "identity.toml"
-        try:
-            meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            continue
-        if meta.get("basis_id") == basis_id:
-            users.append(str(meta.get("name", folder.name)))
+        meta = registry.read_toml_quietly(folder / "identity.toml")
+        if meta is not None and meta.get("basis_id") == basis_id:
+            users.append(folder.name)
     return users
 
 
-def remove_basis(basis_id: str, force: bool = False) -> str:
-    """Delete a basis (id or prefix); refused with BasisInUse while identities use it.
+def remove_basis(basis_id: str, force: bool = False, allow_prefix: bool = True) -> str:
+    """Delete a basis (id, or prefix with ``allow_prefix``); refused with BasisInUse while
+    identities use it.
 
     ``force`` removes it anyway (those identities stop working) and also removes damaged
     entries. Returns the removed id.
     """
-    folder = _resolve_folder(basis_id)
-    users = basis_users(folder.name)
-    if users and not force:
-        shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
-        raise BasisInUse(
-            f"Basis {folder.name} is used by {len(users)} identit"
-            f"{'y' if len(users) == 1 else 'ies'}: {shown}. Remove those first "
-            "(`celebctl remove NAME`), or pass --force to remove the basis anyway (they will "
-            "stop working until it is fetched or built again)."
-        )
+    folder = _resolve_folder(basis_id, allow_prefix)
     if not force:
         _read_meta(folder)  # a damaged entry needs --force, so nothing is deleted by accident
     with storage.writer_lock(paths.lock_path()):
+        # Checked under the lock, so an identity committed a moment ago is seen.
+        users = basis_users(folder.name)
+        if users and not force:
+            shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
+            raise BasisInUse(
+                f"Basis {folder.name} is used by {len(users)} identit"
+                f"{'y' if len(users) == 1 else 'ies'}: {shown}. Remove those first "
+                "(`celebctl remove NAME`), or pass --force to remove the basis anyway (they "
+                "will stop working until it is fetched or built again)."
+            )
         # Reverse of the write order: the TOML (commit point) goes first.
         storage.remove_file(folder / META_FILE)
         storage.remove_file(folder / TENSORS_FILE)
@@ -1036,6 +1090,9 @@ def _fetch_pair_hf(source: str) -> tuple[Path, Path]:
 
 def _local_pair(source: str) -> tuple[Path, Path]:
     path = Path(source).expanduser()
+    if os.path.exists(path) and not path.is_dir() and not storage.is_regular_file(path):
+        raise FetchError(f"{path} is not a regular file (a pipe, device or socket); pass a "
+                         "basis folder or its basis.safetensors file.")
     if path.is_dir():
         tensors, meta = path / TENSORS_FILE, path / META_FILE
     elif path.suffix == ".toml":
@@ -1056,6 +1113,9 @@ def _local_pair(source: str) -> tuple[Path, Path]:
         raise FetchError(f"{source} does not exist. Pass a local basis folder or file, an "
                          "https:// URL or hf://OWNER/REPO/PATH.")
     for needed in (tensors, meta):
+        if os.path.lexists(needed) and not storage.is_regular_file(needed):
+            raise FetchError(f"{needed} is not a regular file (a pipe, device, socket or "
+                             "broken link); nothing was read.")
         if not needed.is_file():
             raise FetchError(f"{needed} is missing: a basis is a basis.safetensors file with its "
                              "basis.toml beside it.")
@@ -1087,20 +1147,25 @@ def fetch_basis(source: str, sha256: str | None = None) -> tuple[BasisInfo, bool
 
 def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
                       sha256: str | None) -> tuple[BasisInfo, bool]:
+    blobs = []
     for path, limit in ((tensors_path, MAX_TENSORS_BYTES), (meta_path, MAX_META_BYTES)):
-        if path.stat().st_size > limit:
-            raise FetchError(f"{path} is larger than {limit // (1024 * 1024)} MB; that is not a "
-                             "basis. Nothing was written.")
-    raw = tensors_path.read_bytes()
+        try:
+            blobs.append(storage.read_regular_file(path, limit))
+        except storage.FileRefused as exc:
+            raise FetchError(f"{path} {exc.reason}; that is not a basis. Nothing was "
+                             "written.") from None
+        except OSError as exc:
+            raise FetchError(f"Cannot read {path}: {exc.strerror or exc}. Nothing was "
+                             "written.") from None
+    raw, raw_meta = blobs
     actual = storage.sha256_bytes(raw)
     if sha256 is not None and actual != sha256:
         raise FetchError(f"Checksum mismatch for {source}: expected sha256 {sha256}, got "
                          f"{actual}. Nothing was written.")
     try:
-        meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise FetchError(f"{meta_path.name} from {source} is not valid TOML ({exc}). Nothing "
-                         "was written.") from exc
+        meta = documents.parse_toml(raw_meta)
+    except documents.UnsafeDocument as exc:
+        raise FetchError(f"{meta_path.name} from {source} {exc}. Nothing was written.") from None
     try:
         info = parse_meta(meta, paths.bases_dir() / str(meta.get("id", "")), f"{source} (TOML)")
         if actual != info.tensors_sha256:
@@ -1112,9 +1177,12 @@ def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
     existing = _existing(info.id)
     if existing is not None:
         return existing, False
+    # Keys this celebctl does not know are the sender's, not ours: they are not kept. What the
+    # entry says about its origin is written here, never taken from the file.
+    info.extra = {}
     meta = _meta_dict(info)
-    meta.setdefault("fetched_from", source)
-    meta.setdefault("fetched", _now())
+    meta["fetched_from"] = source
+    meta["fetched"] = _now()
     with storage.writer_lock(paths.lock_path()):
         existing = _existing(info.id)
         if existing is not None:

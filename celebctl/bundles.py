@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import stat
 import struct
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +20,8 @@ from typing import Any
 
 import tomli_w
 
-from . import registry, storage
+from . import documents, registry, storage
 from .errors import BundleError, CelebctlError, CorruptEntry, SchemaError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 BUNDLE_SUFFIX = ".celeb"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
@@ -36,8 +31,8 @@ MAX_TOTAL_BYTES = 32 * 1024 * 1024
 MAX_RATIO = 200  # uncompressed / compressed, for members over 64 KiB
 MAX_TOML_BYTES = 256 * 1024
 MAX_ST_HEADER = 64 * 1024
-FACE_EMBEDDING_DIM = 512
-MAX_FACE_SIDE = 2048
+FACE_EMBEDDING_DIM = registry.FACE_EMBEDDING_DIM
+BUNDLE_FILE_MODE = 0o600  # it holds a face crop and face embedding
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,10 +47,11 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
     """
     ident = registry.get_identity(name, verify="all")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CelebctlError(f"{out} already exists. Pick another path or pass --force.")
     if out.is_dir():
         raise CelebctlError(f"{out} is a folder; give a file name such as {name}.celeb.")
+    storage.refuse_special_file(out)
+    if os.path.lexists(out) and not overwrite:
+        raise CelebctlError(f"{out} already exists. Pick another path or pass --force.")
     meta = dict(ident.meta)
     files = dict(meta["files"])
     if not include_face:
@@ -72,10 +68,8 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o600) << 16
             archive.writestr(info, data)
-    if not out.parent.exists():
-        raise CelebctlError(f"The folder {out.parent} does not exist.")
-    storage.atomic_write_bytes(out, buffer.getvalue())
-    return out
+    return storage.write_user_file(out, buffer.getvalue(), overwrite=overwrite,
+                                   mode=BUNDLE_FILE_MODE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,23 +129,6 @@ def parse_safetensors(data: bytes, where: str) -> dict[str, Any]:
         if not np.isfinite(array).all():
             raise BundleError(f"{where}: tensor '{key}' contains NaN or Inf.")
     return tensors
-
-
-def _check_png(data: bytes, where: str) -> None:
-    from PIL import Image
-
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise BundleError(f"{where} is not a PNG image.")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width > MAX_FACE_SIDE or height > MAX_FACE_SIDE:
-                raise BundleError(f"{where} is too large ({width}x{height}).")
-            image.load()
-    except BundleError:
-        raise
-    except Exception:
-        raise BundleError(f"{where} is not a readable PNG image.") from None
 
 
 _MEMBER_RE = re.compile(r"[A-Za-z0-9_.-]{1,80}")
@@ -233,9 +210,9 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     if len(raw_toml) > MAX_TOML_BYTES:
         raise BundleError(f"The bundle's {registry.IDENTITY_TOML} is too large.")
     try:
-        meta = tomllib.loads(raw_toml.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
-        raise BundleError(f"The bundle's {registry.IDENTITY_TOML} is not valid TOML.") from None
+        meta = documents.parse_toml(raw_toml)
+    except documents.UnsafeDocument as exc:
+        raise BundleError(f"The bundle's {registry.IDENTITY_TOML} {exc}.") from None
     try:
         meta = registry.validate_meta(meta, f"The bundle's {registry.IDENTITY_TOML}")
     except (SchemaError, CorruptEntry) as exc:
@@ -265,16 +242,18 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
             f"The coefficients have shape {tuple(coefficients.shape)}, expected "
             f"(2, {meta['components']})."
         )
+    registry.check_coefficients(coefficients, "The bundle's coefficients", BundleError)
     embedding = None
     if "face_embedding" in files:
         tensors = parse_safetensors(members[files["face_embedding"]["path"]], "face embedding")
         if set(tensors) != {"embedding"} or tensors["embedding"].shape != (FACE_EMBEDDING_DIM,):
             raise BundleError(f"The face embedding must be one ({FACE_EMBEDDING_DIM},) tensor.")
         embedding = tensors["embedding"]
+        registry.check_face_embedding(embedding, "The bundle's face embedding", BundleError)
     face_png = None
     if "face" in files:
         face_png = members[files["face"]["path"]]
-        _check_png(face_png, "The face crop")
+        registry.check_face_png(face_png, "The bundle's face crop", BundleError)
     name = original if new_name is None else new_name  # `--as ""` is an error, not "no --as"
     registry.validate_name(name)
     notes = []
@@ -287,8 +266,10 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     basis_toml = paths.bases_dir() / meta["basis_id"] / "basis.toml"
     if not basis_toml.exists():
         notes.append(
-            f"Basis {meta['basis_id']} is not on this machine; build it with "
-            f"`celebctl basis build --model {meta['model']}` before rendering."
+            f"Basis {meta['basis_id']} is not on this machine, so '{name}' cannot be rendered "
+            "yet. Ask the sender for it (`celebctl basis fetch`), or build the basis of the "
+            "model the identity was fitted with (`celebctl basis build --model MODEL`; the "
+            f"bundle says it was {meta['model']!r}, which celebctl has not checked)."
         )
     keep = {k: v for k, v in meta.items() if k not in ("files", "name", "schema_version")}
     keep.setdefault("imported_from", original)
@@ -306,10 +287,9 @@ def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
     try:
         if path.is_dir():
             raise BundleError(f"{path} is a folder, not a .celeb bundle.")
-        size = path.stat().st_size
-        if size > MAX_BUNDLE_BYTES:
-            raise BundleError(f"{path} is larger than {MAX_BUNDLE_BYTES // 2**20} MiB.")
-        data = path.read_bytes()
+        data = storage.read_regular_file(path, MAX_BUNDLE_BYTES)
+    except storage.FileRefused as exc:
+        raise BundleError(f"{path} {exc.reason}; give the path of a .celeb bundle.") from None
     except FileNotFoundError:
         raise BundleError(f"No such file: {path}.") from None
     except OSError as exc:

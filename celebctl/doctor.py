@@ -2,26 +2,23 @@
 
 :func:`check_home` lists every :class:`Problem`; :func:`run_doctor` with ``fix=True`` applies the
 fixes that are safe (they finish or undo interrupted writes, delete temp files and files no
-identity names, tighten modes) and checks again. A damaged identity is never deleted: its
-problem has no fix, and the message says what to run (`celebctl remove NAME`, re-import, ...).
+identity names, delete entries that are not readable identities at all, remove symbolic links,
+tighten modes) and checks again. An identity whose identity.toml reads fine is never deleted:
+a damaged data file is reported with the command to run (`celebctl remove NAME`, re-import).
+Only celebctl's own entries of the home are looked at: CELEBCTL_HOME may point at a folder that
+also holds the user's files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, registry, storage
+from . import documents, paths, registry, storage
 from .errors import CelebctlError, CorruptEntry, SchemaError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # Fixes run in this order: undo or finish interrupted writes before their temp files go.
 FIX_ORDER = (
@@ -31,6 +28,8 @@ FIX_ORDER = (
     "temp",
     "uncommitted",
     "unreferenced",
+    "invalid",
+    "link",
     "mode",
 )
 RECOVERY_KINDS = frozenset(FIX_ORDER[:3])
@@ -108,7 +107,7 @@ def _check_modes(home: Path) -> list[Problem]:
                 f"{_rel(path, home)} has mode {mode:04o}: other users may read it (the registry "
                 "holds face crops and face embeddings).",
                 f"chmod {wanted:04o}")
-        for path, mode, wanted in storage.loose_modes(home)
+        for path, mode, wanted in storage.home_loose_modes(home)
     ]
 
 
@@ -137,14 +136,21 @@ def _leftover_problem(path: Path, home: Path) -> Problem:
 
 
 def _check_leftovers(home: Path) -> list[Problem]:
-    """Temp files and markers anywhere in the home; a temp folder counts once, not its content."""
+    """Temp files and markers in celebctl's own entries of the home (never elsewhere: the home
+    may be a folder that also holds the user's files); a temp folder counts once."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(home):
-        for name in list(dirnames):
-            if storage.is_temp_name(name):
-                found.append(Path(dirpath) / name)
-                dirnames.remove(name)
-        found += [Path(dirpath) / name for name in filenames if storage.is_temp_name(name)]
+    for entry in storage.own_entries(home):
+        if storage.is_temp_name(entry.name):
+            found.append(entry)
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(entry):
+            for name in list(dirnames):
+                if storage.is_temp_name(name):
+                    found.append(Path(dirpath) / name)
+                    dirnames.remove(name)
+            found += [Path(dirpath) / name for name in filenames if storage.is_temp_name(name)]
     return [_leftover_problem(path, home) for path in sorted(found)]
 
 
@@ -152,16 +158,18 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
     name, rel = folder.name, _rel(folder, home)
     remove_hint = f"Run `celebctl remove {name}` and add or import it again."
     toml_path = folder / registry.IDENTITY_TOML
-    if not toml_path.exists():
+    if not os.path.lexists(toml_path):
         return [Problem("uncommitted", folder,
                         f"{rel} has no identity.toml: a write that never committed (its files "
                         "are not an identity and nothing uses them).", "delete the folder")]
+    unusable = "delete the entry: it is not a usable identity (nothing can read it)"
     try:
-        raw = tomllib.loads(toml_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raw = documents.parse_toml(storage.read_regular_file(
+            toml_path, registry.MAX_TOML_BYTES, follow_symlinks=False))
+    except (OSError, ValueError) as exc:
         return [Problem("invalid", folder,
-                        f"{rel}/identity.toml cannot be read or is not valid TOML ({exc}). "
-                        f"{remove_hint}")]
+                        f"{rel}/identity.toml cannot be read or is not a valid document ({exc}). "
+                        f"{remove_hint}", unusable)]
     version = raw.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and \
             version > registry.SCHEMA_VERSION:
@@ -171,7 +179,7 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
     try:
         ident = registry._load_identity_dir(folder, verify="all")
     except SchemaError as exc:
-        return [Problem("invalid", folder, f"{exc} {remove_hint}")]
+        return [Problem("invalid", folder, f"{exc} {remove_hint}", unusable)]
     except CorruptEntry as exc:
         return [Problem("checksum", folder, f"{exc} {remove_hint}")]
     except OSError as exc:
@@ -189,8 +197,9 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
         problems.append(Problem(
             "basis-missing", folder,
             f"'{name}' uses basis {ident.basis_id}, which is not in the data home; it cannot be "
-            f"rendered until you run `celebctl basis build --model {ident.meta.get('model')}` "
-            "(or `celebctl basis fetch`)."))
+            "rendered until you fetch it (`celebctl basis fetch`) or build it with `celebctl "
+            "basis build --model MODEL` for the model it was fitted with (its metadata says "
+            f"{str(ident.meta.get('model'))!r})."))
     return problems
 
 
@@ -202,7 +211,11 @@ def _check_identities(home: Path) -> list[Problem]:
     for folder in sorted(root.iterdir()):
         if storage.is_temp_name(folder.name):
             continue
-        if folder.is_symlink() or not folder.is_dir():
+        if folder.is_symlink():
+            problems.append(Problem("link", folder, registry.symlink_message(folder),
+                                    "delete the link (what it points to is left alone)"))
+            continue
+        if not folder.is_dir():
             problems.append(Problem(
                 "invalid", folder,
                 f"{_rel(folder, home)} is not an identity folder; move it out of the data home."))
@@ -223,12 +236,19 @@ def _check_bases(home: Path) -> list[Problem]:
             continue
         hint = (f"Remove it with `celebctl basis remove {folder.name} --force` and build or "
                 "fetch it again.")
-        if folder.is_symlink() or not folder.is_dir():
+        if folder.is_symlink():
+            problems.append(Problem("link", folder,
+                                    f"{_rel(folder, home)} is a symbolic link; celebctl never "
+                                    "follows links in its data home.",
+                                    "delete the link (what it points to is left alone)"))
+            continue
+        if not folder.is_dir():
             problems.append(Problem("invalid", folder,
                                     f"{_rel(folder, home)} is not a basis folder. {hint}"))
             continue
-        with contextlib.suppress(OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            version = tomllib.loads((folder / basis.META_FILE).read_text("utf-8")).get(
+        with contextlib.suppress(OSError, ValueError):
+            version = documents.parse_toml(storage.read_regular_file(
+                folder / basis.META_FILE, basis.MAX_META_BYTES, follow_symlinks=False)).get(
                 "schema_version")
             if isinstance(version, int) and version > basis.SCHEMA_VERSION:
                 problems.append(Problem(
@@ -282,8 +302,12 @@ def _apply(problem: Problem) -> None:
         registry.finish_pending_replace(path)
     elif problem.kind in ("temp", "unreferenced"):
         storage.remove_tree(path)
-    elif problem.kind == "uncommitted":
+    elif problem.kind in ("uncommitted", "invalid") and path.parent == paths.identities_dir():
         registry.discard_folder(path)
+        registry.forget_in_list_cache([path.name])
+    elif problem.kind == "link":
+        if path.is_symlink():
+            storage.remove_file(path)
     elif problem.kind == "mode":
         if os.path.lexists(path) and not path.is_symlink():
             os.chmod(path, storage.DIR_MODE if path.is_dir() else storage.FILE_MODE)

@@ -9,6 +9,7 @@ crop or face embedding (a ``.celeb`` bundle, see :mod:`celebctl.bundles`, does).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     An existing file is never replaced unless ``overwrite``. Nothing is written on error.
     """
     from . import bundles, registry
-    from .rendering import write_user_file
+    from .storage import _storage_error, refuse_special_file, write_user_file
 
     if fmt not in FORMATS:
         raise InvalidOption(f"Unknown export format '{fmt}': use {', '.join(FORMATS)}.")
@@ -130,16 +131,19 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
         if output.suffix.lower() != ".safetensors":
             raise InvalidOption(f"{output}: a WebUI embedding must end in .safetensors "
                                 f"(for example {name}.safetensors).")
-        if output.exists() and not overwrite:
+        refuse_special_file(output)
+        if os.path.lexists(output) and not overwrite:
             raise CelebctlError(f"{output} already exists. Pick another path or pass --force.")
         data = a1111_bytes(name)
         write_user_file(output, data, overwrite=overwrite)
         return ExportResult(name, fmt, output, [output], output.stem)
     # diffusers: a folder, created if missing
-    if output.exists() and not output.is_dir():
+    if os.path.lexists(output) and not output.is_dir():
         raise CelebctlError(f"{output} is a file; `--format diffusers` writes a folder.")
     target = output / DIFFUSERS_FILE
-    if target.exists() and not overwrite:
+    if output.is_dir():
+        refuse_special_file(target)
+    if os.path.lexists(target) and not overwrite:
         raise CelebctlError(f"{target} already exists. Pick another folder or pass --force.")
     data = diffusers_bytes(name)
     if not output.parent.is_dir():
@@ -147,8 +151,6 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     try:
         output.mkdir(exist_ok=True)
     except OSError as exc:
-        from .storage import _storage_error
-
-        raise _storage_error(exc, output) from exc
+        raise _storage_error(exc, output, user_file=True) from exc
     write_user_file(target, data, overwrite=overwrite)
     return ExportResult(name, fmt, output, [target], f"<{name}>")

@@ -106,6 +106,7 @@ FFHQ_TEMPLATE_512 = np.array(
 _ENCODER_REGION = (0.245, 0.228, 0.755, 0.910)
 
 VGGFACE2_WEIGHTS_NAME = "20180402-114759-vggface2.pt"
+MAX_FACE_WEIGHTS_BYTES = 512 * 1024 * 1024  # the real file is about 107 MB
 FACE_WEIGHTS_ENV = "CELEBCTL_FACE_WEIGHTS"
 FACE_ENCODER_KINDS = ("vggface2", "random-init")
 
@@ -165,9 +166,14 @@ def _read_photo_bytes(path: str | os.PathLike[str]) -> bytes:
             f"{p} is {st.st_size / 2**20:.0f} MB, larger than the "
             f"{MAX_PHOTO_BYTES // 2**20} MB limit for a photo. Use a smaller export of it."
         )
+    from . import storage
+
     try:
-        with open(p, "rb") as fh:
-            data = fh.read(MAX_PHOTO_BYTES + 1)
+        # Opened without blocking and checked again on the open file: a path swapped for a pipe
+        # after the check above is refused, not read.
+        data = storage.read_regular_file(p, MAX_PHOTO_BYTES)
+    except storage.FileRefused as exc:
+        raise PhotoError(f"{p} {exc.reason}. Give the path of one image file.") from None
     except PermissionError:
         raise PhotoError(f"No permission to read {p}. Check its permissions (chmod u+r).") from None
     except OSError as exc:
@@ -567,8 +573,15 @@ def _load_vggface2_weights(encoder: torch.nn.Module) -> None:
     """Load the VGGFace2 state dict into ``encoder`` or raise FaceEncoderUnavailable."""
     import torch
 
+    from . import storage
+
     candidates = _weights_candidates()
-    path = next((c for c in candidates if c.is_file()), None)
+    path = next((c for c in candidates if os.path.exists(c)), None)
+    if path is not None and not storage.is_regular_file(path):
+        raise FaceEncoderUnavailable(
+            f"{path} is not a regular file (a folder, pipe or device), so it cannot be the "
+            f"VGGFace2 weights. Put {VGGFACE2_WEIGHTS_NAME} there, or set {FACE_WEIGHTS_ENV} to "
+            "the file's path.")
     if path is None:
         expected = candidates[0]
         where = (
@@ -587,8 +600,9 @@ def _load_vggface2_weights(encoder: torch.nn.Module) -> None:
         f"{VGGFACE2_WEIGHTS_NAME} from the facenet-pytorch v2.2.9 release assets"
     )
     try:
+        data = storage.read_regular_file(path, MAX_FACE_WEIGHTS_BYTES)
         # weights_only: these files only hold tensors; never run pickled code from disk.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged, truncated or non-torch file fails in many ways
         raise FaceEncoderUnavailable(f"{invalid} ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(state, dict) or not all(

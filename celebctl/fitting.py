@@ -531,7 +531,9 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         raise InvalidName("`joint` needs at least two identities.")
     if len(set(names)) != len(names):
         raise InvalidName("An identity is named twice.")
-    idents = [registry.get_identity(n, verify="all") for n in names]
+    for name in names:
+        registry.validate_name(name)
+    idents = registry.read_identity_set(names)
     registry.check_writable()  # a read-only data home fails now, not after the fit
     faceless = [i.name for i in idents if not i.has_face]
     if faceless:
@@ -544,22 +546,27 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
         raise BasisMismatch(
             f"The identities use different bases ({detail}); `joint` needs one basis. Re-add "
-            "them with the same --model."
+            "the odd ones out with the others' model (`celebctl add NAME PHOTO --replace "
+            "--model MODEL`)."
         )
-    recorded = {i.meta.get("model") for i in idents}
-    if model is None and len(recorded) == 1:
-        model = recorded.pop()
-    spec = models.resolve_model_spec(model)
+    face_pngs = {}
+    for ident in idents:
+        face_pngs[ident.name] = ident.load_face_png()
+        registry.check_face_png(face_pngs[ident.name], f"The face crop of '{ident.name}'",
+                                FitError)
+    info = basis_mod.info_for_identities(idents[0].basis_id, names)
+    spec, notes = models.model_for_identities(
+        model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
-    basis = basis_mod.load_basis(idents[0].basis_id)
+    basis = basis_mod.load_basis(info.id)
     encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device)
     components = models.load_pipeline_components(spec, torch_device, dtype)
     basis_mod.check_model_matches_basis(basis, components.text_encoder, components.tokenizer,
                                         model_ref=spec.ref)
     subjects = []
     for ident in idents:
-        with Image.open(io.BytesIO(ident.load_face_png())) as image:
+        with Image.open(io.BytesIO(face_pngs[ident.name])) as image:
             subjects.append(FitSubject(ident.name, image.convert("RGB")))
     result = fit_identities(components, basis.mean, basis.components, subjects, encoder,
                             settings, progress)
@@ -575,9 +582,9 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         })
         writes.append(registry.IdentityWrite(
             name=ident.name, coefficients=result.coefficients[ident.name], meta=meta,
-            face_png=ident.load_face_png(), face_embedding=result.face_embeddings[ident.name],
+            face_png=face_pngs[ident.name], face_embedding=result.face_embeddings[ident.name],
             # Refused if another process changed, renamed or removed it during the fit.
             replaces_sha256=ident.meta["files"]["coefficients"]["sha256"],
         ))
     written = registry.save_identities(writes, replace=True)
-    return FitOutcome(written, [], result, basis.id, spec.ref)
+    return FitOutcome(written, notes, result, basis.id, spec.ref)

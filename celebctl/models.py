@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,11 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import paths, storage
 from .errors import CelebctlError, InvalidOption, ModelUnavailable, StorageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -96,25 +90,63 @@ class ModelSpec:
         return self.ref
 
 
-def configured_default_model() -> str:
-    """The ``default_model`` from the config file, else SD 1.5."""
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def configured_model() -> str | None:
+    """The ``default_model`` the user set in the config file, or None when there is none."""
+    from . import documents
+
     config = paths.config_path()
-    if not config.is_file():
-        return DEFAULT_MODEL
+    if not os.path.lexists(config):
+        return None
     try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = documents.parse_toml(storage.read_regular_file(config, MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as exc:
         raise InvalidOption(
             f"Could not read the config file {config}: {exc}. Fix or delete it."
         ) from exc
     value = data.get("default_model")
     if value is None:
-        return DEFAULT_MODEL
+        return None
     if not isinstance(value, str) or not value.strip():
         raise InvalidOption(
-            f"`default_model` in {config} must be a non-empty string, not {value!r}."
+            f"`default_model` in {config} must be a non-empty string, not {str(value)[:40]!r}."
         )
     return value
+
+
+def configured_default_model() -> str:
+    """The ``default_model`` from the config file, else SD 1.5."""
+    return configured_model() or DEFAULT_MODEL
+
+
+def model_for_identities(model: str | ModelSpec | None, basis_info: Any,
+                         recorded: dict[str, str]) -> tuple[ModelSpec, list[str]]:
+    """Which model to load for identities on ``basis_info``, and notes for the user.
+
+    An identity's recorded model is information, never an instruction: it may come from a
+    bundle a stranger made. The model is the one the user names (``model``, else the config's
+    ``default_model``), else the one this machine built the identities' basis from, else the
+    default (SD 1.5). ``recorded`` maps identity name -> the model its metadata names; a note
+    says so when that differs from what is loaded.
+    """
+    if model is not None:
+        spec, why = resolve_model_spec(model), "given with --model"
+    elif configured_model() is not None:
+        spec, why = resolve_model_spec(configured_model()), "the config's default_model"
+    elif basis_info is not None and getattr(basis_info, "built_here", False):
+        spec, why = resolve_model_spec(basis_info.model), "the model their basis was built from"
+    else:
+        spec, why = resolve_model_spec(DEFAULT_MODEL), "the default model"
+    notes = []
+    others = {name: ref for name, ref in recorded.items() if ref and ref != spec.ref}
+    if others:
+        listed = "; ".join(f"{name}: {ref!r}" for name, ref in sorted(others.items()))
+        notes.append(f"The identities' metadata names another model ({listed}); loading "
+                     f"{spec.ref} ({why}). Its embedding table is checked against their basis "
+                     "when it loads; pass --model to choose.")
+    return spec, notes
 
 
 def _looks_like_path(text: str) -> bool:

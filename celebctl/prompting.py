@@ -22,6 +22,12 @@ MAX_PROMPT_CHARS = 4000
 # "Ñalice" and "alice-like" do not name alice.
 _NOT_BEFORE = r"[\w\-<]"
 _NOT_AFTER = r"[\w\->]"
+# Apostrophes inside a word ("don't", "it's", "o'brien") join it: a name never starts right after
+# one that follows a letter, and a name followed by one only counts when what follows is the
+# possessive "s" ("alice's") or nothing ("james'"). A quoted name ('alice') still counts.
+_APOSTROPHES = "'\u2019\u02bc"
+_IN_WORD_BEFORE = rf"(?<!\w[{_APOSTROPHES}])"
+_IN_WORD_AFTER = rf"(?![{_APOSTROPHES}](?!s(?![\w\-]))\w)"
 _EXPLICIT = re.compile(r"<([A-Za-z][A-Za-z0-9_\-]{0,31})>")
 
 
@@ -105,7 +111,8 @@ def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False) -> 
     if known_set:
         names = sorted(known_set, key=len, reverse=True)
         bare = re.compile(
-            rf"(?<!{_NOT_BEFORE})({'|'.join(re.escape(n) for n in names)})(?!{_NOT_AFTER})",
+            rf"(?<!{_NOT_BEFORE}){_IN_WORD_BEFORE}({'|'.join(re.escape(n) for n in names)})"
+            rf"(?!{_NOT_AFTER}){_IN_WORD_AFTER}",
             re.IGNORECASE,
         )
         taken = [(m.start, m.end) for m in mentions]

@@ -23,15 +23,15 @@ import datetime as _dt
 import json
 import os
 import re
-import sys
-from collections.abc import Iterable, Iterator, Mapping
+import stat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from . import paths, storage
+from . import documents, paths, storage
 from .errors import (
     CelebctlError,
     CorruptEntry,
@@ -42,11 +42,6 @@ from .errors import (
     SchemaError,
     StorageError,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SCHEMA_VERSION = 1
 IDENTITY_TOML = "identity.toml"
@@ -65,6 +60,17 @@ ROLE_SUFFIX = {
 }
 MAX_COMPONENTS = 4096
 MAX_HIDDEN = 8192
+MAX_TOML_BYTES = 256 * 1024
+MAX_TENSOR_FILE_BYTES = 16 * 1024 * 1024
+MAX_FACE_FILE_BYTES = 16 * 1024 * 1024
+MAX_MODEL_CHARS = 1024
+BASIS_ID_RE = re.compile(r"[0-9a-f]{16}")
+FACE_ENCODERS = ("vggface2", "random-init")
+FACE_EMBEDDING_DIM = 512
+# The fit L2-normalises each coefficient row (and the EMA of unit rows is at most 1 long), and
+# face embeddings are unit vectors: anything far outside is not an identity celebctl made.
+MAX_COEFFICIENT_ROW_NORM = 1.0 + 1e-3
+EMBEDDING_NORM_TOLERANCE = 1e-3
 
 # Ordered migrations: MIGRATIONS[v] turns a schema-v TOML dict into schema v+1.
 MIGRATIONS: dict[int, Any] = {}
@@ -120,26 +126,40 @@ class Identity:
     def has_face(self) -> bool:
         return "face" in self.meta.get("files", {})
 
+    complete: bool = True  # False for entries `list` took from its cache (summary fields only)
+    _coefficients: Any = field(default=None, repr=False, compare=False)
+
+    def full(self) -> Identity:
+        """This identity with its complete metadata (re-read when it came from the list cache)."""
+        return self if self.complete else get_identity(self.name, verify="none")
+
     def file_path(self, role: str) -> Path | None:
         entry = self.meta.get("files", {}).get(role)
         return self.path / entry["path"] if entry else None
 
     def load_coefficients(self):
-        """The (2, p) float32 coefficients as a numpy array (checksum verified)."""
-        data = _read_verified(self, "coefficients")
-        return _parse_tensor(data, "coefficients", self.name)
+        """The (2, p) float32 coefficients as a numpy array (checksum verified; read once)."""
+        if self._coefficients is None:
+            data = _read_verified(self.full(), "coefficients")
+            array = _parse_tensor(data, "coefficients", self.name)
+            check_coefficients(array, f"The coefficients of '{self.name}'", CorruptEntry)
+            self._coefficients = array
+        return self._coefficients
 
     def load_face_embedding(self):
         """The stored (512,) face embedding, or None when the identity has none."""
         if "face_embedding" not in self.meta.get("files", {}):
             return None
-        return _parse_tensor(_read_verified(self, "face_embedding"), "embedding", self.name)
+        array = _parse_tensor(_read_verified(self.full(), "face_embedding"), "embedding",
+                              self.name)
+        check_face_embedding(array, f"The face embedding of '{self.name}'", CorruptEntry)
+        return array
 
     def load_face_png(self) -> bytes | None:
         """The aligned face crop as PNG bytes, or None when the identity has none."""
         if not self.has_face:
             return None
-        return _read_verified(self, "face")
+        return _read_verified(self.full(), "face")
 
     def summary(self) -> dict[str, Any]:
         """What `list --json` shows: the metadata minus bulky fit details."""
@@ -194,9 +214,18 @@ def identity_dir(name: str) -> Path:
 
 def _parse_toml(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CorruptEntry(f"{where} is not valid TOML ({exc}).") from exc
+        return documents.parse_toml(raw)
+    except documents.UnsafeDocument as exc:
+        raise CorruptEntry(f"{where} {exc}.") from None
+
+
+def read_toml_quietly(path: Path) -> dict[str, Any] | None:
+    """A registry TOML parsed within the limits, or None when it cannot be (never raises)."""
+    try:
+        return documents.parse_toml(storage.read_regular_file(path, MAX_TOML_BYTES,
+                                                              follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
 
 
 def migrate(meta: dict[str, Any], where: str) -> dict[str, Any]:
@@ -239,8 +268,20 @@ def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = 
         raise SchemaError(f"{where}: {exc}") from None
     if expected_name is not None and name != expected_name:
         raise SchemaError(f"{where} names '{name}' but lives in folder '{expected_name}'.")
-    _expect(meta, "basis_id", str, where)
-    _expect(meta, "model", str, where)
+    try:
+        documents.check_document(meta)
+    except documents.UnsafeDocument as exc:
+        raise SchemaError(f"{where} {exc}.") from None
+    basis_id = _expect(meta, "basis_id", str, where)
+    if not BASIS_ID_RE.fullmatch(basis_id):
+        raise SchemaError(f"{where}: basis_id {basis_id[:40]!r} is not a basis id (16 lowercase "
+                          "hex digits, as `celebctl basis list` shows).")
+    model = _expect(meta, "model", str, where)
+    if not model or len(model) > MAX_MODEL_CHARS or documents.has_control_chars(model):
+        raise SchemaError(f"{where}: 'model' must be 1-{MAX_MODEL_CHARS} printable characters.")
+    if "face_encoder" in meta and meta["face_encoder"] not in FACE_ENCODERS:
+        raise SchemaError(f"{where}: face_encoder {str(meta['face_encoder'])[:40]!r} is not one "
+                          f"of {', '.join(FACE_ENCODERS)}.")
     components = _expect(meta, "components", int, where)
     hidden = _expect(meta, "hidden", int, where)
     if not 1 <= components <= MAX_COMPONENTS or not 1 <= hidden <= MAX_HIDDEN:
@@ -270,9 +311,11 @@ def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = 
 
 def _read_toml_file(path: Path, where: str) -> dict[str, Any]:
     try:
-        raw = path.read_bytes()
+        raw = storage.read_regular_file(path, MAX_TOML_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         raise CorruptEntry(f"{where} is missing.") from None
+    except storage.FileRefused as exc:
+        raise CorruptEntry(f"{where} {exc.reason}.") from None
     except OSError as exc:
         raise CorruptEntry(f"{where} cannot be read ({exc.strerror}).") from exc
     return _parse_toml(raw, where)
@@ -285,18 +328,25 @@ def _load_identity_dir(folder: Path, verify: str = "coefficients") -> Identity:
     the recorded size; what `list` does) or "all" (hash every file).
     """
     name = folder.name
+    if folder.is_symlink():
+        raise CorruptEntry(symlink_message(folder))
     where = f"identities/{name}/{IDENTITY_TOML}"
     meta = validate_meta(_read_toml_file(folder / IDENTITY_TOML, where), where, name)
     ident = Identity(name=name, path=folder, meta=meta)
     for role, entry in meta["files"].items():
         file = folder / entry["path"]
         try:
-            size = file.stat().st_size
+            st = file.lstat()
         except OSError:
             raise CorruptEntry(
                 f"identities/{name}/{entry['path']} is missing; the entry is damaged. "
-                "Remove it (`celebctl remove`) or re-import it."
+                f"Remove it (`celebctl remove {name}`) or re-import it."
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEntry(f"identities/{name}/{entry['path']} is not a regular file (a "
+                               f"link or special file); the entry is damaged. Remove it "
+                               f"(`celebctl remove {name}`) or re-import it.")
+        size = st.st_size
         if size != entry["size"]:
             raise CorruptEntry(f"identities/{name}/{entry['path']} has the wrong size.")
         if verify == "all" or (verify == "coefficients" and role == "coefficients"):
@@ -307,9 +357,29 @@ def _load_identity_dir(folder: Path, verify: str = "coefficients") -> Identity:
     return ident
 
 
+def symlink_message(folder: Path) -> str:
+    """What to say about an identity folder that is a symbolic link."""
+    try:
+        target = os.readlink(folder)
+    except OSError:
+        target = "?"
+    return (f"identities/{folder.name} is a symbolic link (to {target}); celebctl never follows "
+            "links in its data home, so it neither reads nor deletes what the link points to. "
+            f"Delete the link yourself (`rm {folder}`), and its target if you want its face "
+            "data gone, or move the real folder in its place.")
+
+
 def _read_verified(ident: Identity, role: str) -> bytes:
     entry = ident.meta["files"][role]
-    data = (ident.path / entry["path"]).read_bytes()
+    limit = MAX_FACE_FILE_BYTES if role == "face" else MAX_TENSOR_FILE_BYTES
+    try:
+        data = storage.read_regular_file(ident.path / entry["path"], limit,
+                                         follow_symlinks=False)
+    except storage.FileRefused as exc:
+        raise CorruptEntry(f"identities/{ident.name}/{entry['path']} {exc.reason}.") from None
+    except OSError as exc:
+        raise CorruptEntry(f"identities/{ident.name}/{entry['path']} cannot be read "
+                           f"({exc.strerror or exc}).") from None
     if storage.sha256_bytes(data) != entry["sha256"]:
         raise CorruptEntry(f"identities/{ident.name}/{entry['path']} does not match its checksum.")
     return data
@@ -348,6 +418,88 @@ def get_identity(name: str, verify: str = "all") -> Identity:
     return _load_identity_dir(folder, verify=verify)
 
 
+JOINT_WAIT_S = 15.0
+
+
+def _joint_journals() -> list[tuple[Path, set[str]]]:
+    """Journals of joint writes in progress (or interrupted), with the names each covers."""
+    root = paths.identities_dir()
+    found = []
+    with contextlib.suppress(OSError):
+        for journal in root.glob(f"*{storage.TMP_MARK}*{JOURNAL_SUFFIX}"):
+            try:
+                plan = documents.parse_json(storage.read_regular_file(
+                    journal, MAX_TOML_BYTES, follow_symlinks=False))
+                names = {str(n) for n in plan["identities"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                names = set()  # unreadable: assume it may cover anything
+            found.append((journal, names))
+    return found
+
+
+def _journal_writer_alive(journal: Path) -> bool:
+    """Whether the process that wrote a journal still runs (its pid is in the file name)."""
+    match = re.search(rf"{re.escape(storage.TMP_MARK)}(\d+)-", journal.name)
+    if not match:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def read_identity_set(names: Sequence[str], verify: str = "all",
+                      wait_s: float | None = None) -> list[Identity]:
+    """Read identities that are used together (one prompt, one joint fit) as one consistent set.
+
+    A `joint` write replaces its identities one after another; reading in between would mix a
+    new identity with an old partner. This waits (up to ``wait_s``) while a joint write that
+    covers any of ``names`` is in progress, and re-reads when an identity changed during the
+    read. A joint write that was interrupted (its process is gone) raises IdentityChanged with
+    the command that puts them back. Coefficients are loaded as part of the read.
+    """
+    import time
+
+    deadline = time.monotonic() + (JOINT_WAIT_S if wait_s is None else wait_s)
+    wanted = set(names)
+    while True:
+        busy = [(j, covered) for j, covered in _joint_journals() if not covered or
+                covered & wanted]
+        if busy:
+            stale = [covered for j, covered in busy if not _journal_writer_alive(j)]
+            if stale:
+                shown = ", ".join(sorted(set().union(*stale) & wanted or set().union(*stale)))
+                raise IdentityChanged(
+                    f"A `joint` refit of {shown or 'several identities'} was interrupted, so they "
+                    "may not belong together right now. Run `celebctl doctor --fix` to put them "
+                    "back as they were before it, then try again.")
+        else:
+            stamps = {}
+            idents = []
+            with contextlib.suppress(OSError):
+                for name in names:
+                    stamps[name] = _stat_key(identity_dir(name) / IDENTITY_TOML)
+            idents = [get_identity(name, verify=verify) for name in names]
+            for ident in idents:
+                ident.load_coefficients()
+            settled = True
+            for name in names:
+                try:
+                    settled &= stamps.get(name) == _stat_key(identity_dir(name) / IDENTITY_TOML)
+                except OSError:
+                    settled = False
+            if settled and not [j for j, c in _joint_journals() if not c or c & wanted]:
+                return idents
+        if time.monotonic() > deadline:
+            raise IdentityChanged(
+                f"Another celebctl process is rewriting {', '.join(sorted(wanted))} (a `joint` "
+                "refit); try again when it has finished.")
+        time.sleep(0.05)
+
+
 def identity_exists(name: str) -> bool:
     return (identity_dir(name) / IDENTITY_TOML).exists()
 
@@ -361,12 +513,15 @@ def _list_cache_path() -> Path:
     return paths.data_home() / "cache" / "list-index.json"
 
 
-def _load_list_cache() -> dict[str, Any]:
-    import json
+MAX_LIST_CACHE_BYTES = 256 * 1024 * 1024
 
+
+def _load_list_cache() -> dict[str, Any]:
     try:
-        data = json.loads(_list_cache_path().read_text("utf-8"))
-    except (OSError, ValueError):
+        raw = storage.read_regular_file(_list_cache_path(), MAX_LIST_CACHE_BYTES,
+                                        follow_symlinks=False)
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         return {}
@@ -390,14 +545,29 @@ def _cached_identity(folder: Path, entry: Any) -> Identity | None:
         for role, file_entry in meta["files"].items():
             if stamps.get(role) != _stat_key(os.path.join(base, file_entry["path"])):
                 return None
-        return Identity(name=folder.name, path=folder, meta=meta)
+        return Identity(name=folder.name, path=folder, meta=meta, complete=False)
     except (OSError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _save_list_cache(entries: dict[str, Any]) -> None:
-    import json
+def _cache_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the list cache keeps of an identity: no biometric detail (photo name and hash, face
+    box) and no file checksums, only what `list` shows and the file names it stats."""
+    kept = {k: v for k, v in meta.items() if k not in ("source", "files")}
+    kept["files"] = {role: {"path": entry["path"], "size": entry["size"]}
+                     for role, entry in meta["files"].items()}
+    return kept
 
+
+def forget_in_list_cache(names: Iterable[str]) -> None:
+    """Drop identities from the list cache at once (after a remove, rename or rewrite)."""
+    names = set(names)
+    cache = _load_list_cache()
+    if names & set(cache):
+        _save_list_cache({k: v for k, v in cache.items() if k not in names})
+
+
+def _save_list_cache(entries: dict[str, Any]) -> None:
     try:
         storage.ensure_private_dir(_list_cache_path().parent)
         payload = {"schema_version": SCHEMA_VERSION, "entries": entries}
@@ -446,7 +616,7 @@ def list_identities() -> ScanResult:
                 "toml": _stat_key(folder / IDENTITY_TOML),
                 "files": {role: _stat_key(folder / e["path"])
                           for role, e in ident.meta["files"].items()},
-                "meta": ident.meta,
+                "meta": _cache_meta(ident.meta),
             }
         except OSError:
             pass
@@ -509,19 +679,72 @@ def _check_unchanged(write: IdentityWrite) -> None:
         )
 
 
-def check_coefficients(coefficients, where: str) -> None:
-    """A (2, p) finite float array, or a CorruptEntry saying what is wrong."""
+def check_coefficients(coefficients, where: str, error: type[CelebctlError] = CorruptEntry
+                       ) -> None:
+    """A (2, p) finite array whose rows are at most unit length, or ``error`` saying what is
+    wrong (the fit normalises each row, so longer rows were not made by a fit)."""
     import numpy as np
 
     array = np.asarray(coefficients)
     if array.ndim != 2 or array.shape[0] != 2 or not 1 <= array.shape[1] <= MAX_COMPONENTS:
-        raise CorruptEntry(f"{where}: coefficients must have shape (2, p), got {array.shape}.")
+        raise error(f"{where}: coefficients must have shape (2, p), got {array.shape}.")
     if not np.isfinite(array).all():
-        raise CorruptEntry(f"{where}: coefficients contain NaN or Inf.")
+        raise error(f"{where}: coefficients contain NaN or Inf.")
+    norms = np.linalg.norm(array.astype(np.float64), axis=1)
+    if (norms > MAX_COEFFICIENT_ROW_NORM).any():
+        raise error(f"{where}: the coefficient rows have lengths {norms.max():.4g}; a fit gives "
+                    "rows of length at most 1, so these are not coefficients celebctl made.")
+
+
+def check_face_embedding(embedding, where: str, error: type[CelebctlError] = CorruptEntry
+                         ) -> None:
+    """A finite (512,) unit vector, or ``error`` saying what is wrong."""
+    import numpy as np
+
+    array = np.asarray(embedding)
+    if array.shape != (FACE_EMBEDDING_DIM,):
+        raise error(f"{where} must be one ({FACE_EMBEDDING_DIM},) vector, not {array.shape}.")
+    if not np.isfinite(array).all():
+        raise error(f"{where} contains NaN or Inf.")
+    norm = float(np.linalg.norm(array.astype(np.float64)))
+    if abs(norm - 1.0) > EMBEDDING_NORM_TOLERANCE:
+        raise error(f"{where} has length {norm:.4g}; face embeddings are unit vectors.")
+
+
+# celebctl's crops are 512 x 512; anything not square or outside these sides is not a face crop
+# a fit can use.
+MIN_FACE_SIDE = 64
+MAX_FACE_SIDE = 2048
+
+
+def check_face_png(data: bytes, where: str, error: type[CelebctlError] = CorruptEntry) -> None:
+    """A decodable square PNG face crop of sane size, or ``error`` saying what is wrong."""
+    import io
+
+    from PIL import Image
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise error(f"{where} is not a PNG image.")
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+            width, height = image.size
+            if width != height or not MIN_FACE_SIDE <= width <= MAX_FACE_SIDE:
+                raise error(f"{where} is {width}x{height} px; a face crop is square, "
+                            f"{MIN_FACE_SIDE} to {MAX_FACE_SIDE} px a side (celebctl writes "
+                            "512 x 512).")
+            image.load()
+    except CelebctlError:
+        raise
+    except Exception:  # any decoder failure on untrusted bytes
+        raise error(f"{where} is not a readable PNG image.") from None
 
 
 def _prepare_files(write: IdentityWrite) -> dict[str, bytes]:
     check_coefficients(write.coefficients, f"identity '{write.name}'")
+    if write.face_embedding is not None:
+        check_face_embedding(write.face_embedding, f"The face embedding of '{write.name}'")
+    if write.face_png is not None:
+        check_face_png(bytes(write.face_png), f"The face crop of '{write.name}'")
     blobs = {"coefficients": _tensor_bytes(write.coefficients, "coefficients")}
     if write.face_png is not None:
         blobs["face"] = bytes(write.face_png)
@@ -530,7 +753,8 @@ def _prepare_files(write: IdentityWrite) -> dict[str, bytes]:
     return blobs
 
 
-def _write_into(folder: Path, write: IdentityWrite, previous: dict[str, Any] | None) -> None:
+def _write_into(folder: Path, write: IdentityWrite, previous: dict[str, Any] | None,
+                journal: Path | None = None) -> None:
     """Write the data files then the TOML (the commit point) into ``folder``."""
     storage.ensure_private_dir(folder)
     files: dict[str, dict[str, Any]] = {}
@@ -542,16 +766,19 @@ def _write_into(folder: Path, write: IdentityWrite, previous: dict[str, Any] | N
         files[role] = {"path": filename, "sha256": sha, "size": len(data)}
     meta = _render_meta(write, files, previous)
     validate_meta(dict(meta), f"identity '{write.name}'", write.name)
-    storage.atomic_write_text(folder / IDENTITY_TOML, tomli_w.dumps(meta))
+    text = tomli_w.dumps(meta)
+    _expect_toml(f"identity '{write.name}' was written in full", write.name,
+                 storage.sha256_bytes(text.encode("utf-8")), journal)
+    storage.atomic_write_text(folder / IDENTITY_TOML, text)
     storage.fsync_dir(folder)
 
 
 def _prune_unreferenced(folder: Path) -> None:
     """Delete data files the committed TOML no longer points to (old generations, temp files)."""
+    meta = read_toml_quietly(folder / IDENTITY_TOML)
     try:
-        meta = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
-        keep = {entry["path"] for entry in meta.get("files", {}).values()}
-    except (OSError, ValueError, KeyError, TypeError):
+        keep = {entry["path"] for entry in meta["files"].values()}  # type: ignore[index]
+    except (KeyError, TypeError, AttributeError):
         return
     keep.add(IDENTITY_TOML)
     for child in folder.iterdir():
@@ -585,6 +812,9 @@ def discard_folder(folder: Path) -> None:
     """
     if not os.path.lexists(folder):
         return
+    if folder.is_symlink():  # only the link itself is ours; what it points to is not
+        storage.remove_file(folder)
+        return
     trash = storage.temp_path_for(folder)
     storage.rename(folder, trash)
     storage.remove_file(trash / IDENTITY_TOML)
@@ -593,12 +823,12 @@ def discard_folder(folder: Path) -> None:
 
 def _coefficients_sha(folder: Path) -> str | None:
     """sha256 of the coefficients the committed TOML names; None when there is no TOML."""
-    try:
-        meta = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
-        return str(meta["files"]["coefficients"]["sha256"])
-    except FileNotFoundError:
+    if not os.path.lexists(folder / IDENTITY_TOML):
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    meta = read_toml_quietly(folder / IDENTITY_TOML)
+    try:
+        return str(meta["files"]["coefficients"]["sha256"])  # type: ignore[index]
+    except (KeyError, TypeError):
         return "unreadable"
 
 
@@ -680,9 +910,51 @@ def write_lock() -> Iterator[None]:
         yield
 
 
-def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
-    """Write one identity. Caller holds the lock."""
+# Registry changes this process set out to make, each with a check of whether it is on disk
+# now. After Ctrl-C the CLI reports the ones that took effect instead of guessing.
+_CHANGES: list[tuple[str, Any]] = []
+
+
+def change_mark() -> int:
+    """A position in this process's change log (see :func:`changes_since`)."""
+    return len(_CHANGES)
+
+
+def changes_since(mark: int) -> list[str]:
+    """What this process changed in the registry since ``mark`` that is committed on disk,
+    described in words ("identity 'alice' was written in full")."""
+    done = []
+    for what, is_done in _CHANGES[mark:]:
+        with contextlib.suppress(Exception):
+            if is_done() and what not in done:
+                done.append(what)
+    return done
+
+
+def _toml_sha(path: Path) -> str | None:
+    try:
+        return storage.sha256_bytes(storage.read_regular_file(path, MAX_TOML_BYTES,
+                                                              follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
+
+
+def _expect_toml(what: str, name: str, sha: str, journal: Path | None = None) -> None:
+    """Log a change that is committed once identities/<name>/identity.toml has sha ``sha`` (and,
+    for a joint write, once its journal is gone)."""
+    def is_done() -> bool:
+        return _toml_sha(identity_dir(name) / IDENTITY_TOML) == sha and not (
+            journal is not None and os.path.lexists(journal))
+
+    _CHANGES.append((what, is_done))
+
+
+def _commit_identity(write: IdentityWrite, replace: bool,
+                     journal: Path | None = None) -> Identity:
+    """Write one identity. Caller holds the lock; ``journal`` is that of a joint write."""
     folder = identity_dir(write.name)
+    if folder.is_symlink():
+        raise CorruptEntry(symlink_message(folder))
     _check_unchanged(write)
     existing = (folder / IDENTITY_TOML).exists()
     if existing and not replace:
@@ -691,13 +963,11 @@ def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
             "another name."
         )
     if existing:
-        previous = None
-        with contextlib.suppress(Exception):
-            previous = tomllib.loads((folder / IDENTITY_TOML).read_text("utf-8"))
+        previous = read_toml_quietly(folder / IDENTITY_TOML)
         marker = _pending_marker(write.name)
         storage.atomic_write_bytes(marker, b"")
         try:
-            _write_into(folder, write, previous)
+            _write_into(folder, write, previous, journal)
         finally:
             _prune_unreferenced(folder)
             storage.remove_file(marker)
@@ -708,11 +978,12 @@ def _commit_identity(write: IdentityWrite, replace: bool) -> Identity:
         staging = root / f"{write.name}{storage.TMP_MARK}{os.getpid()}-new"
         storage.remove_tree(staging)
         try:
-            _write_into(staging, write, None)
+            _write_into(staging, write, None, journal)
             storage.rename(staging, folder)
         except BaseException:
             storage.remove_tree(staging, ignore_errors=True)
             raise
+    forget_in_list_cache([write.name])
     return _load_identity_dir(folder, verify="all")
 
 
@@ -784,7 +1055,7 @@ def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> li
             plan = {"identities": {n: b.name if b else None for n, b in backups.items()}}
             storage.atomic_write_text(journal, json.dumps(plan))
             for write in writes:
-                done.append(_commit_identity(write, replace=True))
+                done.append(_commit_identity(write, replace=True, journal=journal))
         except BaseException:
             # If this undo fails too (read-only, say), the journal stays and the next writer
             # undoes the write; the error that stopped it is the one reported.
@@ -811,16 +1082,21 @@ def remove_identity(name: str) -> Identity:
     validate_name(name)
     with write_lock():
         folder = identity_dir(name)
-        if not folder.exists():
+        if not os.path.lexists(folder):
             raise IdentityNotFound(name, known_names())
+        if folder.is_symlink():
+            raise CorruptEntry(symlink_message(folder))
         ident: Identity
         try:
             ident = _load_identity_dir(folder, verify="none")
-        except (CorruptEntry, SchemaError):
+        except CelebctlError:
             ident = Identity(name=name, path=folder, meta={})  # removing a broken entry is fine
         # The folder is renamed away in one step (the entry, face crop and embedding disappear
         # together), then its TOML goes first, then the rest.
+        _CHANGES.append((f"identity '{name}' was removed",
+                         lambda: not os.path.lexists(folder)))
         discard_folder(folder)
+        forget_in_list_cache([name])
         return ident
 
 
@@ -832,6 +1108,9 @@ def rename_identity(old: str, new: str) -> Identity:
         return get_identity(old)
     with write_lock():
         source = identity_dir(old)
+        for folder in (source, identity_dir(new)):
+            if folder.is_symlink():
+                raise CorruptEntry(symlink_message(folder))
         if not (source / IDENTITY_TOML).exists():
             raise IdentityNotFound(old, known_names())
         if identity_dir(new).exists() and (identity_dir(new) / IDENTITY_TOML).exists():
@@ -855,6 +1134,9 @@ def rename_identity(old: str, new: str) -> Identity:
                 discard_folder(identity_dir(new))
             # From here a crash is rolled forward by the next writer (finish_rename).
             storage.atomic_write_bytes(marker, b"")
+            toml_sha = storage.sha256_file(staging / IDENTITY_TOML)
+            _CHANGES.append((f"identity '{old}' was renamed to '{new}'",
+                             lambda: _toml_sha(identity_dir(new) / IDENTITY_TOML) == toml_sha))
             storage.rename(staging, identity_dir(new))
         except BaseException:
             # The marker is written after the staging folder is complete, so with the staging
@@ -867,6 +1149,7 @@ def rename_identity(old: str, new: str) -> Identity:
         # The new entry is committed; now retire the old one.
         discard_folder(source)
         storage.remove_file(marker)
+        forget_in_list_cache([old, new])
         return _load_identity_dir(identity_dir(new), verify="all")
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from .errors import BasisMismatch, InvalidOption, StorageError
 from .prompting import ParsedPrompt, parse_prompt, tokenize_prompt
+from .storage import write_new_user_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import Components, ModelSpec
@@ -43,14 +43,12 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", "Euler"),
 }
 DEFAULT_OUT_DIR = Path("renders")
-OUTPUT_FILE_MODE = 0o644
 SLUG_MAX_CHARS = 60
 MAX_IMAGES = 1000
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**63 - 1
-_OUT_TMP_MARK = ".celebctl-tmp-"
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +68,8 @@ class RenderPlan:
     negative_token_count: int
     max_tokens: int
     notes: list[str] = field(default_factory=list)
+    # name -> (2, p) numpy coefficients, read together with the identities (one snapshot)
+    coefficients: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def model(self) -> str:
@@ -126,8 +126,9 @@ def _shared_basis(idents: Sequence[Any]) -> str | None:
         detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
         raise BasisMismatch(
             f"The identities in this prompt use different bases ({detail}), so they cannot be "
-            "rendered together. Re-add them with the same --model (or refit them together with "
-            "`celebctl joint`)."
+            "rendered together: they were fitted with different models. Re-add the odd ones "
+            "out with the others' model (`celebctl add NAME PHOTO --replace --model MODEL`), "
+            "then render again."
         )
     return bases.pop() if bases else None
 
@@ -150,37 +151,31 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     parsed = parse_prompt(prompt, known)
     parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
     names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
-    idents = [registry.get_identity(name, verify="all") for name in names]
+    # One consistent read: never a partner refitted by a `joint` half-way through its write.
+    idents = registry.read_identity_set(names)
     basis_id = _shared_basis(idents)
-    notes: list[str] = []
-    recorded_models = [ident.meta.get("model") for ident in idents]
-    recorded = {str(m) for m in recorded_models if m}
-    if model is None and len(recorded) == 1 and all(recorded_models):
-        model = next(iter(recorded))
-    spec = models.resolve_model_spec(model)
-    info = basis_mod.get_basis_info(basis_id) if basis_id else None
+    info = basis_mod.info_for_identities(basis_id, names) if basis_id else None
+    spec, notes = models.model_for_identities(
+        model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
 
     # A given tokenizer belongs to a loaded model: check_model_matches_basis checks it fully.
     tokenizer, sha = (tokenizer, None) if tokenizer is not None else _tokenizer_for_plan(spec)
     if info is not None and sha is not None and sha != info.tokenizer_sha256:
         raise BasisMismatch(
-            f"Model {spec.ref}'s tokenizer does not match basis {info.id} (built from "
-            f"{info.model}, used by {', '.join(names)}). Pass the identities' model with "
-            f"--model {info.model}, or re-add them with --model {spec.ref}."
+            f"Model {spec.ref}'s tokenizer does not match basis {info.id}, which "
+            f"{', '.join(names)} use{'s' if len(names) == 1 else ''} (it was built from "
+            f"{info.model!r}). Render with the model they were fitted with (--model), or "
+            f"re-add them for this one (`celebctl add NAME PHOTO --replace --model {spec.ref}`)."
         )
     tokens = tokenize_prompt(parsed, tokenizer)
     negative_tokens = tokenize_prompt(parsed_negative, tokenizer, label="negative prompt")
     window = len(tokens.input_ids)
-    if info is not None and recorded - {spec.ref}:
-        notes.append(f"The identities were fitted with {', '.join(sorted(recorded))}; "
-                     f"{spec.ref}'s embedding table is checked against their basis when it "
-                     "loads.")
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
                       basis_id=basis_id, spec=spec, token_count=tokens.length - 2,
                       negative_token_count=negative_tokens.length - 2, max_tokens=window - 2,
-                      notes=notes)
+                      notes=notes, coefficients={i.name: i.load_coefficients() for i in idents})
 
 
 def noise_note(spec: ModelSpec) -> str:
@@ -208,105 +203,6 @@ def prompt_slug(text: str, max_chars: int = SLUG_MAX_CHARS) -> str:
     return slug or "render"
 
 
-def _storage_error(exc: OSError, path: Path) -> StorageError:
-    from .storage import _storage_error as describe
-
-    return describe(exc, path)
-
-
-def _write_temp(folder: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a hidden, fsynced temp file in ``folder`` with ``mode``."""
-    tmp = folder / f".render{_OUT_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if os.name == "posix":
-        os.chmod(tmp, mode)  # the umask must not narrow (or widen) an output file's mode
-    return tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    from .storage import fsync_dir
-
-    with contextlib.suppress(OSError):
-        fsync_dir(folder)
-
-
-def _link_new(tmp: Path, path: Path) -> bool:
-    """Give ``tmp`` the name ``path`` unless that exists (atomically where links work)."""
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a file system without hard links: check, then rename
-        if path.exists():
-            return False
-        os.replace(tmp, path)
-        return True
-
-
-def write_user_file(path: Path, data: bytes, overwrite: bool = False,
-                    mode: int = OUTPUT_FILE_MODE) -> Path:
-    """Write a file for the user (outside the data home) crash-safely, mode 0644.
-
-    The data goes to a temp file that is fsynced and then renamed into place, so ``path`` is
-    either absent, the old file or the complete new one. Without ``overwrite`` an existing file
-    raises CelebctlError, also when another process creates it meanwhile.
-    """
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise CelebctlError(f"The folder {folder} does not exist.")
-    if path.is_dir():
-        raise CelebctlError(f"{path} is a folder; give a file name.")
-    if path.exists() and not overwrite:
-        raise CelebctlError(f"{path} already exists. Pick another path or pass --force.")
-    tmp = None
-    try:
-        tmp = _write_temp(folder, data, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        elif not _link_new(tmp, path):
-            raise CelebctlError(f"{path} already exists. Pick another path or pass --force.")
-        _fsync_dir(folder)
-    except OSError as exc:
-        raise _storage_error(exc, path) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    return path
-
-
-def write_new_file(folder: Path, stem: str, suffix: str, data: bytes,
-                   mode: int = OUTPUT_FILE_MODE) -> Path:
-    """Write ``data`` as ``folder/stem+suffix``, or ``stem-1``, ``stem-2``... if taken.
-
-    Never overwrites a file (also not one another process writes at the same time).
-    """
-    tmp = None
-    try:
-        tmp = _write_temp(folder, data, mode)
-        for n in range(100_000):
-            path = folder / f"{stem}{f'-{n}' if n else ''}{suffix}"
-            if _link_new(tmp, path):
-                _fsync_dir(folder)
-                return path
-    except OSError as exc:
-        raise _storage_error(exc, folder / f"{stem}{suffix}") from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    raise StorageError(f"Too many files named {stem}-N{suffix} in {folder}; clean it up.")
-
-
 def _prepare_out_dir(out_dir: Path) -> Path:
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
@@ -314,7 +210,9 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _storage_error(exc, out_dir) from exc
+        from .storage import _storage_error
+
+        raise _storage_error(exc, out_dir, user_file=True) from exc
     if not os.access(out_dir, os.W_OK):
         raise StorageError(f"Cannot write to {out_dir}: permission denied. Pick another --out.")
     return out_dir
@@ -492,17 +390,15 @@ def make_scheduler(name: str, config: Any) -> Any:
         return cls.from_config(dict(config))
 
 
-def identity_vectors_for(names: Sequence[str], basis: Any) -> dict[str, Any]:
-    """name -> (2, hidden) fp32 token vectors of registered identities on ``basis``."""
+def identity_vectors_for(coefficients_by_name: dict[str, Any], basis: Any) -> dict[str, Any]:
+    """name -> (2, hidden) fp32 token vectors, from each identity's (2, p) coefficients."""
     import torch
 
-    from . import registry
     from .prompting import identity_vectors
 
     vectors = {}
-    for name in names:
-        ident = registry.get_identity(name, verify="all")
-        coefficients = torch.from_numpy(ident.load_coefficients()).to(torch.float32)
+    for name, array in coefficients_by_name.items():
+        coefficients = torch.from_numpy(array).to(torch.float32)
         if coefficients.shape[-1] != basis.p:
             raise BasisMismatch(f"Identity '{name}' has {coefficients.shape[-1]} coefficients "
                                 f"per token but basis {basis.id} has {basis.p} components.")
@@ -554,14 +450,17 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   model: str | ModelSpec | None = None, device: str = "auto",
                   dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
                   grid: bool = False, progress: ProgressCallback | None = None,
-                  components: Components | None = None) -> RenderResult:
+                  components: Components | None = None,
+                  on_file: Callable[[Path], None] | None = None) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
     that can be checked cheaply (options, prompt, identities, basis, token window) is checked
     before the model loads. ``components`` reuses already loaded model parts (``model``,
     ``device`` and ``dtype`` are then ignored). ``progress(phase, done, total, info)`` gets
-    "render" with one count per denoising step per image. Returns what was written.
+    "render" with one count per denoising step per image; ``on_file(path)`` is called as each
+    PNG is written, so a caller knows what exists if the render stops early. A failed write
+    raises StorageError that names the images already written. Returns what was written.
     """
     import torch
 
@@ -589,7 +488,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     if basis is not None:
         basis_mod.check_model_matches_basis(basis, components.text_encoder,
                                             components.tokenizer, model_ref=plan.spec.ref)
-    vectors = identity_vectors_for(plan.identities, basis) if basis is not None else {}
+    vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     prompt_embeds, negative_embeds = encode_prompt_pair(components, plan, vectors)
 
     width = width or components.default_resolution
@@ -624,6 +523,20 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.text)
+
+    def save(stem_seed: str, data: bytes) -> Path:
+        try:
+            path = write_new_user_file(out_dir, stem_seed, ".png", data)
+        except StorageError as exc:
+            if paths:
+                raise StorageError(f"{exc} {len(paths)} image{'s' if len(paths) != 1 else ''} "
+                                   "had been written before: "
+                                   + ", ".join(str(p) for p in paths) + ".") from exc
+            raise StorageError(f"{exc} No image was written.") from exc
+        if on_file is not None:
+            on_file(path)
+        return path
+
     for start in range(0, num_images, batch_size):
         batch_seeds = seeds[start:start + batch_size]
         current_batch = counter["batch"] = len(batch_seeds)
@@ -638,16 +551,15 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
             )
         for image_seed, image in zip(batch_seeds, output.images, strict=True):
             settings = {**settings_base, "seed": image_seed}
-            paths.append(write_new_file(out_dir, f"{stem}-{image_seed}", ".png",
-                                        png_bytes(image, settings)))
+            paths.append(save(f"{stem}-{image_seed}", png_bytes(image, settings)))
             images.append(image)
 
     grid_path = None
     if grid:
         sheet_settings = {**settings_base, "seed": seeds[0], "seeds": seeds,
                           "files": [p.name for p in paths]}
-        grid_path = write_new_file(out_dir, f"{stem}-{seeds[0]}-grid", ".png",
-                                   png_bytes(contact_sheet(images), sheet_settings))
+        grid_path = save(f"{stem}-{seeds[0]}-grid",
+                         png_bytes(contact_sheet(images), sheet_settings))
     notes = list(plan.notes)
     if guidance <= 1 and plan.negative.text:
         notes.append("--guidance <= 1 turns classifier-free guidance off, so the negative "
@@ -664,5 +576,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
 __all__ = [
     "RenderPlan", "RenderResult", "SCHEDULERS", "contact_sheet", "image_parameters",
     "make_scheduler", "model_label", "noise_note", "plan_render", "png_bytes", "prompt_slug",
-    "read_png_metadata", "render_prompt", "write_new_file", "write_user_file",
+    "read_png_metadata", "render_prompt",
 ]

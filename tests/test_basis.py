@@ -250,12 +250,15 @@ def test_names_file_changes_the_id(tmp_path, tiny_basis):
 
 def test_load_basis_by_prefix_and_unknown(tiny_basis):
     info = tiny_basis
-    assert basis.load_basis(info.id[:5]).id == info.id
+    # A prefix is what a person types; ids read from files must be exact.
+    assert basis.load_basis(info.id[:5], allow_prefix=True).id == info.id
+    with pytest.raises(BasisNotFound, match="is not a basis id"):
+        basis.load_basis(info.id[:5])
     with pytest.raises(BasisNotFound) as excinfo:
-        basis.load_basis(info.id[:-1] + ("0" if info.id[-1] != "0" else "1"))
+        basis.load_basis(info.id[:-1] + ("0" if info.id[-1] != "0" else "1"), allow_prefix=True)
     assert f"Did you mean '{info.id}'?" in str(excinfo.value)
     with pytest.raises(BasisNotFound, match="See `celebctl basis list`"):
-        basis.load_basis("zzzz")
+        basis.load_basis("zzzz", allow_prefix=True)
 
 
 def test_damaged_tensors_are_detected(tiny_basis):

@@ -35,6 +35,7 @@ from typer.testing import CliRunner
 
 from celebctl import paths, registry, storage
 from celebctl.cli import app
+from tests.helpers import unit_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "fault_driver.py"
@@ -166,11 +167,11 @@ def template(_tiny_template, tmp_path_factory) -> Template:
         for name in ("alice", "bob", "carol"):
             registry.save_identity(registry.IdentityWrite(
                 name=name,
-                coefficients=rng.standard_normal((2, info.components)).astype(np.float32),
+                coefficients=unit_rows(rng.standard_normal((2, info.components))),
                 meta={"basis_id": info.id, "model": "tiny", "face_encoder": "random-init",
                       "hidden": info.hidden},
                 face_png=crop,
-                face_embedding=rng.standard_normal(512).astype(np.float32),
+                face_embedding=unit_rows(rng.standard_normal(512)),
             ))
         bundle = root / "carol.celeb"
         bundles.export_bundle("carol", bundle)

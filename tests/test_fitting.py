@@ -157,11 +157,11 @@ def test_exception_during_joint_leaves_all_unchanged(tiny_home, photo_path, monk
     real = registry._commit_identity
     calls = []
 
-    def fail_on_second(write, replace):
+    def fail_on_second(write, replace, journal=None):
         calls.append(write.name)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real(write, replace)
+        return real(write, replace, journal)
 
     monkeypatch.setattr(registry, "_commit_identity", fail_on_second)
     with pytest.raises(OSError):

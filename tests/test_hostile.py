@@ -142,6 +142,14 @@ def deny_reads_as_root(monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", guarded)
+    real_os_open = os.open
+
+    def guarded_os_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == "unreadable.png":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_os_open)
 
 
 @pytest.mark.parametrize("kind", sorted(PHOTO_CASES))
@@ -245,7 +253,7 @@ TOML_CASES = {
     "wrong-sha256": (_set_file("coefficients", "sha256", "0" * 64),
                      "does not match its checksum", "checksum"),
     "toml-syntax": (b"schema_version = 1\n[[[", "is not valid TOML", "invalid"),
-    "not-utf8": (b"\xff\xfe\x00garbage", "is not valid TOML", "invalid"),
+    "not-utf8": (b"\xff\xfe\x00garbage", "is not UTF-8 text", "invalid"),
     "empty-file": (b"", "has no valid integer 'schema_version'", "invalid"),
 }
 
@@ -282,14 +290,29 @@ def test_hand_edited_toml(case):
     assert phrase in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.output
     assert invoke("show", "alice").exit_code == 0
-    # doctor reports it, offers no automatic fix, and --fix leaves it alone.
+    # doctor reports it. An entry whose identity.toml is not a valid identity is not usable by
+    # anything, and --fix deletes it; a valid one with a damaged file, or one of a newer
+    # schema, is left for a person.
     result = invoke("doctor", "--json")
     assert result.exit_code == 1
     problems = [p for p in json.loads(result.stdout)["problems"] if p["path"].endswith("/bob")]
-    assert [(p["kind"], p["fix"]) for p in problems] == [(doctor_kind, None)], problems
-    assert invoke("doctor", "--fix").exit_code == 1
-    assert toml_path.read_bytes() == edited
-    assert len(list(toml_path.parent.iterdir())) == 4
+    assert [p["kind"] for p in problems] == [doctor_kind], problems
+    if doctor_kind == "invalid":
+        assert problems[0]["fix"].startswith("delete the entry")
+        report = json.loads(invoke("doctor", "--fix", "--json").stdout)
+        assert any(p["path"].endswith("/bob") for p in report["fixed"])
+        assert not [p for p in report["remaining"] if p["path"].endswith("/bob")]
+        assert not toml_path.parent.exists()
+        assert invoke("list", "--json").stderr == ""
+    else:
+        assert problems[0]["fix"] is None
+        assert invoke("doctor", "--fix").exit_code == 1
+        assert toml_path.read_bytes() == edited
+        assert len(list(toml_path.parent.iterdir())) == 4
+    # `remove` can always delete it.
+    if toml_path.parent.exists():
+        assert invoke("remove", "bob", "--yes").exit_code == 0
+        assert not toml_path.parent.exists()
 
 
 TOML_VALUES = st.recursive(
@@ -398,7 +421,7 @@ def test_bundle_size_caps(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(bundles, "MAX_TOTAL_BYTES", 5000)
     _import_refused(bundle, r"unpacks to too much data")
     monkeypatch.setattr(bundles, "MAX_BUNDLE_BYTES", 1000)
-    _import_refused(bundle, r"larger than 0 MiB")
+    _import_refused(bundle, r"is larger than 1000 bytes")
 
 
 def test_encrypted_bundle(bundle, tmp_path):

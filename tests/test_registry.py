@@ -203,11 +203,11 @@ def test_joint_style_write_rolls_back_all(monkeypatch):
     real = registry._commit_identity
     calls = []
 
-    def fail_second(write, replace):
+    def fail_second(write, replace, journal=None):
         calls.append(write.name)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return real(write, replace)
+        return real(write, replace, journal)
 
     monkeypatch.setattr(registry, "_commit_identity", fail_second)
     with pytest.raises(RuntimeError):

@@ -230,9 +230,11 @@ def test_dry_run_cli_loads_no_model_and_writes_nothing(home, no_models, tmp_path
 
 def test_model_choice(home):
     assert rendering.plan_render("a cat").model == models.DEFAULT_MODEL
+    # With no --model, identities render with the model their (locally built) basis came from.
+    assert rendering.plan_render("alice").model == "tiny"
     plan = rendering.plan_render("alice", model="sd15-random")
     assert plan.model == "sd15-random"
-    assert any("fitted with tiny" in n for n in plan.notes)
+    assert any("alice: 'tiny'" in n and "loading sd15-random" in n for n in plan.notes)
 
 
 def test_identities_on_different_bases(home, no_models):

@@ -14,9 +14,11 @@ from .common import (
     ModelOpt,
     QuietOpt,
     YesOpt,
+    cell,
     err,
     out,
     print_json,
+    styled,
     typer_factory,
     warn,
 )
@@ -63,10 +65,10 @@ def build_cmd(
         info, created = core.build_basis(model, names_path=names, components=components,
                                          force=force)
     else:
-        with err.status("Building basis ...") as status:
+        with err.status(styled("Building basis ...")) as status:
             info, created = core.build_basis(
                 model, names_path=names, components=components, force=force,
-                progress=lambda message: status.update(f"{message} ..."),
+                progress=lambda message: status.update(styled(f"{message} ...")),
             )
     if json_out:
         print_json({"existed": not created, **info.to_dict()})
@@ -74,10 +76,9 @@ def build_cmd(
     if created:
         err.print(f"Built basis for {info.model}: p = {info.components}, "
                   f"{info.num_names} names, unique rows {info.unique_rows[0]}/"
-                  f"{info.unique_rows[1]}.", highlight=False, markup=False)
+                  f"{info.unique_rows[1]}.")
     else:
-        err.print(f"Basis for {info.model} already exists (use --force to rebuild).",
-                  highlight=False, markup=False)
+        err.print(f"Basis for {info.model} already exists (use --force to rebuild).")
     out.print(info.id)
 
 
@@ -95,8 +96,7 @@ def fetch_cmd(
     if json_out:
         print_json({"existed": not created, **info.to_dict()})
         return
-    err.print(("Registered" if created else "Already registered:") + f" basis for {info.model}.",
-              highlight=False, markup=False)
+    err.print(("Registered" if created else "Already registered:") + f" basis for {info.model}.")
     out.print(info.id)
 
 
@@ -122,30 +122,31 @@ def list_cmd(json_out: JsonOpt = False) -> None:
         cum = info.explained_variance_cumulative
         # Cumulative explained variance as "position 1 / position 2".
         cells = ["/".join(_percent(v) for v in cum[key]) for key in ("10", "100", "all")]
-        table.add_row(info.id, info.model, str(info.num_names), str(info.components), *cells,
-                      info.created[:16].replace("T", " "))
+        table.add_row(cell(info.id), cell(info.model), cell(info.num_names),
+                      cell(info.components), *map(cell, cells),
+                      cell(info.created[:16].replace("T", " ")))
     out.print(table)
 
 
 @app.command("show")
 def show_cmd(basis_id: IdArg, json_out: JsonOpt = False) -> None:
     """Show one basis's metadata and its explained-variance summary."""
-    info = core.get_basis_info(basis_id)
+    info = core.get_basis_info(basis_id, allow_prefix=True)
     if json_out:
         print_json(info.to_dict(full=True))
         return
     data = info.to_dict()
     data.pop("explained_variance_cumulative")
-    out.print(f"[bold]{info.id}[/]  ({info.path})")
+    out.print(styled((info.id, "bold"), f"  ({info.path})"))
     for key, value in data.items():
         if key in ("id", "path"):
             continue
         if isinstance(value, list):
             value = " / ".join(str(v) for v in value)
-        out.print(f"  {key}: {value}", markup=False)
+        out.print(f"  {key}: {value}")
     out.print("  cumulative explained variance:")
     for line in _variance_lines(info):
-        out.print(f"    {line}", markup=False)
+        out.print(f"    {line}")
 
 
 @app.command("remove")
@@ -159,4 +160,4 @@ def remove_cmd(
     if not yes:
         typer.confirm(f"Remove basis {basis_id}?", abort=True, err=True)
     removed = core.remove_basis(basis_id, force=force)
-    err.print(f"Removed basis {removed}.", highlight=False, markup=False)
+    err.print(f"Removed basis {removed}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -11,12 +12,51 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from ..documents import visible
 from ..errors import CelebctlError
 
+
+class SafeConsole(Console):
+    """A rich console that shows every string literally.
+
+    Strings printed here often come from files strangers made (a bundle's metadata, a photo's
+    name, a prompt), so they are never read as rich markup or emoji codes, and their control
+    characters are escaped (``\\x1b``) so they cannot drive the terminal. Styling is done with
+    :class:`rich.text.Text` objects built by :func:`styled`.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(markup=False, emoji=False, highlight=False, soft_wrap=True, **kwargs)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        kwargs["markup"] = False
+        kwargs["emoji"] = False
+        kwargs["highlight"] = False
+        super().print(*(Text(visible(o)) if isinstance(o, str) else o for o in objects),
+                      **kwargs)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """A Text from plain strings and (string, style) pairs; every string is shown literally."""
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(visible(part[0]), style=part[1])
+        else:
+            text.append(visible(part))
+    return text
+
+
+def cell(value: Any) -> Text:
+    """A table cell that shows ``value`` literally (no markup, control characters escaped)."""
+    return Text(visible(str(value)))
+
+
 # Progress bars and notes go to stderr so stdout stays clean for --json and paths.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -32,20 +72,35 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .. import registry
+
+        mark = registry.change_mark()
         try:
             return func(*args, **kwargs)
         except CelebctlError as exc:
             if debug_enabled():
                 raise
-            err.print(f"[bold red]Error:[/] {exc}", markup=True, highlight=False)
+            err.print(styled(("Error:", "bold red"), " ", str(exc)))
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            err.print(getattr(func, "interrupt_message", "Interrupted."))
+            err.print(interrupt_message(func, mark))
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def interrupt_message(func: Callable[..., Any], mark: int) -> str:
+    """What to say after Ctrl-C: the registry changes that did take effect, if any, else the
+    command's own message."""
+    from .. import registry
+
+    done = registry.changes_since(mark)
+    if done:
+        return ("Interrupted after these changes were committed: " + "; ".join(done) + ". "
+                "Nothing else was changed.")
+    return getattr(func, "interrupt_message", "Interrupted.")
 
 
 class CelebTyper(typer.Typer):
@@ -74,17 +129,49 @@ def typer_factory(help: str, **kwargs: Any) -> CelebTyper:
     )
 
 
+def _json_safe(node: Any) -> Any:
+    """``node`` with non-finite floats as null (NaN and Infinity are not JSON), iteratively."""
+    if isinstance(node, float):
+        return node if math.isfinite(node) else None
+    if not isinstance(node, (dict, list, tuple)):
+        return node
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(node, root, 0)]
+    while stack:
+        value, parent, key = stack.pop()
+        if isinstance(value, dict):
+            copy: Any = dict.fromkeys(value)  # keeps the key order
+            parent[key] = copy
+            stack.extend((v, copy, k) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            copy = [None] * len(value)
+            parent[key] = copy
+            stack.extend((v, copy, i) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            parent[key] = None
+        else:
+            parent[key] = value
+    return root[0]
+
+
+def json_text(data: Any, indent: int | None = None) -> str:
+    """Strict JSON: ASCII only (every control or non-ASCII character escaped), no NaN."""
+    text = json.dumps(_json_safe(data), indent=indent, default=str, ensure_ascii=True,
+                      allow_nan=False)
+    return text.replace("\x7f", "\\u007f")  # DEL is ASCII, so json leaves it raw
+
+
 def print_json(data: Any) -> None:
     """Write JSON to stdout (plain, no rich markup, one document)."""
     # Indented for a person at a terminal; compact (and C-encoded, much faster) for pipes.
     indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
+    sys.stdout.write(json_text(data, indent) + "\n")
     sys.stdout.flush()
 
 
 def warn(message: str) -> None:
-    """A warning on stderr."""
-    err.print(f"[yellow]Warning:[/] {message}", markup=True, highlight=False)
+    """A warning on stderr; the message is shown literally."""
+    err.print(styled(("Warning:", "yellow"), " ", message))
 
 
 # Shared option aliases.

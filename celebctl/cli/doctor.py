@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import paths
-from .common import EXIT_ERROR, CelebTyper, JsonOpt, LazyModule, err, out, print_json, warn
+from .common import EXIT_ERROR, CelebTyper, JsonOpt, LazyModule, out, print_json, styled, warn
 
 core = LazyModule("celebctl.doctor")
 
@@ -35,19 +35,20 @@ def repair_modes_before(command: str | None) -> None:
 
 
 def _print_problem(problem: core.Problem) -> None:
-    out.print(f"  [bold]{problem.kind}[/]: ", end="")
-    out.print(problem.message, markup=False)
+    out.print(styled("  ", (problem.kind, "bold"), ": ", problem.message))
     if problem.fix:
-        out.print(f"    fix: {problem.fix}", markup=False)
+        out.print(f"    fix: {problem.fix}")
     else:
-        out.print("    fix: none; needs you (see above)", markup=False)
+        out.print("    fix: none; needs you (see above)")
 
 
 def doctor_cmd(
     fix: Annotated[bool, typer.Option(
         "--fix", help="Apply the safe fixes: finish or undo interrupted writes, delete temp files "
-        "and files no identity names, tighten modes. Never deletes an identity: a damaged one "
-        "is reported with the command to run.")] = False,
+        "and files no identity names, delete entries whose identity.toml cannot be read as an "
+        "identity, remove symbolic links (never what they point to), tighten modes. An "
+        "identity that reads fine is never deleted: a damaged data file is reported with the "
+        "command to run.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check the data home: modes, leftovers of interrupted writes, checksums, missing bases,
@@ -64,21 +65,21 @@ def doctor_cmd(
 def _print_report(report: core.DoctorReport, fix: bool) -> None:
     if fix and report.fixed:
         out.print(f"Fixed {len(report.fixed)} problem{'s' if len(report.fixed) != 1 else ''} "
-                  f"in {report.home}:", markup=False)
+                  f"in {report.home}:")
         for problem in report.fixed:
             where = core.relative_to_home(problem.path, report.home)
-            out.print(f"  {problem.kind}: {problem.fix} ({where})", markup=False)
+            out.print(f"  {problem.kind}: {problem.fix} ({where})")
     for message in report.fix_errors:
-        err.print(f"[yellow]Warning:[/] a fix failed: {message}", markup=True, highlight=False)
+        warn(f"a fix failed: {message}")
     if report.healthy:
-        out.print(f"The data home is healthy ({report.home}).", markup=False)
+        out.print(f"The data home is healthy ({report.home}).")
         return
     count = len(report.remaining)
-    out.print(f"{count} problem{'s' if count != 1 else ''} in {report.home}:", markup=False)
+    out.print(f"{count} problem{'s' if count != 1 else ''} in {report.home}:")
     for problem in report.remaining:
         _print_problem(problem)
     if not fix and any(p.fix for p in report.remaining):
-        out.print("Run `celebctl doctor --fix` to apply the fixes listed.", markup=False)
+        out.print("Run `celebctl doctor --fix` to apply the fixes listed.")
 
 
 def register(app: CelebTyper) -> None:

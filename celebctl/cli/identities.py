@@ -12,7 +12,7 @@ from rich.table import Table
 from .. import bundles, paths, registry
 from ..errors import CelebctlError, IdentityNotFound
 from ..export import export_identity
-from .common import CelebTyper, JsonOpt, YesOpt, err, out, print_json, warn
+from .common import CelebTyper, JsonOpt, YesOpt, cell, err, out, print_json, styled, warn
 
 NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebctl list`.",
                                         show_default=False)]
@@ -46,8 +46,8 @@ def list_cmd(json_out: JsonOpt = False) -> None:
     for ident in scan.identities:
         s = ident.summary()
         table.add_row(
-            s["name"], str(s["model"]), str(s["basis_id"])[:12], str(s["components"]),
-            "yes" if s["has_face"] else "no", str(s["updated"]),
+            cell(s["name"]), cell(s["model"]), cell(str(s["basis_id"])[:12]),
+            cell(s["components"]), cell("yes" if s["has_face"] else "no"), cell(s["updated"]),
         )
     out.print(table)
 
@@ -59,7 +59,7 @@ def show_cmd(name: NameArg, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(data)
         return
-    out.print(f"[bold]{ident.name}[/]  ({ident.path})")
+    out.print(styled((ident.name, "bold"), f"  ({ident.path})"))
     _print_tree(data, indent=0, skip={"name", "path"})
 
 
@@ -72,7 +72,7 @@ def _print_tree(data: dict, indent: int, skip: set[str] = frozenset()) -> None:
             out.print(f"{pad}{key}:")
             _print_tree(value, indent + 1)
         else:
-            out.print(f"{pad}{key}: {value}", markup=False)
+            out.print(f"{pad}{key}: {value}")
 
 
 def remove_cmd(
@@ -111,7 +111,7 @@ def rename_cmd(
 
 def path_cmd() -> None:
     """Print the data home (set CELEBCTL_HOME to move it)."""
-    out.print(str(paths.data_home()), markup=False)
+    out.print(str(paths.data_home()))
 
 
 def export_cmd(
@@ -144,14 +144,13 @@ def export_cmd(
         print_json(result.to_dict())
         return
     for path in result.files:
-        out.print(f"Wrote {path}", markup=False)
+        out.print(f"Wrote {path}")
     if result.format == "a1111":
         out.print(f"Put it in the WebUI's or ComfyUI's embeddings folder and write "
-                  f"'{result.token}' in WebUI prompts ('embedding:{result.token}' in ComfyUI).",
-                  markup=False)
+                  f"'{result.token}' in WebUI prompts ('embedding:{result.token}' in ComfyUI).")
     elif result.format == "diffusers":
         out.print(f"Load it with pipe.load_textual_inversion(\"{result.path}\") and write "
-                  f"'{result.token}' in prompts.", markup=False)
+                  f"'{result.token}' in prompts.")
 
 
 def import_cmd(

@@ -62,7 +62,7 @@ def progress_callback(quiet: bool = False) -> Iterator[Any]:
 
     def callback(phase: str, done: int, total: int, info: dict[str, Any]) -> None:
         if phase == "note":
-            progress.console.print(info.get("message", ""), markup=False, highlight=False)
+            progress.console.print(str(info.get("message", "")))
             return
         if phase not in tasks:
             tasks[phase] = progress.add_task(PHASES.get(phase, phase), total=total, extra="")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    EXIT_INTERRUPTED,
     CelebTyper,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from .common import (
     ModelOpt,
     QuietOpt,
     SeedOpt,
+    err,
     out,
     print_json,
     warn,
@@ -80,38 +82,47 @@ def render_cmd(
         if json_out:
             print_json(plan.to_dict())
             return
-        out.print(f"Prompt:     {plan.prompt.expanded()}", markup=False)
+        out.print(f"Prompt:     {plan.prompt.expanded()}")
         if plan.negative.text:
-            out.print(f"Negative:   {plan.negative.expanded()}", markup=False)
-        out.print(f"Identities: {', '.join(plan.identities) or '(none)'}", markup=False)
-        out.print(f"Basis:      {plan.basis_id or '(none)'}", markup=False)
-        out.print(f"Model:      {plan.model}", markup=False)
+            out.print(f"Negative:   {plan.negative.expanded()}")
+        out.print(f"Identities: {', '.join(plan.identities) or '(none)'}")
+        out.print(f"Basis:      {plan.basis_id or '(none)'}")
+        out.print(f"Model:      {plan.model}")
         out.print(f"Tokens:     {plan.token_count} of {plan.max_tokens}"
-                  + (f" (negative: {plan.negative_token_count})" if plan.negative.text else ""),
-                  markup=False)
+                  + (f" (negative: {plan.negative_token_count})" if plan.negative.text else ""))
         for note in plan.notes:
             warn(note)
         return
-    with progress_callback(quiet) as progress:
-        result = rendering.render_prompt(
-            prompt, negative=negative, num_images=num_images, steps=steps, guidance=guidance,
-            scheduler=scheduler.value, seed=seed, width=width, height=height,
-            batch_size=batch_size, model=model, device=device, dtype=dtype, out_dir=out_dir,
-            grid=grid, progress=progress,
-        )
+    written: list[Path] = []
+    try:
+        with progress_callback(quiet) as progress:
+            result = rendering.render_prompt(
+                prompt, negative=negative, num_images=num_images, steps=steps,
+                guidance=guidance, scheduler=scheduler.value, seed=seed, width=width,
+                height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
+                out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
+            )
+    except KeyboardInterrupt:
+        if not written:
+            raise
+        err.print(f"Interrupted; {len(written)} image{'s' if len(written) != 1 else ''} had "
+                  "been written in full (nothing is half-written):")
+        for path in written:
+            out.print(str(path))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     for note in result.notes:
         warn(note)
     if json_out:
         print_json(result.to_dict())
         return
     for path in result.paths:
-        out.print(str(path), markup=False)
+        out.print(str(path))
     if result.grid is not None:
-        out.print(str(result.grid), markup=False)
+        out.print(str(result.grid))
 
 
 render_cmd.interrupt_message = (  # type: ignore[attr-defined]
-    "Interrupted; images finished before the interrupt were kept, nothing is half-written."
+    "Interrupted; no image was written."
 )
 
 
