@@ -137,8 +137,12 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
 
 
 def celebctl_loop(components, basis_mean, basis_components, face, encoder, steps, batch_size,
-                  lr, seed, resolution, pool_size):
-    """celebctl's fit; returns (seconds per step after warm-up, pool seconds, loss summary)."""
+                  lr, seed, resolution, pool_size, capture=True):
+    """celebctl's fit; returns (seconds per step after the first report, pool seconds).
+
+    The fit reports every step on a CPU and every few steps on a GPU (one host sync each), so
+    the time is taken between the first and the last report (capture and warm-up excluded).
+    """
     import torch
 
     from celebctl.fitting import FitSettings, FitSubject, fit_identities
@@ -149,13 +153,14 @@ def celebctl_loop(components, basis_mean, basis_components, face, encoder, steps
         if phase == "fit":
             if components.device.type == "cuda":
                 torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+            stamps.append((done, time.perf_counter()))
 
     settings = FitSettings(steps=steps + 1, batch_size=batch_size, lr=lr, seed=seed,
-                           resolution=resolution, pool_size=pool_size)
+                           resolution=resolution, pool_size=pool_size, capture=capture)
     result = fit_identities(components, basis_mean, basis_components,
                             [FitSubject("bench", face)], encoder, settings, progress)
-    return (stamps[-1] - stamps[0]) / steps, result.pool_time_s
+    (first_done, first_t), (last_done, last_t) = stamps[0], stamps[-1]
+    return (last_t - first_t) / max(last_done - first_done, 1), result.pool_time_s
 
 
 def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch_size: int,
@@ -163,10 +168,13 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
     import torch
 
     from celebctl import basis, faces, models
+    from celebctl.augment import augment_crop as _augment
+    from celebctl.augment import paste_on_black as _paste
+    from celebctl.augment import pil_to_tensor as _pil_to_tensor
     from celebctl.captions import CAPTION_TEMPLATES
-    from celebctl.fitting import _augment, _paste, _pil_to_tensor
 
-    components = models.load_pipeline_components(model, device_name, dtype_name)
+    components = models.load_pipeline_components(model, device_name, dtype_name,
+                                                 text_encoder_dtype="fp32")
     res = resolution or components.default_resolution
     text = models.load_text_model(model)
     info = basis.ensure_basis(model, text_model=text)
@@ -189,13 +197,16 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
         template_ids.append(text_ids)
 
     rows = {}
-    order = [("celebctl", None), ("reference", None)]
-    for name, _ in order:
+    order = ["celebctl", "reference"]
+    if components.device.type == "cuda":
+        order.insert(1, "eager")  # celebctl without the CUDA graph, side by side
+    for name in order:
         with PeakMemory(components.device) as memory:
-            if name == "celebctl":
+            if name in ("celebctl", "eager"):
                 per_step, pool_s = celebctl_loop(components, loaded.mean, loaded.components,
                                                  prepared.aligned, encoder, steps, batch_size,
-                                                 1e-2, 0, res, pool_size)
+                                                 1e-2, 0, res, pool_size,
+                                                 capture=name == "celebctl")
             else:
                 per_step = reference_loop(components, pixel_pool, template_ids,
                                           torch.tensor(placeholder), steps, batch_size,
@@ -209,20 +220,24 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
 
 def format_rows(results: list[dict]) -> str:
     lines = [
-        "| model | dtype | device | px | batch | celebctl s/step | reference s/step | speed-up | "
-        "celebctl peak MiB | reference peak MiB | memory ratio | celebctl pool s (once) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | device | px | batch | celebctl s/step | eager s/step (GPU) | "
+        "reference s/step | speed-up | graph vs eager | celebctl peak MiB | reference peak MiB "
+        "| memory ratio | celebctl pool s (once) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         speed = r["reference_s_per_step"] / r["celebctl_s_per_step"]
         mem_c = r["celebctl_peak_bytes"] / 2**20
         mem_r = r["reference_peak_bytes"] / 2**20
         ratio = mem_c / mem_r if mem_r > 0 else float("nan")
+        eager = r.get("eager_s_per_step")
+        eager_cells = (f"{eager:.4f} | {eager / r['celebctl_s_per_step']:.2f}x"
+                       if eager else "- | -")
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['device']} | {r['resolution']} | {r['batch']} | "
-            f"{r['celebctl_s_per_step']:.3f} | {r['reference_s_per_step']:.3f} | "
-            f"{speed:.2f}x | {mem_c:.0f} | {mem_r:.0f} | {ratio:.2f} | "
-            f"{r['celebctl_pool_s']:.1f} |"
+            f"{r['celebctl_s_per_step']:.4f} | {eager_cells.split(' | ')[0]} | "
+            f"{r['reference_s_per_step']:.4f} | {speed:.2f}x | {eager_cells.split(' | ')[1]} | "
+            f"{mem_c:.0f} | {mem_r:.0f} | {ratio:.2f} | {r['celebctl_pool_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -261,11 +276,13 @@ def main() -> None:
         f"Machine: {machine_description()}\n\n{table}\n\n"
         f"Speed-up = reference s/step / celebctl s/step at equal batch and resolution (target "
         f">= 1.5x); memory ratio = celebctl peak / reference peak (target <= 1). Each loop ran "
-        f"{args.steps} timed steps after one warm-up step, in one process, on the same model. "
-        f"celebctl's pool (VAE-encoding {args.pool_size} augmented images once) is shown "
-        "separately: over a real 400-step fit at batch 2 the reference encodes 800 images, "
-        "celebctl 64. `sd15-random` is the real SD 1.5 architecture with random weights (compute "
-        "cost does not depend on weight values). Run: `python benchmarks/bench_fit.py`."
+        f"{args.steps} timed steps in one process, on the same model (celebctl: timed between "
+        "its first and last loss report, so CUDA-graph capture and warm-up are excluded; the "
+        "reference: after one warm-up step). On a GPU celebctl runs twice, with the step "
+        "captured as a CUDA graph and eagerly; 'graph vs eager' is their ratio. celebctl's pool "
+        f"(VAE-encoding {args.pool_size} augmented images once) is shown separately. "
+        "`sd15-random` is the real SD 1.5 architecture with random weights (compute cost does "
+        "not depend on weight values). Run: `python benchmarks/bench_fit.py`."
     )
     print()
     print(body)

@@ -25,7 +25,8 @@ from .errors import BundleError, CelebctlError, CorruptEntry, SchemaError
 
 BUNDLE_SUFFIX = ".celeb"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
-MAX_MEMBERS = 8
+# The TOML, the coefficients, and a face crop and embedding per photo.
+MAX_MEMBERS = 2 + 2 * registry.MAX_PHOTOS
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
 MAX_TOTAL_BYTES = 32 * 1024 * 1024
 MAX_RATIO = 200  # uncompressed / compressed, for members over 64 KiB
@@ -55,8 +56,8 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
     meta = dict(ident.meta)
     files = dict(meta["files"])
     if not include_face:
-        files.pop("face", None)
-        files.pop("face_embedding", None)
+        files = {role: entry for role, entry in files.items() if role == "coefficients"}
+        meta.pop("sources", None)  # photo names, hashes and face boxes go with the faces
     meta["files"] = files
     members = {registry.IDENTITY_TOML: tomli_w.dumps(meta).encode("utf-8")}
     for entry in files.values():
@@ -243,17 +244,27 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
             f"(2, {meta['components']})."
         )
     registry.check_coefficients(coefficients, "The bundle's coefficients", BundleError)
-    embedding = None
-    if "face_embedding" in files:
-        tensors = parse_safetensors(members[files["face_embedding"]["path"]], "face embedding")
-        if set(tensors) != {"embedding"} or tensors["embedding"].shape != (FACE_EMBEDDING_DIM,):
-            raise BundleError(f"The face embedding must be one ({FACE_EMBEDDING_DIM},) tensor.")
-        embedding = tensors["embedding"]
-        registry.check_face_embedding(embedding, "The bundle's face embedding", BundleError)
-    face_png = None
-    if "face" in files:
-        face_png = members[files["face"]["path"]]
-        registry.check_face_png(face_png, "The bundle's face crop", BundleError)
+    faces: list[tuple[bytes, Any]] = []
+    for index in range(1, registry.MAX_PHOTOS + 1):
+        role = registry.face_role(index)
+        if role not in files:
+            break
+        which = f"The bundle's face crop {index}"
+        png = members[files[role]["path"]]
+        registry.check_face_png(png, which, BundleError)
+        embedding = None
+        embedding_role = registry.face_role(index, "face_embedding")
+        if embedding_role in files:
+            tensors = parse_safetensors(members[files[embedding_role]["path"]],
+                                        f"face embedding {index}")
+            if set(tensors) != {"embedding"}:
+                raise BundleError(f"The face embedding must be one ({FACE_EMBEDDING_DIM},) "
+                                  "tensor.")
+            embedding = tensors["embedding"]
+            registry.check_face_embedding(embedding, f"The bundle's face embedding {index}",
+                                          BundleError)
+        faces.append((png, embedding))
+    face_png = faces[0][0] if faces else None
     name = original if new_name is None else new_name  # `--as ""` is an error, not "no --as"
     registry.validate_name(name)
     notes = []
@@ -275,7 +286,7 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     keep.setdefault("imported_from", original)
     write = registry.IdentityWrite(
         name=name, coefficients=coefficients, meta=keep, face_png=face_png,
-        face_embedding=embedding,
+        face_embedding=faces[0][1] if faces else None, extra_faces=faces[1:],
     )
     return BundlePlan(write=write, original_name=original, notes=notes)
 

@@ -1,13 +1,17 @@
-"""The Celeb Basis fit: one or more face crops in, (2, p) coefficients per identity out.
+"""The Celeb Basis fit: face crops in, (2, p) coefficients per identity out.
 
 The diffusion model, the VAE and the text encoder stay frozen; only a small mapping (or, with
 ``direct=True``, the coefficients themselves) is trained. Before the loop, augmented copies of
-each face are encoded once into a pool of latents and face features, so the loop itself runs
-only the text encoder and the UNet (forward and backward).
+each identity's face crops are VAE-encoded once into a pool of latent distributions
+(:mod:`celebctl.augment`), and every random draw of the loop is made up front
+(:mod:`celebctl.fitstep`), so the loop itself runs only the text encoder and the UNet, forward
+and backward, without waiting on the host.
 
 Method figures (METHOD.md, read from the reference code): mapping 512 -> 2p, LeakyReLU 0.2,
-per-token L2 norm; EMA 0.99 of the mapping's output; 400 steps per identity, batch 2, AdamW,
-lr 1e-2; flip, colour jitter, paste at 10-100 % of the frame on black; noise-prediction MSE.
+per-token L2 norm; EMA 0.99 of the mapping's output, once per training sample; 400 steps per
+identity, batch 2, AdamW, lr 1e-2; flip, colour jitter, paste at 10-100 % of the frame on black;
+a fresh latent from the VAE's distribution at every step; noise-prediction MSE. The text
+encoder, the identity vectors and the loss are fp32; only the UNet runs under autocast.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from .errors import FitError, InvalidOption
 
 FACE_FEATURE_DIM = 512
 SUBJECT = "__subject__"
+MAX_PHOTOS = 16
+# Augmented samples per identity in the pool, when not given. On a GPU the VAE encodes a
+# sample in milliseconds, so the pool is large (each sample is used about three times in a
+# 400-step fit at batch 2, each time with a fresh latent draw and fresh diffusion noise); on a
+# CPU an SD-size VAE takes about a second per sample, so it is small (docs/method.md).
+DEFAULT_POOL_GPU = 256
+DEFAULT_POOL_CPU = 64
+# Loss read back, checked for NaN/Inf and shown, every this many steps (one host sync each).
+REPORT_EVERY_GPU = 10
 
 ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
 
@@ -39,34 +52,56 @@ class FitSettings:
     resolution: int | None = None  # default: the model's
     direct: bool = False
     ema_momentum: float = 0.99
-    pool_size: int | None = None  # augmented samples per identity; default min(64, steps*batch)
+    pool_size: int | None = None  # augmented samples per identity; default by device
     steps_per_identity: int = 400
     weight_decay: float = 0.01  # torch's AdamW default
+    capture: bool = True  # CUDA only: replay the step as a CUDA graph
 
-    def resolved(self, n_identities: int, default_resolution: int) -> FitSettings:
+    def resolved(self, n_identities: int, default_resolution: int,
+                 device_type: str = "cpu") -> FitSettings:
         """A copy with defaults filled in and values checked."""
+        self.check()
         steps = self.steps if self.steps is not None else self.steps_per_identity * n_identities
         resolution = self.resolution or default_resolution
-        pool = self.pool_size or min(64, max(1, steps * self.batch_size))
-        if steps < 1:
-            raise InvalidOption("--steps must be at least 1.")
-        if not 1 <= self.batch_size <= 64:
-            raise InvalidOption("--batch-size must be between 1 and 64.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InvalidOption("--lr must be a positive number.")
-        if resolution % 8 or not 64 <= resolution <= 2048:
-            raise InvalidOption("--resolution must be a multiple of 8 between 64 and 2048.")
+        samples = max(1, math.ceil(steps * self.batch_size / max(n_identities, 1)))
+        cap = DEFAULT_POOL_GPU if device_type == "cuda" else DEFAULT_POOL_CPU
+        pool = self.pool_size or min(cap, samples)
         out = FitSettings(**asdict(self))
         out.steps, out.resolution, out.pool_size = steps, resolution, pool
         return out
 
+    def check(self) -> None:
+        """Raise InvalidOption for a value that cannot work (before any model loads)."""
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
+            raise InvalidOption("--steps must be at least 1.")
+        if self.steps is not None and self.steps > 100_000:
+            raise InvalidOption("--steps must be at most 100000.")
+        if not 1 <= self.batch_size <= 64:
+            raise InvalidOption("--batch-size must be between 1 and 64.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidOption("--lr must be a positive number.")
+        if self.resolution is not None and (self.resolution % 8
+                                            or not 64 <= self.resolution <= 2048):
+            raise InvalidOption("--resolution must be a multiple of 8 between 64 and 2048.")
+        if self.pool_size is not None and not 1 <= self.pool_size <= 4096:
+            raise InvalidOption("--pool-size must be between 1 and 4096.")
+        if not 0 <= self.ema_momentum < 1:
+            raise InvalidOption("The EMA momentum must be in [0, 1).")
+
 
 @dataclass
 class FitSubject:
-    """One identity to fit: its name and aligned face crop (PIL image, RGB)."""
+    """One identity to fit: its name and its aligned face crops (PIL images, RGB), one per
+    source photo."""
 
     name: str
-    face: Any
+    faces: list[Any]
+
+    def __init__(self, name: str, faces: Any):
+        self.name = name
+        self.faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
+        if not 1 <= len(self.faces) <= MAX_PHOTOS:
+            raise FitError(f"'{name}' needs 1 to {MAX_PHOTOS} face crops, not {len(self.faces)}.")
 
 
 @dataclass
@@ -74,153 +109,48 @@ class FitResult:
     """What a fit produced."""
 
     coefficients: dict[str, Any]  # name -> numpy (2, p) float32
-    face_embeddings: dict[str, Any]  # name -> numpy (512,) float32 of the un-augmented crop
+    face_embeddings: dict[str, Any]  # name -> numpy (photos, 512) float32, un-augmented crops
     losses: list[float]
     settings: FitSettings
     wall_time_s: float
     pool_time_s: float
     summary: dict[str, Any] = field(default_factory=dict)
+    captured: bool = False  # the step ran as a CUDA graph
+    notes: list[str] = field(default_factory=list)
 
 
-class CoefficientMapping:
+def make_mapping(p: int, n_identities: int, direct: bool, generator):
     """The paper's mapping: face feature (512) -> linear -> LeakyReLU(0.2) -> (2, p), L2 per row.
 
     With ``direct`` the (2, p) coefficients of each identity are learned directly instead (the
-    ablation in the paper), still L2-normalised per row.
+    ablation in the paper), still L2-normalised per row. Returns a torch module whose call is
+    ``mapping(features (B, 512), identity (B,)) -> (B, 2, p)``.
     """
-
-    def __init__(self, p: int, n_identities: int, direct: bool, generator):
-        import torch
-
-        self.p, self.direct = p, direct
-        if direct:
-            init = torch.randn((n_identities, 2, p), generator=generator)
-            self.raw = torch.nn.Parameter(init)
-            self.parameters = [self.raw]
-        else:
-            weight = torch.randn((2 * p, FACE_FEATURE_DIM), generator=generator)  # N(0, 1)
-            self.linear = torch.nn.Linear(FACE_FEATURE_DIM, 2 * p)
-            with torch.no_grad():
-                self.linear.weight.copy_(weight)
-                self.linear.bias.zero_()
-            self.parameters = list(self.linear.parameters())
-
-    def to(self, device):
-        if self.direct:
-            self.raw.data = self.raw.data.to(device)
-        else:
-            self.linear.to(device)
-        return self
-
-    def __call__(self, features, identity_index):
-        import torch.nn.functional as F
-
-        if self.direct:
-            raw = self.raw[identity_index]
-        else:
-            raw = F.leaky_relu(self.linear(features), 0.2).view(-1, 2, self.p)
-        return F.normalize(raw, dim=-1)
-
-
-def _augment(crop, rng: random.Random):
-    """Flip + colour jitter of one (3, H, W) crop in [0, 1]; returns the augmented crop."""
-    import torch
-    import torchvision.transforms.v2.functional as TF
-
-    image = crop
-    if rng.random() < 0.5:
-        image = torch.flip(image, dims=[-1])
-    brightness, contrast, saturation = (rng.uniform(0.8, 1.2) for _ in range(3))
-    hue = rng.uniform(-0.02, 0.02)
-    image = TF.adjust_brightness(image, brightness)
-    image = TF.adjust_contrast(image, contrast)
-    image = TF.adjust_saturation(image, saturation)
-    image = TF.adjust_hue(image, hue)
-    return image.clamp(0, 1)
-
-
-def _paste(face, resolution: int, rng: random.Random):
-    """Rescale the face to 10-100 % of the frame height (aspect 0.9-1.1), paste on black."""
     import torch
     import torch.nn.functional as F
 
-    scale = rng.uniform(0.1, 1.0)
-    aspect = rng.uniform(0.9, 1.1)
-    height = max(8, min(resolution, round(resolution * scale)))
-    width = max(8, min(resolution, round(height * aspect)))
-    resized = F.interpolate(face[None], size=(height, width), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
-    canvas = torch.zeros((3, resolution, resolution), dtype=face.dtype)
-    top = rng.randint(0, resolution - height)
-    left = rng.randint(0, resolution - width)
-    canvas[:, top:top + height, left:left + width] = resized
-    return canvas
+    class CoefficientMapping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.direct = p, direct
+            if direct:
+                self.raw = torch.nn.Parameter(torch.randn((n_identities, 2, p),
+                                                          generator=generator))
+            else:
+                self.linear = torch.nn.Linear(FACE_FEATURE_DIM, 2 * p)
+                with torch.no_grad():
+                    self.linear.weight.copy_(torch.randn((2 * p, FACE_FEATURE_DIM),
+                                                         generator=generator))  # N(0, 1)
+                    self.linear.bias.zero_()
 
+        def forward(self, features, identity):
+            if self.direct:
+                raw = self.raw.index_select(0, identity)
+            else:
+                raw = F.leaky_relu(self.linear(features), 0.2).view(-1, 2, self.p)
+            return F.normalize(raw, dim=-1)
 
-def _pil_to_tensor(image):
-    import numpy as np
-    import torch
-
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-@dataclass
-class SamplePool:
-    """Latents (N, 4, h, w) and face features (N, 512), each tagged with its identity index."""
-
-    latents: Any
-    features: Any
-    identity: Any
-    clean_features: Any  # (n_identities, 512): features of the un-augmented crops
-
-
-def build_sample_pool(components, subjects: Sequence[FitSubject], face_encoder, settings,
-                      generator, rng: random.Random, progress: ProgressCallback | None = None,
-                      encode_batch: int = 2) -> SamplePool:
-    """Augment each face ``pool_size`` times, encode the pastes with the VAE in batches.
-
-    Small encode batches keep the pool's peak memory (the VAE encoder's activations at full
-    resolution) below that of a training step.
-    """
-    import torch
-
-    from . import faces
-
-    device, dtype = components.device, components.dtype
-    vae = components.vae
-    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
-    pastes, feature_inputs, owners = [], [], []
-    clean_inputs = []
-    for index, subject in enumerate(subjects):
-        crop = _pil_to_tensor(subject.face)
-        clean_inputs.append(crop)
-        for _ in range(settings.pool_size):
-            augmented = _augment(crop, rng)
-            feature_inputs.append(augmented)
-            pastes.append(_paste(augmented, settings.resolution, rng))
-            owners.append(index)
-    total = len(pastes)
-    latents, features = [], []
-    encoder_device = next(face_encoder.parameters()).device
-    with torch.no_grad():
-        clean = faces.embed_faces(face_encoder, torch.stack(clean_inputs).to(encoder_device))
-        for start in range(0, total, encode_batch):
-            stop = min(total, start + encode_batch)
-            images = torch.stack(pastes[start:stop]).to(device=device, dtype=dtype) * 2 - 1
-            dist = vae.encode(images).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
-            latents.append(((dist.mean + dist.std * noise) * scaling).float())
-            crops = torch.stack(feature_inputs[start:stop]).to(encoder_device)
-            features.append(faces.embed_faces(face_encoder, crops).float())
-            if progress:
-                progress("pool", stop, total, {})
-    return SamplePool(
-        latents=torch.cat(latents).to(device),
-        features=torch.cat(features).to(device),
-        identity=torch.tensor(owners, dtype=torch.long, device=device),
-        clean_features=clean.float().cpu(),
-    )
+    return CoefficientMapping()
 
 
 def tokenize_templates(tokenizer) -> list[Any]:
@@ -237,6 +167,17 @@ def tokenize_templates(tokenizer) -> list[Any]:
     return tokenized
 
 
+def _make_optimizer(parameters, settings: FitSettings, device):
+    import torch
+
+    if device.type == "cuda":
+        # capturable: AdamW's step counter lives on the device, so the step can be replayed
+        # as a CUDA graph without touching the host.
+        return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay,
+                                 capturable=True, foreach=True)
+    return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def fit_identities(components, mean, basis_components, subjects: Sequence[FitSubject],
                    face_encoder, settings: FitSettings | None = None,
                    progress: ProgressCallback | None = None) -> FitResult:
@@ -244,17 +185,21 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
 
     ``mean`` (2, hidden) and ``basis_components`` (2, p, hidden) are the basis tensors.
     ``progress(phase, done, total, info)`` is called for the "pool" and "fit" phases; info
-    carries the smoothed loss during "fit". Raises FitError when the loss stops being finite.
+    carries the smoothed loss during "fit". Raises FitError when the loss stops being finite,
+    naming the first step where it did.
     """
     import numpy as np
     import torch
-    import torch.nn.functional as F
+
+    from . import fitstep
+    from .augment import build_sample_pool
 
     if not subjects:
         raise FitError("Nothing to fit: no identities given.")
-    settings = (settings or FitSettings()).resolved(len(subjects), components.default_resolution)
-    started = time.perf_counter()
     device, dtype = components.device, components.dtype
+    settings = (settings or FitSettings()).resolved(len(subjects), components.default_resolution,
+                                                    device.type)
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed)
     rng = random.Random(settings.seed)
 
@@ -271,115 +216,92 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
             f"{table_width}-d ones; build a basis for this model with `celebctl basis build`."
         )
 
-    pool = build_sample_pool(components, subjects, face_encoder, settings, generator, rng,
-                             progress)
+    pool = build_sample_pool(components.vae, subjects, face_encoder, settings.pool_size,
+                             settings.resolution, rng, device, dtype, progress,
+                             encode_batch=4 if device.type == "cuda" else 2)
     pool_time = time.perf_counter() - started
-    # The VAE is not needed inside the loop; its weights stay where they are (frozen).
-    templates = tokenize_templates(components.tokenizer)
     n = len(subjects)
-    by_identity = [torch.nonzero(pool.identity == i).flatten().cpu() for i in range(n)]
-
-    mapping = CoefficientMapping(p, n, settings.direct, generator).to(device)
-    optimizer = torch.optim.AdamW(mapping.parameters, lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    templates = tokenize_templates(components.tokenizer)
     scheduler = components.scheduler
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    num_train_timesteps = int(scheduler.config.num_train_timesteps)
-    use_autocast = dtype != torch.float32
+    schedule = fitstep.build_schedule(
+        steps=settings.steps, batch_size=settings.batch_size, pool_identity=pool.identity,
+        n_identities=n, n_templates=len(templates),
+        latent_shape=tuple(pool.latent_mean.shape[1:]),
+        alphas_cumprod=scheduler.alphas_cumprod,
+        num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        ema_momentum=settings.ema_momentum, seed=settings.seed,
+    ).to(device)
+    mapping = make_mapping(p, n, settings.direct, generator).to(device)
+    optimizer = _make_optimizer(list(mapping.parameters()), settings, device)
     scaler = None
     if dtype == torch.float16 and device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
+    tensors = fitstep.StepTensors(
+        schedule=schedule, latent_mean=pool.latent_mean, latent_std=pool.latent_std,
+        features=pool.features, scaling=pool.scaling,
+        template_ids=torch.tensor([t.input_ids for t in templates], device=device),
+        template_slots=torch.tensor([[pos for pos, _, _ in t.slots] for t in templates],
+                                    device=device),
+        basis_mean=mean, basis_components=basis_components,
+        loss=torch.zeros(settings.steps, device=device),
+        ema=torch.zeros((n, 2, p), device=device),
+    )
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    step = fitstep.TrainStep(components, mapping, optimizer, tensors, prediction_type, scaler)
+    notes: list[str] = []
+    report_every = REPORT_EVERY_GPU if device.type == "cuda" else 1
+    smoothed: list[float | None] = [None]
+    checked = [0]
 
-    ema: list[Any] = [None] * n
-    losses: list[float] = []
-    smoothed = None
-    unet, text_encoder = components.unet, components.text_encoder
-    # Token ids and the subject's slot positions of every template, on the device once.
-    template_ids = torch.tensor([t.input_ids for t in templates], device=device)
-    template_slots = torch.tensor([[pos for pos, _, _ in t.slots] for t in templates],
-                                  device=device)
-    batch_rows = torch.arange(settings.batch_size, device=device)
-    from . import prompting
-
-    for step in range(settings.steps):
-        # Every batch mixes identities: sample j of step s belongs to identity (s*B + j) mod n.
-        owners = [(step * settings.batch_size + j) % n for j in range(settings.batch_size)]
-        picks = []
-        for owner in owners:
-            candidates = by_identity[owner]
-            choice = int(torch.randint(len(candidates), (1,), generator=generator))
-            picks.append(int(candidates[choice]))
-        index = torch.tensor(picks, device=device)
-        latents = pool.latents[index]
-        features = pool.features[index]
-        owner_index = torch.tensor(owners, device=device)
-        chosen = [rng.randrange(len(templates)) for _ in owners]
-
-        coeffs = mapping(features, owner_index)  # (B, 2, p)
-        vectors = mean + torch.einsum("btp,tph->bth", coeffs, basis_components)  # (B, 2, hidden)
-        chosen_index = torch.tensor(chosen, device=device)
-        ids = template_ids[chosen_index]
-        cols = template_slots[chosen_index].reshape(-1)
-        rows = batch_rows[: len(chosen)].repeat_interleave(template_slots.shape[1])
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        mask[rows, cols] = True
-        # index_put keeps the graph from the slot values back to the mapping.
-        values = torch.zeros((*ids.shape, hidden), device=device)
-        values = values.index_put((rows, cols), vectors.reshape(-1, hidden))
-
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, num_train_timesteps, (len(owners),),
-                                  generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            hidden_states = prompting.encode_tokens(text_encoder, ids, mask, values)
-            prediction = unet(noisy.to(dtype), timesteps, hidden_states.to(dtype)).sample
-        loss = F.mse_loss(prediction.float(), target.float())
-        if not torch.isfinite(loss):
+    def report(done: int) -> None:
+        """Read the losses of steps checked..done back, check them, show progress."""
+        if done <= checked[0]:
+            return
+        block = tensors.loss[checked[0]:done].float().cpu()
+        bad = (~torch.isfinite(block)).nonzero()
+        if len(bad):
+            first = checked[0] + int(bad[0])
             raise FitError(
-                f"The loss became {loss.item()} at step {step + 1}; try a lower --lr or "
-                "--dtype fp32."
+                f"The loss became {float(block[int(bad[0])])} at step {first + 1}; try a lower "
+                "--lr or --dtype fp32."
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-        with torch.no_grad():
-            detached = coeffs.detach().float()
-            for i in set(owners):
-                current = detached[owner_index == i].mean(dim=0)
-                if ema[i] is None:
-                    ema[i] = current.clone()
-                else:
-                    ema[i].mul_(settings.ema_momentum).add_(
-                        current, alpha=1 - settings.ema_momentum)
-        value = float(loss.detach())
-        losses.append(value)
-        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        for value in block.tolist():
+            smoothed[0] = value if smoothed[0] is None else 0.9 * smoothed[0] + 0.1 * value
+        checked[0] = done
         if progress:
-            progress("fit", step + 1, settings.steps, {"loss": smoothed})
+            progress("fit", done, settings.steps, {"loss": smoothed[0]})
+
+    with step.hooked():
+        first = 0
+        if device.type == "cuda" and settings.capture and scaler is None:
+            try:
+                first = step.capture(0)
+            except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+                step.graph = None
+                notes.append(f"The fit step could not be captured as a CUDA graph "
+                             f"({type(exc).__name__}: {exc}); it ran eagerly (slower, same "
+                             "result).")
+                first = step.warmed  # the warm-up steps that ran are real steps
+        for index in range(first, settings.steps):
+            step.run(index)
+            if (index + 1) % report_every == 0:
+                report(index + 1)
+        report(settings.steps)
 
     coefficients = {}
     with torch.no_grad():
         for i, subject in enumerate(subjects):
             if settings.direct:
                 final = mapping(None, torch.tensor([i], device=device))[0]
-            else:
-                final = ema[i] if ema[i] is not None else mapping(
-                    pool.clean_features[i:i + 1].to(device), None)[0]
+            elif bool((schedule.owners == i).any()):
+                final = tensors.ema[i]
+            else:  # a short fit whose batches never reached this identity
+                clean = pool.clean_features[i][:1].to(device)
+                final = mapping(clean, torch.tensor([i], device=device))[0]
             coefficients[subject.name] = final.float().cpu().numpy().astype(np.float32)
     embeddings = {s.name: pool.clean_features[i].numpy().astype(np.float32)
                   for i, s in enumerate(subjects)}
+    losses = tensors.loss.float().cpu().tolist()
     wall = time.perf_counter() - started
     head, tail = losses[: min(10, len(losses))], losses[-min(10, len(losses)):]
     summary = {
@@ -391,9 +313,11 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         "wall_time_s": round(wall, 3),
         "pool_time_s": round(pool_time, 3),
         "steps": settings.steps,
+        "captured": step.graph is not None,
     }
     return FitResult(coefficients=coefficients, face_embeddings=embeddings, losses=losses,
-                     settings=settings, wall_time_s=wall, pool_time_s=pool_time, summary=summary)
+                     settings=settings, wall_time_s=wall, pool_time_s=pool_time, summary=summary,
+                     captured=step.graph is not None, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,10 +348,14 @@ def _fit_meta(settings: FitSettings, result: FitResult, components, joint_with: 
         "seed": settings.seed,
         "resolution": settings.resolution,
         "ema_momentum": settings.ema_momentum,
+        "ema_per": "sample",
         "pool_size": settings.pool_size,
         "weight_decay": settings.weight_decay,
+        "captions": "subject-last-v2",
         "device": str(components.device),
         "dtype": dtype_names.get(components.dtype, str(components.dtype)),
+        "text_encoder_dtype": dtype_names.get(components.text_encoder.dtype,
+                                              str(components.text_encoder.dtype)),
         **{k: v for k, v in result.summary.items() if k != "steps"},
     }
     if joint_with:
@@ -435,54 +363,131 @@ def _fit_meta(settings: FitSettings, result: FitResult, components, joint_with: 
     return meta
 
 
-def _load_basis_for(spec, progress: ProgressCallback | None):
+def _note(progress: ProgressCallback | None, message: str) -> None:
+    if progress:
+        progress("note", 0, 0, {"message": message})
+
+
+def load_fit_model(spec, device, dtype, progress: ProgressCallback | None = None):
+    """The model parts a fit needs, loaded once: the text encoder in fp32 (the reference fits in
+    fp32; only the UNet runs under autocast), the UNet and VAE in ``dtype``, and the basis of
+    that very text encoder (found, or built from it: no second load)."""
+    import torch
+
     from . import basis as basis_mod
+    from . import models
 
-    def note(message: str) -> None:
-        if progress:
-            progress("note", 0, 0, {"message": message})
+    components = models.load_pipeline_components(spec, device, dtype,
+                                                 text_encoder_dtype=torch.float32,
+                                                 progress=progress)
+    text = models.TextModel(tokenizer=components.tokenizer,
+                            text_encoder=components.text_encoder, spec=components.spec,
+                            device=components.device)
+    info = basis_mod.ensure_basis(text_model=text)
+    _note(progress, f"Basis {info.id} ({info.components} components)")
+    return components, basis_mod.load_basis(info.id)
 
-    info = basis_mod.ensure_basis(spec)
-    note(f"Basis {info.id} ({info.components} components)")
-    return basis_mod.load_basis(info.id)
+
+def _face_indices(face_index: int | Sequence[int] | None, photos: int) -> list[int | None]:
+    """--face: one value for one photo, or one value per photo, in order."""
+    if face_index is None:
+        return [None] * photos
+    if isinstance(face_index, int):
+        face_index = [face_index]
+    chosen = list(face_index)
+    if len(chosen) == photos:
+        return chosen
+    if photos > 1 and len(chosen) == 1:
+        raise InvalidOption(
+            f"--face {chosen[0]} is ambiguous with {photos} photos: give --face once per photo, "
+            "in the order of the photos (for example --face 2 --face 1 ...), or leave it out to "
+            "use the largest face of each photo.")
+    raise InvalidOption(f"--face was given {len(chosen)} times for {photos} photo(s); give it "
+                        "once per photo, in the order of the photos.")
+
+
+def prepare_photos(photos: Sequence[Any], face_index: int | Sequence[int] | None = None):
+    """Read, detect and align every photo (1 to 16) before any model loads.
+
+    One bad photo refuses the whole set; the error names it. Returns (prepared faces, notes).
+    """
+    from pathlib import Path
+
+    from . import faces
+
+    photos = list(photos)
+    if not 1 <= len(photos) <= MAX_PHOTOS:
+        raise InvalidOption(f"Give 1 to {MAX_PHOTOS} photos of the person, not {len(photos)}.")
+    indices = _face_indices(face_index, len(photos))
+    prepared, notes, seen = [], [], {}
+    for number, (photo, index) in enumerate(zip(photos, indices, strict=True), start=1):
+        face = faces.prepare_face(photo, face_index=index, device="cpu")
+        if face.sha256 in seen:
+            raise InvalidOption(f"{photo} is the same file as {seen[face.sha256]}; give each "
+                                "photo once.")
+        seen[face.sha256] = photo
+        if face.note:
+            notes.append(face.note if len(photos) == 1 else
+                         f"Photo {number} ({Path(photo).name}): {face.note}")
+        prepared.append(face)
+    return prepared, notes
+
+
+def _source(photo, prepared) -> dict[str, Any]:
+    from pathlib import Path
+
+    return {
+        "photo": Path(photo).name,
+        "photo_sha256": prepared.sha256,
+        "image_size": list(prepared.original_size),
+        "face_box": [round(float(v), 2) for v in prepared.face.box],
+        "face_probability": round(float(prepared.face.probability), 4),
+        "face_index": prepared.face_index,
+        "faces_found": prepared.face_count,
+    }
+
+
+def _face_files(pngs: Sequence[bytes], embeddings) -> dict[str, Any]:
+    """IdentityWrite arguments for several face crops and their (photos, 512) embeddings."""
+    return {"face_png": pngs[0], "face_embedding": embeddings[0],
+            "extra_faces": [(png, embeddings[k]) for k, png in enumerate(pngs) if k]}
 
 
 def add_identity_from_photo(name: str, photo, *, model: str | None = None, device: str = "auto",
                             dtype: str = "auto", settings: FitSettings | None = None,
-                            face_index: int | None = None, replace: bool = False,
+                            face_index: int | Sequence[int] | None = None,
+                            replace: bool = False,
                             progress: ProgressCallback | None = None) -> FitOutcome:
-    """Detect and align the face in ``photo``, fit it, and register it as ``name``.
+    """Detect and align the face in ``photo`` (a path, or a list of 1 to 16 paths of the same
+    person), fit it, and register it as ``name``.
 
-    Everything that can be checked cheaply (name, photo, face, face-encoder weights) is checked
-    before the model loads; nothing is written unless the whole fit succeeds.
+    Everything that can be checked cheaply (name, options, every photo and face, face-encoder
+    weights) is checked before the model loads; nothing is written unless the whole fit
+    succeeds. With several photos the pool draws from all of them and the identity keeps every
+    crop, embedding and source.
     """
-    from pathlib import Path
-
     from . import __version__, faces, models, registry
     from .errors import IdentityExists
 
+    photos = list(photo) if isinstance(photo, (list, tuple)) else [photo]
     registry.validate_name(name)
     if registry.identity_exists(name) and not replace:
         raise IdentityExists(
             f"Identity '{name}' already exists. Use --replace to overwrite it, or pick "
             "another name."
         )
+    (settings or FitSettings()).check()
     registry.check_writable()  # a read-only data home fails now, not after the fit
     spec = models.resolve_model_spec(model)
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
-    prepared = faces.prepare_face(photo, face_index=face_index, device="cpu")
-    notes = [prepared.note] if prepared.note else []
+    prepared, notes = prepare_photos(photos, face_index)
     encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device)
-    basis = _load_basis_for(spec, progress)
-    components = models.load_pipeline_components(spec, torch_device, dtype)
-    from . import basis as basis_mod
-
-    basis_mod.check_model_matches_basis(basis, components.text_encoder, components.tokenizer,
-                                        model_ref=spec.ref)
+    components, basis = load_fit_model(spec, torch_device, dtype, progress)
     result = fit_identities(components, basis.mean, basis.components,
-                            [FitSubject(name, prepared.aligned)], encoder, settings, progress)
-    box = [round(float(v), 2) for v in prepared.face.box]
+                            [FitSubject(name, [p.aligned for p in prepared])], encoder, settings,
+                            progress)
+    notes += result.notes
     meta = {
         "basis_id": basis.id,
         "model": spec.ref,
@@ -490,19 +495,11 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
         "hidden": int(basis.components.shape[2]),
         "celebctl_version": __version__,
         "fit": _fit_meta(result.settings, result, components, []),
-        "source": {
-            "photo": Path(photo).name,
-            "photo_sha256": prepared.sha256,
-            "image_size": list(prepared.original_size),
-            "face_box": box,
-            "face_probability": round(float(prepared.face.probability), 4),
-            "face_index": prepared.face_index,
-            "faces_found": prepared.face_count,
-        },
+        "sources": [_source(p, f) for p, f in zip(photos, prepared, strict=True)],
     }
     write = registry.IdentityWrite(
         name=name, coefficients=result.coefficients[name], meta=meta,
-        face_png=prepared.png_bytes(), face_embedding=result.face_embeddings[name],
+        **_face_files([f.png_bytes() for f in prepared], result.face_embeddings[name]),
     )
     ident = registry.save_identity(write, replace=replace)
     if spec.is_noise_model:
@@ -514,7 +511,8 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
 def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str = "auto",
                   dtype: str = "auto", settings: FitSettings | None = None,
                   progress: ProgressCallback | None = None) -> FitOutcome:
-    """Refit registered identities together (one shared mapping) from their stored face crops.
+    """Refit registered identities together (one shared mapping) from their stored face crops
+    (every photo of each).
 
     All are replaced in one all-or-nothing step; on any error every identity stays as it was.
     """
@@ -533,6 +531,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         raise InvalidName("An identity is named twice.")
     for name in names:
         registry.validate_name(name)
+    (settings or FitSettings()).check()
     idents = registry.read_identity_set(names)
     registry.check_writable()  # a read-only data home fails now, not after the fit
     faceless = [i.name for i in idents if not i.has_face]
@@ -551,9 +550,10 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         )
     face_pngs = {}
     for ident in idents:
-        face_pngs[ident.name] = ident.load_face_png()
-        registry.check_face_png(face_pngs[ident.name], f"The face crop of '{ident.name}'",
-                                FitError)
+        face_pngs[ident.name] = ident.load_face_pngs()
+        for number, png in enumerate(face_pngs[ident.name], start=1):
+            registry.check_face_png(png, f"The face crop of '{ident.name}'"
+                                    + (f" (photo {number})" if number > 1 else ""), FitError)
     info = basis_mod.info_for_identities(idents[0].basis_id, names)
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
@@ -561,15 +561,23 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     models.resolve_dtype(dtype, torch_device)
     basis = basis_mod.load_basis(info.id)
     encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device)
-    components = models.load_pipeline_components(spec, torch_device, dtype)
+    import torch
+
+    components = models.load_pipeline_components(spec, torch_device, dtype,
+                                                 text_encoder_dtype=torch.float32,
+                                                 progress=progress)
     basis_mod.check_model_matches_basis(basis, components.text_encoder, components.tokenizer,
                                         model_ref=spec.ref)
     subjects = []
     for ident in idents:
-        with Image.open(io.BytesIO(face_pngs[ident.name])) as image:
-            subjects.append(FitSubject(ident.name, image.convert("RGB")))
+        crops = []
+        for png in face_pngs[ident.name]:
+            with Image.open(io.BytesIO(png)) as image:
+                crops.append(image.convert("RGB"))
+        subjects.append(FitSubject(ident.name, crops))
     result = fit_identities(components, basis.mean, basis.components, subjects, encoder,
                             settings, progress)
+    notes += result.notes
     writes = []
     for ident in idents:
         meta = {k: v for k, v in ident.meta.items()
@@ -582,7 +590,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         })
         writes.append(registry.IdentityWrite(
             name=ident.name, coefficients=result.coefficients[ident.name], meta=meta,
-            face_png=face_pngs[ident.name], face_embedding=result.face_embeddings[ident.name],
+            **_face_files(face_pngs[ident.name], result.face_embeddings[ident.name]),
             # Refused if another process changed, renamed or removed it during the fit.
             replaces_sha256=ident.meta["files"]["coefficients"]["sha256"],
         ))

@@ -189,6 +189,9 @@ def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
         if path.is_dir():
             return ModelSpec(kind="folder", source=text, ref=str(path), path=path)
         suffix = path.suffix.lower()
+        if not storage.is_regular_file(path):
+            raise ModelUnavailable(f"{path} is not a regular file (a pipe, device or socket); "
+                                   "pass a diffusers folder or a .safetensors checkpoint.")
         if suffix in SAFE_SUFFIXES:
             return ModelSpec(kind="single_file", source=text, ref=str(path), path=path)
         if suffix in PICKLE_SUFFIXES:
@@ -780,36 +783,47 @@ def _load_scheduler(source: str) -> Any:
     return cls.from_config(config)
 
 
-def _load_pretrained_text(source: str) -> tuple[Any, Any]:
+def _load_pretrained_text(source: str, dtype: Any = None) -> tuple[Any, Any]:
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    # use_safetensors: never fall back to pickled .bin weights.
+    # use_safetensors: never fall back to pickled .bin weights. dtype: the weights are read
+    # straight into the dtype they will run in, never as a full fp32 copy first.
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
-                                                 use_safetensors=True)
+                                                 use_safetensors=True, **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     return tokenizer, text_encoder
 
 
-def _load_pretrained_all(source: str) -> dict[str, Any]:
+def _load_pretrained_all(source: str, dtypes: dict[str, Any] | None = None,
+                         note: Any = None) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    tokenizer, text_encoder = _load_pretrained_text(source)
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
-        "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet",
-                                                     use_safetensors=True),
-        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True),
-        "scheduler": _load_scheduler(source),
-    }
+    dtypes = dtypes or {}
+    note = note or (lambda part: None)
+
+    def kwargs(part: str) -> dict[str, Any]:
+        return {"torch_dtype": dtypes[part]} if dtypes.get(part) is not None else {}
+
+    note("text encoder")
+    tokenizer, text_encoder = _load_pretrained_text(source, dtypes.get("text_encoder"))
+    note("UNet")
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True,
+                                                **kwargs("unet"))
+    note("VAE")
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
+                                        **kwargs("vae"))
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae,
+            "scheduler": _load_scheduler(source)}
 
 
-def _load_tiny(text_only: bool) -> dict[str, Any]:
+def _load_tiny(text_only: bool, dtypes: dict[str, Any] | None = None,
+               note: Any = None) -> dict[str, Any]:
     folder = ensure_tiny_model()
     try:
         return (dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(str(folder)),
                          strict=True))
-                if text_only else _load_pretrained_all(str(folder)))
+                if text_only else _load_pretrained_all(str(folder), dtypes, note))
     except CelebctlError:
         raise
     except Exception:  # noqa: BLE001 - a damaged cache: rebuild it once
@@ -821,19 +835,26 @@ def _load_tiny(text_only: bool) -> dict[str, Any]:
         return _load_pretrained_all(str(folder))
 
 
-def _load_parts(spec: ModelSpec, text_only: bool) -> dict[str, Any]:
-    """Load (or build) the model's parts in fp32 on the CPU."""
+def _load_parts(spec: ModelSpec, text_only: bool, dtypes: dict[str, Any] | None = None,
+                note: Any = None) -> dict[str, Any]:
+    """Load (or build) the model's parts on the CPU: folders and hub models straight in the
+    ``dtypes`` given per part (name -> torch dtype), the others in fp32. ``note(part)`` is
+    called as each part starts loading."""
+    note = note or (lambda part: None)
     # Text-only loads of folders/hub ids never touch diffusers, so they skip its import cost.
     needs_diffusers = not text_only or spec.kind in (TINY, "single_file")
     with _loading(spec, include_diffusers=needs_diffusers):
         if spec.kind == TINY:
-            parts = _load_tiny(text_only)
+            parts = _load_tiny(text_only, dtypes, note)
         elif spec.kind == SD15_RANDOM:
+            note("text encoder")
             parts = {"tokenizer": build_clip_tokenizer(),
                      "text_encoder": _build_text_encoder(sd15_text_config())}
             if not text_only:
-                parts.update(unet=_build_unet(sd15_unet_config()),
-                             vae=_build_vae(sd15_vae_config()), scheduler=_build_scheduler())
+                note("UNet")
+                parts["unet"] = _build_unet(sd15_unet_config())
+                note("VAE")
+                parts.update(vae=_build_vae(sd15_vae_config()), scheduler=_build_scheduler())
         elif spec.kind == "single_file":
             assert spec.path is not None
             if not spec.path.is_file():
@@ -850,7 +871,7 @@ def _load_parts(spec: ModelSpec, text_only: bool) -> dict[str, Any]:
             source = spec.ref
             parts = (dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(source),
                               strict=True))
-                     if text_only else _load_pretrained_all(source))
+                     if text_only else _load_pretrained_all(source, dtypes, note))
         else:  # pragma: no cover - ModelSpec is only made by resolve_model_spec
             raise InvalidOption(f"Unknown model kind {spec.kind!r}.")
         _check_tokenizer(spec, parts["tokenizer"], parts["text_encoder"])
@@ -887,21 +908,41 @@ def _resolution_of(spec: ModelSpec, unet: Any, vae: Any) -> int:
 
 def load_pipeline_components(spec: str | ModelSpec | None = None,
                              device: str | torch.device = "auto",
-                             dtype: str | torch.dtype = "auto") -> Components:
+                             dtype: str | torch.dtype = "auto",
+                             text_encoder_dtype: str | torch.dtype | None = None,
+                             progress: Any = None) -> Components:
     """Load tokenizer, text encoder, UNet, VAE and scheduler on ``device`` in ``dtype``.
 
-    All modules are in eval mode with gradients off. Raises ModelUnavailable (with a message
-    that says how to supply the model) for anything that cannot be loaded.
+    ``text_encoder_dtype`` overrides the text encoder's dtype (fits keep it fp32). All modules
+    are in eval mode with gradients off. ``progress(phase, done, total, info)`` gets "load"
+    before and after. Raises ModelUnavailable (with a message that says how to supply the
+    model) for anything that cannot be loaded.
     """
+    import time
+
     model_spec = resolve_model_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    parts = _load_parts(model_spec, text_only=False)
+    te_dt = dt if text_encoder_dtype is None else resolve_dtype(text_encoder_dtype, dev)
+    started = time.perf_counter()
+
+    def note(part: str) -> None:
+        if progress is not None:
+            progress("load", 0, 1, {"model": model_spec.ref, "part": part,
+                                    "seconds": time.perf_counter() - started})
+
+    note("")
+    parts = _load_parts(model_spec, text_only=False,
+                        dtypes={"text_encoder": te_dt, "unet": dt, "vae": dt}, note=note)
     modules = [parts["text_encoder"], parts["unet"], parts["vae"]]
     _freeze(*modules)
     with _loading(model_spec):
-        for module in modules:
+        parts["text_encoder"].to(device=dev, dtype=te_dt)
+        for module in modules[1:]:
             module.to(device=dev, dtype=dt)
+    if progress is not None:
+        progress("load", 1, 1, {"model": model_spec.ref,
+                                "seconds": time.perf_counter() - started})
     return Components(
         tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], unet=parts["unet"],
         vae=parts["vae"], scheduler=parts["scheduler"], spec=model_spec, device=dev, dtype=dt,

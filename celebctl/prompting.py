@@ -68,6 +68,44 @@ class ParsedPrompt:
         return "".join(parts)
 
 
+# After an identity, a prompt says what it is, as every training caption did ("face of <alice>
+# person") and as the reference's prompts do ("a sks person riding a bike"). These words already
+# do that, so no "person" is added before them.
+PERSON_NOUNS = frozenset(
+    """person persons people man men woman women boy boys girl girls child children kid kids
+    baby babies guy guys lady ladies gentleman gentlemen human humans teenager teenagers teen
+    teens adult adults""".split()
+)
+PERSON_WORD = "person"
+_POSSESSIVE = re.compile(rf"[{_APOSTROPHES}]s?(?![\w\-])")
+_NEXT_WORD = re.compile(r"\s*([A-Za-z]+)")
+
+
+def with_person_nouns(parsed: ParsedPrompt) -> ParsedPrompt:
+    """``parsed`` with " person" after each identity that is not directly followed by a person
+    noun ("alice riding a bike" -> "<alice> person riding a bike"; "alice woman" stays).
+
+    A possessive keeps its place after the added word: "alice's hat" -> "<alice> person's hat",
+    which is how "the person's hat" reads to the text encoder. The inserted word is a plain text
+    segment, so it is tokenised, counted and shown like any other word.
+    """
+    segments: list[str | IdentityMention] = []
+    items = parsed.segments
+    for index, seg in enumerate(items):
+        segments.append(seg)
+        if not isinstance(seg, IdentityMention):
+            continue
+        following = items[index + 1] if index + 1 < len(items) else ""
+        following = following if isinstance(following, str) else ""
+        possessive = _POSSESSIVE.match(following)
+        rest = following[possessive.end():] if possessive else following
+        word = _NEXT_WORD.match(rest)
+        if not possessive and word and word.group(1).lower() in PERSON_NOUNS:
+            continue
+        segments.append(f" {PERSON_WORD}")
+    return ParsedPrompt(text=parsed.text, segments=segments)
+
+
 def clean_prompt(text: str, allow_empty: bool = False) -> str:
     """Normalise a prompt: NFC, whitespace runs to one space; refuse what cannot be rendered.
 

@@ -43,7 +43,7 @@ from .errors import (
     StorageError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IDENTITY_TOML = "identity.toml"
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Words a prompt needs for itself; an identity named like them would hijack ordinary prompts.
@@ -52,12 +52,31 @@ RESERVED_NAMES = frozenset(
     people men women boy girl child face photo picture image portrait painting style art
     celebctl none null true false""".split()
 )
-FILE_ROLES = ("coefficients", "face", "face_embedding")
+# Data files by kind. An identity has one coefficients file and, per source photo, a face crop
+# and a face embedding: roles "face" / "face_embedding" for photo 1, "face_2" /
+# "face_embedding_2" for photo 2, ... up to MAX_PHOTOS.
+FILE_KINDS = ("coefficients", "face", "face_embedding")
 ROLE_SUFFIX = {
     "coefficients": ".safetensors",
     "face": ".png",
     "face_embedding": ".safetensors",
 }
+MAX_PHOTOS = 16
+MAX_HISTORY = 50  # eval records kept per identity (the oldest go first)
+_ROLE_RE = re.compile(r"(coefficients|face_embedding|face)(?:_([2-9]|1[0-6]))?")
+
+
+def role_kind(role: str) -> tuple[str, int] | None:
+    """("face", 2) for "face_2"; None for a role that is not one of ours."""
+    match = _ROLE_RE.fullmatch(role)
+    if not match or (match.group(1) == "coefficients" and match.group(2)):
+        return None
+    return match.group(1), int(match.group(2) or 1)
+
+
+def face_role(index: int, kind: str = "face") -> str:
+    """The role of photo ``index`` (1-based): "face", "face_2", ..."""
+    return kind if index == 1 else f"{kind}_{index}"
 MAX_COMPONENTS = 4096
 MAX_HIDDEN = 8192
 MAX_TOML_BYTES = 256 * 1024
@@ -72,8 +91,17 @@ FACE_EMBEDDING_DIM = 512
 MAX_COEFFICIENT_ROW_NORM = 1.0 + 1e-3
 EMBEDDING_NORM_TOLERANCE = 1e-3
 
+def _migrate_1_to_2(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 allows several source photos: the one [source] table becomes [[sources]]."""
+    meta = dict(meta)
+    source = meta.pop("source", None)
+    meta["sources"] = [source] if isinstance(source, dict) else []
+    meta["schema_version"] = 2
+    return meta
+
+
 # Ordered migrations: MIGRATIONS[v] turns a schema-v TOML dict into schema v+1.
-MIGRATIONS: dict[int, Any] = {}
+MIGRATIONS: dict[int, Any] = {1: _migrate_1_to_2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +154,12 @@ class Identity:
     def has_face(self) -> bool:
         return "face" in self.meta.get("files", {})
 
+    @property
+    def face_count(self) -> int:
+        """How many face crops (source photos) the identity keeps."""
+        return sum(1 for role in self.meta.get("files", {})
+                   if (role_kind(role) or ("", 0))[0] == "face")
+
     complete: bool = True  # False for entries `list` took from its cache (summary fields only)
     _coefficients: Any = field(default=None, repr=False, compare=False)
 
@@ -146,20 +180,30 @@ class Identity:
             self._coefficients = array
         return self._coefficients
 
-    def load_face_embedding(self):
-        """The stored (512,) face embedding, or None when the identity has none."""
-        if "face_embedding" not in self.meta.get("files", {}):
+    def load_face_embedding(self, index: int = 1):
+        """The (512,) face embedding of photo ``index`` (1-based), or None when there is none."""
+        role = face_role(index, "face_embedding")
+        if role not in self.meta.get("files", {}):
             return None
-        array = _parse_tensor(_read_verified(self.full(), "face_embedding"), "embedding",
-                              self.name)
+        array = _parse_tensor(_read_verified(self.full(), role), "embedding", self.name)
         check_face_embedding(array, f"The face embedding of '{self.name}'", CorruptEntry)
         return array
 
-    def load_face_png(self) -> bytes | None:
-        """The aligned face crop as PNG bytes, or None when the identity has none."""
-        if not self.has_face:
+    def load_face_embeddings(self) -> list[Any]:
+        """Every stored face embedding, photo 1 first (an empty list when there are none)."""
+        found = [self.load_face_embedding(i) for i in range(1, self.face_count + 1)]
+        return [e for e in found if e is not None]
+
+    def load_face_png(self, index: int = 1) -> bytes | None:
+        """The aligned face crop of photo ``index`` as PNG bytes, or None when there is none."""
+        role = face_role(index)
+        if role not in self.meta.get("files", {}):
             return None
-        return _read_verified(self.full(), "face")
+        return _read_verified(self.full(), role)
+
+    def load_face_pngs(self) -> list[bytes]:
+        """Every stored face crop, photo 1 first."""
+        return [self.load_face_png(i) for i in range(1, self.face_count + 1)]  # type: ignore
 
     def summary(self) -> dict[str, Any]:
         """What `list --json` shows: the metadata minus bulky fit details."""
@@ -172,6 +216,7 @@ class Identity:
             "updated": meta.get("updated"),
             "components": meta.get("components"),
             "has_face": self.has_face,
+            "faces": self.face_count,
             "face_encoder": meta.get("face_encoder"),
         }
 
@@ -193,6 +238,8 @@ class IdentityWrite:
     meta: dict[str, Any]
     face_png: bytes | None = None
     face_embedding: Any = None  # numpy (512,) float32 or None
+    # Photos 2, 3, ...: (face crop PNG, face embedding or None) each.
+    extra_faces: list[tuple[bytes, Any]] = field(default_factory=list)
     # sha256 of the coefficients file this write was computed from (joint refits). When the
     # identity on disk no longer has it (changed, renamed or removed meanwhile), the write is
     # refused instead of overwriting or resurrecting it.
@@ -291,21 +338,35 @@ def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = 
     files = _expect(meta, "files", dict, where)
     if "coefficients" not in files:
         raise SchemaError(f"{where}: [files] has no 'coefficients' entry.")
-    for role, entry in files.items():
-        if role not in FILE_ROLES:
+    for role in files:
+        if role_kind(role) is None:
             raise SchemaError(f"{where}: unknown file role '{role}'.")
+    face_numbers = sorted(n for kind, n in map(role_kind, files) if kind == "face")
+    if face_numbers != list(range(1, len(face_numbers) + 1)):
+        raise SchemaError(f"{where}: the face files must be numbered 1, 2, ... without gaps.")
+    for role, entry in files.items():
+        kind = role_kind(role)
+        if kind[0] == "face_embedding" and kind[1] not in face_numbers:
+            raise SchemaError(f"{where}: files.{role} has no face crop beside it.")
         if not isinstance(entry, dict):
             raise SchemaError(f"{where}: files.{role} should be a table.")
         rel = _expect(entry, "path", str, f"{where} files.{role}")
         sha = _expect(entry, "sha256", str, f"{where} files.{role}")
         size = _expect(entry, "size", int, f"{where} files.{role}")
-        if not re.fullmatch(rf"{role}-[0-9a-f]{{12}}{re.escape(ROLE_SUFFIX[role])}", rel):
+        if not re.fullmatch(rf"{kind[0]}-[0-9a-f]{{12}}{re.escape(ROLE_SUFFIX[kind[0]])}", rel):
             raise SchemaError(f"{where}: files.{role}.path '{rel}' is not a valid file name.")
         if not re.fullmatch(r"[0-9a-f]{64}", sha) or size < 0:
             raise SchemaError(f"{where}: files.{role} has an invalid sha256 or size.")
-    for key in ("fit", "source"):
-        if key in meta and not isinstance(meta[key], dict):
-            raise SchemaError(f"{where}: '{key}' should be a table.")
+    if "fit" in meta and not isinstance(meta["fit"], dict):
+        raise SchemaError(f"{where}: 'fit' should be a table.")
+    evals = meta.get("evals", [])
+    if not isinstance(evals, list) or not all(isinstance(x, dict) for x in evals) \
+            or len(evals) > MAX_HISTORY:
+        raise SchemaError(f"{where}: 'evals' should be a list of at most {MAX_HISTORY} tables.")
+    sources = meta.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources) \
+            or len(sources) > MAX_PHOTOS:
+        raise SchemaError(f"{where}: 'sources' should be a list of at most {MAX_PHOTOS} tables.")
     return meta
 
 
@@ -371,7 +432,8 @@ def symlink_message(folder: Path) -> str:
 
 def _read_verified(ident: Identity, role: str) -> bytes:
     entry = ident.meta["files"][role]
-    limit = MAX_FACE_FILE_BYTES if role == "face" else MAX_TENSOR_FILE_BYTES
+    limit = MAX_FACE_FILE_BYTES if (role_kind(role) or ("",))[0] == "face" \
+        else MAX_TENSOR_FILE_BYTES
     try:
         data = storage.read_regular_file(ident.path / entry["path"], limit,
                                          follow_symlinks=False)
@@ -553,7 +615,7 @@ def _cached_identity(folder: Path, entry: Any) -> Identity | None:
 def _cache_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """What the list cache keeps of an identity: no biometric detail (photo name and hash, face
     box) and no file checksums, only what `list` shows and the file names it stats."""
-    kept = {k: v for k, v in meta.items() if k not in ("source", "files")}
+    kept = {k: v for k, v in meta.items() if k not in ("source", "sources", "files")}
     kept["files"] = {role: {"path": entry["path"], "size": entry["size"]}
                      for role, entry in meta["files"].items()}
     return kept
@@ -638,8 +700,9 @@ def _tensor_bytes(array, key: str) -> bytes:
 
 
 def _role_file(role: str, data: bytes) -> tuple[str, str]:
+    kind = (role_kind(role) or (role,))[0]
     sha = storage.sha256_bytes(data)
-    return f"{role}-{sha[:12]}{ROLE_SUFFIX[role]}", sha
+    return f"{kind}-{sha[:12]}{ROLE_SUFFIX[kind]}", sha
 
 
 def _render_meta(write: IdentityWrite, files: dict[str, dict[str, Any]],
@@ -741,15 +804,22 @@ def check_face_png(data: bytes, where: str, error: type[CelebctlError] = Corrupt
 
 def _prepare_files(write: IdentityWrite) -> dict[str, bytes]:
     check_coefficients(write.coefficients, f"identity '{write.name}'")
-    if write.face_embedding is not None:
-        check_face_embedding(write.face_embedding, f"The face embedding of '{write.name}'")
+    faces = []
     if write.face_png is not None:
-        check_face_png(bytes(write.face_png), f"The face crop of '{write.name}'")
+        faces.append((write.face_png, write.face_embedding))
+    elif write.face_embedding is not None or write.extra_faces:
+        raise CorruptEntry(f"identity '{write.name}': face data without a first face crop.")
+    faces += list(write.extra_faces)
+    if len(faces) > MAX_PHOTOS:
+        raise CorruptEntry(f"identity '{write.name}': at most {MAX_PHOTOS} photos.")
     blobs = {"coefficients": _tensor_bytes(write.coefficients, "coefficients")}
-    if write.face_png is not None:
-        blobs["face"] = bytes(write.face_png)
-    if write.face_embedding is not None:
-        blobs["face_embedding"] = _tensor_bytes(write.face_embedding, "embedding")
+    for index, (png, embedding) in enumerate(faces, start=1):
+        check_face_png(bytes(png), f"The face crop of '{write.name}' (photo {index})")
+        blobs[face_role(index)] = bytes(png)
+        if embedding is not None:
+            check_face_embedding(embedding, f"The face embedding of '{write.name}' (photo "
+                                            f"{index})")
+            blobs[face_role(index, "face_embedding")] = _tensor_bytes(embedding, "embedding")
     return blobs
 
 
@@ -1069,6 +1139,31 @@ def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> li
         storage.remove_file(journal)
         _remove_backups(backups)
         return done
+
+
+def faces_of(ident: Identity) -> list[tuple[bytes, Any]]:
+    """Every (face crop PNG, face embedding or None) of an identity, photo 1 first."""
+    return [(ident.load_face_png(k), ident.load_face_embedding(k))  # type: ignore[misc]
+            for k in range(1, ident.face_count + 1)]
+
+
+def append_history(names: Sequence[str], key: str, record: dict[str, Any]) -> list[Identity]:
+    """Append ``record`` to the ``key`` list (e.g. "evals") of each identity's metadata, all in
+    one step, keeping the newest MAX_HISTORY. The data files are written back unchanged; an
+    identity changed by another process meanwhile is refused (IdentityChanged)."""
+    writes = []
+    for name in names:
+        ident = get_identity(name, verify="all")
+        meta = {k: v for k, v in ident.meta.items()
+                if k not in ("files", "name", "schema_version", "created", "updated")}
+        meta[key] = (list(meta.get(key, [])) + [dict(record)])[-MAX_HISTORY:]
+        faces = faces_of(ident)
+        writes.append(IdentityWrite(
+            name=name, coefficients=ident.load_coefficients(), meta=meta,
+            face_png=faces[0][0] if faces else None,
+            face_embedding=faces[0][1] if faces else None, extra_faces=faces[1:],
+            replaces_sha256=ident.meta["files"]["coefficients"]["sha256"]))
+    return save_identities(writes, replace=True)
 
 
 def _remove_backups(backups: dict[str, Path | None]) -> None:

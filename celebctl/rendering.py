@@ -22,13 +22,15 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .denoise import UNetCall, sample_images
 from .errors import BasisMismatch, InvalidOption, StorageError
-from .prompting import ParsedPrompt, parse_prompt, tokenize_prompt
+from .prompting import ParsedPrompt, parse_prompt, tokenize_prompt, with_person_nouns
 from .storage import write_new_user_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,6 +51,15 @@ MAX_STEPS = 1000
 MAX_BATCH = 64
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**63 - 1
+# Classifier-free guidance when --guidance is not given: the reference samples identities at 10;
+# prompts without an identity keep diffusers' usual 7.5.
+IDENTITY_GUIDANCE = 10.0
+PLAIN_GUIDANCE = 7.5
+
+
+def default_guidance(names_identities: bool) -> float:
+    """The guidance scale used when none is given (docs/method.md, "Rendering")."""
+    return IDENTITY_GUIDANCE if names_identities else PLAIN_GUIDANCE
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +79,7 @@ class RenderPlan:
     negative_token_count: int
     max_tokens: int
     notes: list[str] = field(default_factory=list)
+    person_noun: bool = True
     # name -> (2, p) numpy coefficients, read together with the identities (one snapshot)
     coefficients: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -89,6 +101,8 @@ class RenderPlan:
             "tokens": self.token_count,
             "negative_tokens": self.negative_token_count,
             "max_tokens": self.max_tokens,
+            "person_noun": self.person_noun,
+            "guidance_default": default_guidance(bool(self.identities)),
             "notes": list(self.notes),
         }
 
@@ -134,14 +148,16 @@ def _shared_basis(idents: Sequence[Any]) -> str | None:
 
 
 def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None = None, *,
-                tokenizer: Any = None) -> RenderPlan:
+                tokenizer: Any = None, person_noun: bool = True) -> RenderPlan:
     """Parse and check a render request without loading any model.
 
     Finds the registered identities named in ``prompt`` and ``negative``, checks they share one
     basis, picks the model (``model``; else the identities' recorded model when they agree; else
     the configured default) and counts tokens against the 77-token window with the model's
     tokenizer where it is known without loading (the packaged CLIP tokenizer for SD 1.x), or
-    with ``tokenizer`` when given (an already loaded model's). Raises PromptError,
+    with ``tokenizer`` when given (an already loaded model's). With ``person_noun`` each
+    identity is followed by "person" as in training (:func:`prompting.with_person_nouns`).
+    Raises PromptError,
     IdentityNotFound, BasisMismatch, BasisNotFound or ModelUnavailable.
     """
     from . import basis as basis_mod
@@ -150,6 +166,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     known = registry.known_names()
     parsed = parse_prompt(prompt, known)
     parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
+    if person_noun:
+        parsed, parsed_negative = with_person_nouns(parsed), with_person_nouns(parsed_negative)
     names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
     # One consistent read: never a partner refitted by a `joint` half-way through its write.
     idents = registry.read_identity_set(names)
@@ -175,7 +193,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
                       basis_id=basis_id, spec=spec, token_count=tokens.length - 2,
                       negative_token_count=negative_tokens.length - 2, max_tokens=window - 2,
-                      notes=notes, coefficients={i.name: i.load_coefficients() for i in idents})
+                      notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
+                      person_noun=person_noun)
 
 
 def noise_note(spec: ModelSpec) -> str:
@@ -350,9 +369,9 @@ class RenderResult:
         }
 
 
-def check_render_options(*, num_images: int, steps: int, guidance: float, scheduler: str,
+def check_render_options(*, num_images: int, steps: int, guidance: float | None, scheduler: str,
                          seed: int, width: int | None, height: int | None,
-                         batch_size: int) -> None:
+                         batch_size: int | None) -> None:
     """Raise InvalidOption for a setting that cannot work, before anything loads."""
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -361,11 +380,12 @@ def check_render_options(*, num_images: int, steps: int, guidance: float, schedu
         raise InvalidOption(f"--num-images must be between 1 and {MAX_IMAGES}.")
     if not whole(steps) or not 1 <= steps <= MAX_STEPS:
         raise InvalidOption(f"--steps must be between 1 and {MAX_STEPS}.")
-    if not whole(batch_size) or not 1 <= batch_size <= MAX_BATCH:
+    if batch_size is not None and (not whole(batch_size) or not 1 <= batch_size <= MAX_BATCH):
         raise InvalidOption(f"--batch-size must be between 1 and {MAX_BATCH}.")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-        raise InvalidOption("--guidance must be a number >= 0 (7.5 is usual; <= 1 turns "
-                            "classifier-free guidance off).")
+    if guidance is not None and (not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise InvalidOption("--guidance must be a number >= 0 (10 for identities, 7.5 for "
+                            "plain prompts by default; <= 1 turns classifier-free guidance off).")
     if scheduler not in SCHEDULERS:
         raise InvalidOption(f"Unknown scheduler '{scheduler}': use {', '.join(SCHEDULERS)}.")
     if not whole(seed) or not 0 <= seed or seed + num_images - 1 > MAX_SEED:
@@ -375,6 +395,35 @@ def check_render_options(*, num_images: int, steps: int, guidance: float, schedu
                                   or not MIN_SIZE <= value <= MAX_SIZE):
             raise InvalidOption(f"{flag} must be a multiple of 8 between {MIN_SIZE} and "
                                 f"{MAX_SIZE}, not {value}.")
+
+
+# Auto batch size (on CUDA): a conservative peak of one image at 512 x 512 in fp16 with
+# classifier-free guidance (UNet on a doubled batch, then the VAE decoder), scaled by pixels.
+BYTES_PER_IMAGE_512 = 1.5 * 2**30
+MAX_AUTO_BATCH = 16
+CPU_BATCH = 4
+
+
+def auto_batch_size(components: Components, num_images: int, width: int, height: int) -> int:
+    """As many images per batch as fit: on CUDA from the free memory, on a CPU a few."""
+    if components.device.type != "cuda":
+        return max(1, min(num_images, CPU_BATCH))
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(components.device)
+    per_image = BYTES_PER_IMAGE_512 * (width * height) / (512 * 512)
+    fits = int(0.7 * free // per_image)
+    return max(1, min(num_images, MAX_AUTO_BATCH, fits))
+
+
+def render_dtype(dtype: str, device: Any) -> Any:
+    """The dtype a render runs in: fp16 on CUDA unless asked otherwise (it measured fastest
+    there, and SD 1.x's UNet and VAE are safe in fp16), fp32 on a CPU."""
+    from . import models
+
+    if str(dtype).strip().lower() == "auto" and models.resolve_device(device).type == "cuda":
+        return models.resolve_dtype("fp16", device)
+    return models.resolve_dtype(dtype, device)
 
 
 def make_scheduler(name: str, config: Any) -> Any:
@@ -429,29 +478,16 @@ def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[s
     return embeds[0], embeds[1]
 
 
-def _build_pipeline(components: Components, scheduler: Any) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    from .models import quiet_libraries
-
-    with quiet_libraries():
-        pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
-                  guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0,
-                  width: int | None = None, height: int | None = None, batch_size: int = 1,
+                  guidance: float | None = None, scheduler: str = "ddim", seed: int = 0,
+                  width: int | None = None, height: int | None = None,
+                  batch_size: int | None = None,
                   model: str | ModelSpec | None = None, device: str = "auto",
                   dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
                   grid: bool = False, progress: ProgressCallback | None = None,
                   components: Components | None = None,
-                  on_file: Callable[[Path], None] | None = None) -> RenderResult:
+                  on_file: Callable[[Path], None] | None = None,
+                  person_noun: bool = True, capture: bool = True) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -460,7 +496,11 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     ``device`` and ``dtype`` are then ignored). ``progress(phase, done, total, info)`` gets
     "render" with one count per denoising step per image; ``on_file(path)`` is called as each
     PNG is written, so a caller knows what exists if the render stops early. A failed write
-    raises StorageError that names the images already written. Returns what was written.
+    raises StorageError that names the images already written. ``guidance`` None means 10
+    when the prompt names identities (the reference's value) and 7.5 otherwise;
+    ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
+    picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
+    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
     """
     import torch
 
@@ -476,15 +516,19 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
             raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
         model = components.spec
     plan = plan_render(prompt, negative, model,
-                       tokenizer=components.tokenizer if components is not None else None)
+                       tokenizer=components.tokenizer if components is not None else None,
+                       person_noun=person_noun)
+    if guidance is None:
+        guidance = default_guidance(bool(plan.identities))
     if components is None:
         torch_device = models.resolve_device(device)
-        models.resolve_dtype(dtype, torch_device)
+        dtype = render_dtype(dtype, torch_device)
     out_dir = _prepare_out_dir(Path(out_dir))
 
     basis = basis_mod.load_basis(plan.basis_id) if plan.basis_id else None
     if components is None:
-        components = models.load_pipeline_components(plan.spec, torch_device, dtype)
+        components = models.load_pipeline_components(plan.spec, torch_device, dtype,
+                                                     progress=progress)
     if basis is not None:
         basis_mod.check_model_matches_basis(basis, components.text_encoder,
                                             components.tokenizer, model_ref=plan.spec.ref)
@@ -493,16 +537,12 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
 
     width = width or components.default_resolution
     height = height or components.default_resolution
-    pipe = _build_pipeline(components, make_scheduler(scheduler, components.scheduler.config))
+    sampler = make_scheduler(scheduler, components.scheduler.config)
     seeds = [seed + i for i in range(num_images)]
-    counter = {"done": 0, "batch": 0, "total": num_images * steps}
-
-    def on_step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]
-                    ) -> dict[str, Any]:
-        counter["done"] += counter["batch"]
-        if progress is not None:
-            progress("render", counter["done"], counter["total"], {})
-        return kwargs
+    batch = batch_size or auto_batch_size(components, num_images, width, height)
+    notes = list(plan.notes)
+    unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
+    counter = {"done": 0, "total": num_images * steps}
 
     settings_base = {
         "prompt": plan.prompt.text,
@@ -518,13 +558,14 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         "model": model_label(plan.spec),
         "basis_id": plan.basis_id,
         "identities": list(plan.identities),
+        "person_noun": plan.person_noun,
         "celebctl_version": __version__,
     }
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.text)
 
-    def save(stem_seed: str, data: bytes) -> Path:
+    def save(stem_seed: str, data: bytes, image: bool = True) -> Path:
         try:
             path = write_new_user_file(out_dir, stem_seed, ".png", data)
         except StorageError as exc:
@@ -533,34 +574,52 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                                    "had been written before: "
                                    + ", ".join(str(p) for p in paths) + ".") from exc
             raise StorageError(f"{exc} No image was written.") from exc
+        if image:
+            paths.append(path)
         if on_file is not None:
             on_file(path)
         return path
 
-    for start in range(0, num_images, batch_size):
-        batch_seeds = seeds[start:start + batch_size]
-        current_batch = counter["batch"] = len(batch_seeds)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-        with torch.no_grad(), models.quiet_libraries():
-            output = pipe(
-                prompt_embeds=prompt_embeds.expand(current_batch, -1, -1),
-                negative_prompt_embeds=negative_embeds.expand(current_batch, -1, -1),
-                generator=generators, num_inference_steps=steps, guidance_scale=guidance,
-                height=height, width=width, output_type="pil",
-                callback_on_step_end=on_step_end,
-            )
-        for image_seed, image in zip(batch_seeds, output.images, strict=True):
-            settings = {**settings_base, "seed": image_seed}
-            paths.append(save(f"{stem}-{image_seed}", png_bytes(image, settings)))
-            images.append(image)
+    def encode_and_save(image: Any, image_seed: int) -> Path:
+        return save(f"{stem}-{image_seed}", png_bytes(image, {**settings_base,
+                                                               "seed": image_seed}))
+
+    # PNGs of one batch are encoded and written by one worker thread, in order, while the next
+    # batch denoises; a failed write stops the render at the next batch.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="celebctl-png") as writer:
+        pending: list[Any] = []
+        for start in range(0, num_images, batch):
+            for future in pending:
+                if future.done():
+                    future.result()  # raises the write's error now
+            batch_seeds = seeds[start:start + batch]
+            done_before = counter["done"]
+
+            def on_step(step: int, done_before: int = done_before,
+                        count: int = len(batch_seeds)) -> None:
+                counter["done"] = done_before + step * count
+                if progress is not None:
+                    progress("render", counter["done"], counter["total"], {})
+
+            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+            with models.quiet_libraries():
+                batch_images = sample_images(
+                    unet_call=unet_call, vae=components.vae, scheduler=sampler,
+                    prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
+                    generators=generators, steps=steps, guidance=guidance, height=height,
+                    width=width, on_step=on_step)
+            images += batch_images
+            pending += [writer.submit(encode_and_save, image, image_seed)
+                        for image_seed, image in zip(batch_seeds, batch_images, strict=True)]
+        for future in pending:
+            future.result()
 
     grid_path = None
     if grid:
         sheet_settings = {**settings_base, "seed": seeds[0], "seeds": seeds,
                           "files": [p.name for p in paths]}
         grid_path = save(f"{stem}-{seeds[0]}-grid",
-                         png_bytes(contact_sheet(images), sheet_settings))
-    notes = list(plan.notes)
+                         png_bytes(contact_sheet(images), sheet_settings), image=False)
     if guidance <= 1 and plan.negative.text:
         notes.append("--guidance <= 1 turns classifier-free guidance off, so the negative "
                      "prompt has no effect.")

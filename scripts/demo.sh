@@ -16,21 +16,23 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "celebctl $(${CELEBCTL[@]} --version | cut -d' ' -f2); data home: $CELEBCTL_HOME"
 
-step "A second face for 'bob': the test photo mirrored and recoloured"
-.venv/bin/python - "$OUT/bob.png" <<'PY'
+step "Photos: a second, tighter shot of 'alice', and a face for 'bob' (mirrored, recoloured)"
+.venv/bin/python - "$OUT/alice-2.png" "$OUT/bob.png" <<'PY'
 import sys
 from PIL import Image, ImageOps
 image = Image.open("tests/data/astronaut.png").convert("RGB")
+w, h = image.size
+image.crop((w // 8, 0, w - w // 8, h - h // 4)).resize((w, h)).save(sys.argv[1])
 r, g, b = ImageOps.mirror(image).split()
-Image.merge("RGB", (b, r, g)).save(sys.argv[1])
+Image.merge("RGB", (b, r, g)).save(sys.argv[2])
 PY
-echo "wrote $OUT/bob.png"
+echo "wrote $OUT/alice-2.png and $OUT/bob.png"
 
 step "celebctl basis build ${MODEL[*]}"
 "${CELEBCTL[@]}" basis build "${MODEL[@]}"
 
-step "celebctl add alice tests/data/astronaut.png ${MODEL[*]} --replace"
-"${CELEBCTL[@]}" add alice tests/data/astronaut.png "${MODEL[@]}" --replace
+step "celebctl add alice tests/data/astronaut.png $OUT/alice-2.png ${MODEL[*]} --replace  (several photos of one person)"
+"${CELEBCTL[@]}" add alice tests/data/astronaut.png "$OUT/alice-2.png" "${MODEL[@]}" --replace
 
 step "celebctl add bob $OUT/bob.png ${MODEL[*]} --replace"
 "${CELEBCTL[@]}" add bob "$OUT/bob.png" "${MODEL[@]}" --replace
@@ -40,6 +42,9 @@ step "celebctl joint alice bob"
 
 step "celebctl list"
 "${CELEBCTL[@]}" list
+
+step "celebctl render \"alice shaking hands with bob\" --dry-run  (how the prompt is read)"
+"${CELEBCTL[@]}" render "alice shaking hands with bob" --dry-run
 
 step "celebctl render \"alice shaking hands with bob\" -n 4 --grid"
 "${CELEBCTL[@]}" render "alice shaking hands with bob" -n 4 --grid --out "$OUT/renders"

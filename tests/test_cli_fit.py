@@ -100,10 +100,10 @@ def test_face_option_picks(tiny_home, photo_path, tmp_path):
     result = invoke("add", "alice", group, *FAST)
     assert result.exit_code == 0, result.output
     assert "2 faces found" in result.stderr
-    assert registry.get_identity("alice").meta["source"]["face_index"] == 2
+    assert registry.get_identity("alice").meta["sources"][0]["face_index"] == 2
     result = invoke("add", "bob", group, *FAST, "--face", "1")
     assert result.exit_code == 0
-    assert registry.get_identity("bob").meta["source"]["face_index"] == 1
+    assert registry.get_identity("bob").meta["sources"][0]["face_index"] == 1
     result = invoke("add", "carol", group, *FAST, "--face", "3")
     assert result.exit_code == 1 and "out of range" in result.stderr
 
@@ -131,10 +131,10 @@ def test_interrupt_writes_nothing(tiny_home, photo_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    import celebctl.prompting as prompting
+    from celebctl.fitstep import TrainStep
 
-    real = prompting.encode_tokens
-    monkeypatch.setattr(prompting, "encode_tokens", interrupt_on_third)
+    real = TrainStep.run
+    monkeypatch.setattr(TrainStep, "run", interrupt_on_third)
     result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "10", "--quiet")
     assert result.exit_code == 130
     assert "nothing was written" in result.stderr

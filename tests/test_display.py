@@ -52,7 +52,7 @@ def test_imported_metadata_is_shown_literally(tiny_home, tmp_path, value):
     shown = invoke("show", "bob")
     assert_literal(shown.stdout, value)
     data = json.loads(invoke("show", "bob", "--json").stdout)
-    assert data["source"]["photo"] == value
+    assert data["sources"][0]["photo"] == value
     for char in RAW:
         assert char not in invoke("show", "bob", "--json").stdout
 
@@ -81,7 +81,7 @@ def test_control_characters_in_a_model_field_are_refused_at_import(tiny_home, tm
 def test_hand_edited_registry_text_is_shown_literally(home):
     toml_path = paths.identities_dir() / "alice" / registry.IDENTITY_TOML
     meta = documents.parse_toml(toml_path.read_bytes())
-    meta["source"]["photo"] = ESC_TITLE
+    meta["sources"][0]["photo"] = ESC_TITLE
     meta["model"] = "[/bold]"
     toml_path.write_text(tomli_w.dumps(meta), "utf-8")
     for args in (["list"], ["show", "alice"], ["show", "alice", "--json"], ["list", "--json"]):
@@ -127,7 +127,7 @@ def test_an_identity_folder_with_escape_codes_in_its_name(home):
 def test_prompts_are_shown_literally(home, text):
     result = invoke("render", text, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert_literal(result.stdout, text.replace("alice", "<alice>"))
+    assert_literal(result.stdout, text.replace("alice", "<alice> person"))
 
 
 def test_user_typed_paths_in_errors_are_literal(tiny_home, tmp_path):

@@ -158,7 +158,7 @@ def test_diffusers_textual_inversion_renders_what_celebctl_renders(home, tmp_pat
     for name in ("alice", "bob"):
         export.export_identity(name, tmp_path / f"{name}-ti", "diffusers")
         export.export_identity(name, tmp_path / f"{name}.safetensors", "a1111")
-    prompt = "<alice> shaking hands with <bob>"
+    prompt = "<alice> person shaking hands with <bob> person"  # what render expands it to
     from_diffusers = _diffusers_image(
         [(str(tmp_path / "alice-ti"), None), (str(tmp_path / "bob-ti"), None)], prompt, 7)
     from_a1111 = _diffusers_image(

@@ -121,7 +121,7 @@ def test_add_and_replace(tiny_home, photo_path):
     for key in ("loss_first", "loss_last", "loss_min", "wall_time_s", "lr", "seed",
                 "batch_size", "resolution"):
         assert key in meta["fit"]
-    assert meta["source"]["photo_sha256"] and len(meta["source"]["face_box"]) == 4
+    assert meta["sources"][0]["photo_sha256"] and len(meta["sources"][0]["face_box"]) == 4
     assert ident.load_face_png().startswith(b"\x89PNG")
     assert ident.load_face_embedding().shape == (512,)
     assert ident.load_coefficients().shape == (2, meta["components"])
@@ -174,7 +174,7 @@ def test_exception_during_joint_leaves_all_unchanged(tiny_home, photo_path, monk
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("celebctl.prompting.encode_tokens", interrupt)
+    monkeypatch.setattr("celebctl.fitstep.TrainStep.run", interrupt)
     with pytest.raises(KeyboardInterrupt):
         fitting.refit_jointly(["alice", "bob"], settings=FitSettings(steps=2, pool_size=2))
     for name in ("alice", "bob"):

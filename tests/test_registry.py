@@ -125,8 +125,8 @@ def test_list_reports_broken_entries_and_keeps_going():
     data[-1] ^= 0xFF
     coeff.write_bytes(bytes(data))
     toml = (root / "dave" / "identity.toml").read_text()
-    (root / "dave" / "identity.toml").write_text(toml.replace("schema_version = 1",
-                                                              "schema_version = 99"))
+    current = f"schema_version = {registry.SCHEMA_VERSION}"
+    (root / "dave" / "identity.toml").write_text(toml.replace(current, "schema_version = 99"))
     (root / "eve").mkdir()  # a folder with no TOML
     scan = registry.list_identities()
     assert [i.name for i in scan.identities] == ["alice"]

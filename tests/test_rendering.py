@@ -76,7 +76,7 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
     assert [p.name for p in result.paths] == ["alice-shaking-hands-with-bob-5.png",
                                               "alice-shaking-hands-with-bob-6.png"]
     assert result.seeds == [5, 6] and result.identities == ["alice", "bob"]
-    assert result.expanded == "<alice> shaking hands with <bob>"
+    assert result.expanded == "<alice> person shaking hands with <bob> person"
     assert result.basis_id == basis_id and result.model == "tiny"
     assert any("random weights: its images are noise" in n for n in result.notes)
     for path in result.paths:
@@ -89,16 +89,18 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
     assert meta["parameters"] == (
         "alice shaking hands with bob\n"
         "Negative prompt: blurry, bob\n"
-        f"Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 64x64, Model: tiny, "
+        f"Steps: 2, Sampler: DDIM, CFG scale: 10, Seed: 6, Size: 64x64, Model: tiny, "
         f"celebctl: {__version__}, Basis: {basis_id}, Identities: \"alice, bob\", "
-        "Expanded: <alice> shaking hands with <bob>, Negative expanded: \"blurry, <bob>\""
+        "Expanded: <alice> person shaking hands with <bob> person, "
+        "Negative expanded: \"blurry, <bob> person\""
     )
     assert meta["celebctl"] == {
         "prompt": "alice shaking hands with bob", "negative_prompt": "blurry, bob",
-        "expanded": "<alice> shaking hands with <bob>", "negative_expanded": "blurry, <bob>",
-        "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 7.5, "seed": 6,
+        "expanded": "<alice> person shaking hands with <bob> person",
+        "negative_expanded": "blurry, <bob> person",
+        "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 10.0, "seed": 6,
         "width": 64, "height": 64, "model": "tiny", "basis_id": basis_id,
-        "identities": ["alice", "bob"], "celebctl_version": __version__,
+        "identities": ["alice", "bob"], "person_noun": True, "celebctl_version": __version__,
     }
     # The WebUI's own parser (its regex) reads the settings line back.
     fields = dict(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)',
@@ -210,7 +212,11 @@ def test_plan_loads_no_model(home, no_models):
     plan = rendering.plan_render("Alice shaking hands with bob", "blurry <bob>")
     assert plan.model == "tiny"  # the identities' recorded model, not the configured default
     assert plan.identities == ["alice", "bob"]
-    assert plan.token_count == 7 and plan.negative_token_count == 3 and plan.max_tokens == 75
+    # Each identity is 2 tokens and is followed by "person", as in training.
+    assert plan.token_count == 9 and plan.negative_token_count == 4 and plan.max_tokens == 75
+    bare = rendering.plan_render("Alice shaking hands with bob", "blurry <bob>",
+                                 person_noun=False)
+    assert bare.token_count == 7 and bare.prompt.expanded() == "<alice> shaking hands with <bob>"
     assert plan.basis_id == registry.get_identity("alice").basis_id
     assert no_models == []
 
@@ -219,12 +225,16 @@ def test_dry_run_cli_loads_no_model_and_writes_nothing(home, no_models, tmp_path
     out = tmp_path / "renders"
     result = invoke("render", "alice shaking hands with bob", "--dry-run", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "Prompt:     <alice> shaking hands with <bob>" in result.stdout
-    assert "Identities: alice, bob" in result.stdout and "Tokens:     7 of 75" in result.stdout
+    assert "Prompt:     <alice> person shaking hands with <bob> person" in result.stdout
+    assert "Identities: alice, bob" in result.stdout and "Tokens:     9 of 75" in result.stdout
+    assert "Guidance:   10 (default)" in result.stdout
     assert "Model:      tiny" in result.stdout
     assert "random weights" in result.stderr
     data = json.loads(invoke("render", "alice", "--dry-run", "--json").stdout)
-    assert data["expanded"] == "<alice>" and data["tokens"] == 2 and data["model"] == "tiny"
+    assert data["expanded"] == "<alice> person" and data["tokens"] == 3
+    assert data["model"] == "tiny" and data["person_noun"] and data["guidance_default"] == 10
+    data = json.loads(invoke("render", "alice", "--dry-run", "--json", "--no-person").stdout)
+    assert data["expanded"] == "<alice>" and data["tokens"] == 2 and not data["person_noun"]
     assert no_models == [] and not out.exists()
 
 
@@ -284,6 +294,9 @@ def test_tokenizer_mismatch_is_found_without_loading(home, tmp_path, no_models):
 
 def test_too_long_prompt_fails_before_loading(home, no_models, tmp_path):
     with pytest.raises(PromptError, match="Shorten it by 5 tokens"):
+        rendering.render_prompt(" ".join(["alice"] * 40), out_dir=tmp_path / "r",
+                                person_noun=False)
+    with pytest.raises(PromptError, match="Shorten it by 45 tokens"):  # 40 x "person"
         rendering.render_prompt(" ".join(["alice"] * 40), out_dir=tmp_path / "r")
     with pytest.raises(PromptError, match="^The negative prompt is"):
         rendering.render_prompt("alice", negative=" ".join(["bob"] * 40), out_dir=tmp_path)
@@ -334,7 +347,8 @@ def test_cli_render_json(home, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["seeds"] == [4, 5] and data["identities"] == ["alice", "bob"]
-    assert data["expanded"] == "<alice> shaking hands with <bob>"
+    assert data["expanded"] == "<alice> person shaking hands with <bob> person"
+    assert data["guidance"] == 10.0
     assert [Path(p).name for p in data["paths"]] == ["alice-shaking-hands-with-bob-4.png",
                                                      "alice-shaking-hands-with-bob-5.png"]
     assert all(Path(p).is_file() for p in data["paths"]) and Path(data["grid"]).is_file()

@@ -168,7 +168,7 @@ def test_deeply_nested_registry_entries_can_always_be_deleted(home, kind):
 
 
 def test_huge_strings_are_refused(tiny_home, tmp_path):
-    bundle = craft_bundle(tmp_path / "b.celeb", "bob", meta={"source": {"photo": "x" * 100_000}})
+    bundle = craft_bundle(tmp_path / "b.celeb", "bob", meta={"sources": [{"photo": "x" * 100_000}]})
     with pytest.raises(BundleError, match="characters"):
         bundles.import_bundle(bundle)
 

@@ -81,8 +81,10 @@ def test_import_refuses_devices_and_sockets(tiny_home, sock):
     ["basis", "build", "--model", "tiny", "--names", "/dev/zero"],
     ["add", "bob", "{fifo}", "--model", "tiny", "--quiet"],
     ["add", "bob", "/dev/zero", "--model", "tiny", "--quiet"],
+    ["render", "a cat", "--dry-run", "--model", "{fifo}.safetensors"],
 ])
 def test_every_file_argument_refuses_special_files(tiny_home, fifo, args):
+    os.mkfifo(f"{fifo}.safetensors")
     args = [a.replace("{fifo}", str(fifo)) for a in args]
     result = celebctl(*args)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

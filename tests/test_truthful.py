@@ -118,18 +118,19 @@ def test_a_full_disk_during_render_names_what_was_written(home, tmp_path, monkey
 
 
 def test_ctrl_c_during_render_lists_the_images_written(home, tmp_path, monkeypatch):
-    real = rendering.png_bytes
+    real = rendering.sample_images
     calls = []
 
-    def interrupt_on_second(*args, **kwargs):
+    def interrupt_on_second(*args, **kwargs):  # Ctrl-C while the second batch denoises
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rendering, "png_bytes", interrupt_on_second)
+    monkeypatch.setattr(rendering, "sample_images", interrupt_on_second)
     out = tmp_path / "r"
-    result = invoke("render", "alice", "-n", "3", "--steps", "1", "--quiet", "--out", out)
+    result = invoke("render", "alice", "-n", "3", "--steps", "1", "--quiet", "--out", out,
+                    "--batch-size", "1")
     assert result.exit_code == 130
     assert "1 image had been written in full" in result.stderr
     assert str(out / "alice-0.png") in result.stdout

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import basis, doctor, fit, identities, render
+from . import basis, doctor, evaluate, fit, identities, render
 from .common import out, typer_factory
 
 app = typer_factory(
@@ -42,6 +42,7 @@ fit.register(app)
 identities.register(app)
 doctor.register(app)
 render.register(app)
+evaluate.register(app)
 app.add_typer(basis.app, name="basis")
 
 

@@ -41,13 +41,13 @@ def list_cmd(json_out: JsonOpt = False) -> None:
         out.print("No identities yet. Add one with `celebctl add NAME PHOTO`.")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("name", "model", "basis", "p", "face", "updated"):
+    for column in ("name", "model", "basis", "p", "faces", "updated"):
         table.add_column(column)
     for ident in scan.identities:
         s = ident.summary()
         table.add_row(
             cell(s["name"]), cell(s["model"]), cell(str(s["basis_id"])[:12]),
-            cell(s["components"]), cell("yes" if s["has_face"] else "no"), cell(s["updated"]),
+            cell(s["components"]), cell(s["faces"]), cell(s["updated"]),
         )
     out.print(table)
 
@@ -71,6 +71,10 @@ def _print_tree(data: dict, indent: int, skip: set[str] = frozenset()) -> None:
         if isinstance(value, dict):
             out.print(f"{pad}{key}:")
             _print_tree(value, indent + 1)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for number, item in enumerate(value, start=1):  # e.g. one [[sources]] per photo
+                out.print(f"{pad}{key} {number}:")
+                _print_tree(item, indent + 1)
         else:
             out.print(f"{pad}{key}: {value}")
 

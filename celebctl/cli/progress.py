@@ -17,12 +17,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..documents import visible
 from .common import err
 
 PHASES = {
     "pool": "Encoding augmented faces",
     "fit": "Fitting",
     "render": "Denoising",
+    "eval": "Rendering the prompt set",
 }
 
 
@@ -47,10 +49,10 @@ def progress_callback(quiet: bool = False) -> Iterator[Any]:
         return
     progress = Progress(
         SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[extra]}"),
+        TextColumn("{task.fields[extra]}", markup=False),
         RateColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
@@ -60,14 +62,37 @@ def progress_callback(quiet: bool = False) -> Iterator[Any]:
     )
     tasks: dict[str, TaskID] = {}
 
+    def new_task(label: str, total: float | None) -> TaskID:
+        # The display starts with the first task, so a command that fails before any work
+        # prints its error without an empty progress line in front of it.
+        if not progress.live.is_started:
+            progress.start()
+        return progress.add_task(label, total=total, extra="")
+
     def callback(phase: str, done: int, total: int, info: dict[str, Any]) -> None:
         if phase == "note":
             progress.console.print(str(info.get("message", "")))
             return
+        if phase == "load":
+            model = visible(str(info.get("model", "the model")))
+            part = visible(str(info.get("part", "")))
+            if done == 0:
+                label = f"Loading {model}" + (f": {part}" if part else "")
+                if "load" not in tasks:
+                    tasks["load"] = new_task(label, None)
+                progress.update(tasks["load"], description=label)
+            elif "load" in tasks:
+                progress.update(tasks["load"], total=1, completed=1,
+                                description=f"Loaded {model}",
+                                extra=f"{info.get('seconds', 0):.1f} s")
+            return
         if phase not in tasks:
-            tasks[phase] = progress.add_task(PHASES.get(phase, phase), total=total, extra="")
+            tasks[phase] = new_task(PHASES.get(phase, phase), total)
         extra = f"loss {info['loss']:.4f}" if "loss" in info else ""
         progress.update(tasks[phase], completed=done, total=total, extra=extra)
 
-    with progress:
+    try:
         yield callback
+    finally:
+        if progress.live.is_started:
+            progress.stop()

@@ -45,8 +45,10 @@ def render_cmd(
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images to make; image "
                                             "i uses seed SEED+i.")] = 1,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance "
-                                            "scale.")] = 7.5,
+    guidance: Annotated[float | None, typer.Option(
+        "--guidance", help="Classifier-free guidance scale (default: 10 when the prompt names "
+        "an identity, as the method's authors sample; 7.5 otherwise).",
+        show_default=False)] = None,
     scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help="Sampler.")
                          ] = SchedulerName.ddim,
     seed: SeedOpt = 0,
@@ -56,8 +58,9 @@ def render_cmd(
     height: Annotated[int | None, typer.Option("--height", help="Image height in px, a "
                                                "multiple of 8 (default: the model's).",
                                                show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images denoised at "
-                                            "once.")] = 1,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Images denoised at once (default: as many as fit on a GPU, up "
+        "to 16; 4 on a CPU).", show_default=False)] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -66,6 +69,10 @@ def render_cmd(
                        ] = DEFAULT_OUT_DIR,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of all "
                                        "images.")] = False,
+    person: Annotated[bool, typer.Option(
+        "--person/--no-person", help="Add 'person' after each identity unless a person noun "
+        "(man, woman, ...) follows, as in training: 'alice riding a bike' renders as '<alice> "
+        "person riding a bike', 'alice's hat' as '<alice> person's hat'.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the expanded prompt, "
                                           "identities, basis, model and token count; load no "
                                           "model, write nothing.")] = False,
@@ -78,7 +85,7 @@ def render_cmd(
     and settings give the same image again.
     """
     if dry_run:
-        plan = rendering.plan_render(prompt, negative, model)
+        plan = rendering.plan_render(prompt, negative, model, person_noun=person)
         if json_out:
             print_json(plan.to_dict())
             return
@@ -90,6 +97,9 @@ def render_cmd(
         out.print(f"Model:      {plan.model}")
         out.print(f"Tokens:     {plan.token_count} of {plan.max_tokens}"
                   + (f" (negative: {plan.negative_token_count})" if plan.negative.text else ""))
+        shown = guidance if guidance is not None else rendering.default_guidance(
+            bool(plan.identities))
+        out.print(f"Guidance:   {shown:g}" + ("" if guidance is not None else " (default)"))
         for note in plan.notes:
             warn(note)
         return
@@ -101,6 +111,7 @@ def render_cmd(
                 guidance=guidance, scheduler=scheduler.value, seed=seed, width=width,
                 height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
                 out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
+                person_noun=person,
             )
     except KeyboardInterrupt:
         if not written:

@@ -1,0 +1,272 @@
+"""One training step of the fit, as a pure function of a step index and static tensors.
+
+Everything random in a fit is drawn up front, on the CPU from the fit's seed (so a seed gives
+the same fit on every device): which pool sample and caption template each batch slot uses,
+the diffusion timestep, the diffusion noise and the noise that samples a fresh latent from each
+pool entry's distribution. The step then only indexes those tensors with a step index that
+lives on the device, so it never waits on the host: the loss goes into a device buffer that the
+caller reads every few steps, and the EMA of the coefficients is updated on the device.
+
+On CUDA the step is captured once in a CUDA graph and replayed (the text encoder with the
+identity slots, the UNet forward and backward, AdamW and the EMA); everywhere else, and as the
+fallback when capture fails, the same function runs eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (CUDA needs them; they count)
+
+
+@dataclass
+class FitSchedule:
+    """Every random draw of a fit, per step and batch slot (tensors on the fit's device).
+
+    ``picks`` (S, B) pool indices; ``owners`` (S, B) identity indices; ``templates`` (S, B)
+    caption template indices; ``timesteps`` (S, B); ``coef_signal`` / ``coef_noise`` (S, B) the
+    sqrt(alpha_bar) and sqrt(1 - alpha_bar) of each timestep; ``noise`` and ``latent_noise``
+    (S, B, C, h, w); ``ema_decay`` (S, n) and ``ema_weight`` (S, n, B) the per-sample EMA
+    arithmetic (see :func:`ema_arrays`).
+    """
+
+    picks: Any
+    owners: Any
+    templates: Any
+    timesteps: Any
+    coef_signal: Any
+    coef_noise: Any
+    noise: Any
+    latent_noise: Any
+    ema_decay: Any
+    ema_weight: Any
+
+    @property
+    def steps(self) -> int:
+        return int(self.picks.shape[0])
+
+    def to(self, device) -> FitSchedule:
+        return FitSchedule(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+
+def ema_arrays(owners, n_identities: int, momentum: float):
+    """The EMA of each identity's coefficients, updated once per training sample.
+
+    For identity i with samples x_1..x_k (in batch order) in a step, k sequential updates
+    ``ema = m * ema + (1 - m) * x`` give ``ema' = m^k ema + sum_r (1 - m) m^(k-r) x_r``; its very
+    first sample sets ``ema = x`` instead. Returned as ``decay`` (S, n) and ``weight`` (S, n, B)
+    so that a step is ``ema = decay[s, :, None] * ema + weight[s] @ X`` with X (B, 2p).
+    """
+    import torch
+
+    steps, batch = owners.shape
+    decay = torch.ones((steps, n_identities), dtype=torch.float64)
+    weight = torch.zeros((steps, n_identities, batch), dtype=torch.float64)
+    seen = [False] * n_identities
+    owner_rows = owners.tolist()
+    for step in range(steps):
+        for identity in range(n_identities):
+            slots = [j for j, o in enumerate(owner_rows[step]) if o == identity]
+            if not slots:
+                continue
+            k = len(slots)
+            for r, slot in enumerate(slots, start=1):
+                weight[step, identity, slot] = (1 - momentum) * momentum ** (k - r)
+            decay[step, identity] = momentum ** k
+            if not seen[identity]:
+                # The first sample ever starts the average: ema = x_1, then the rest as usual.
+                decay[step, identity] = 0.0
+                weight[step, identity, slots[0]] = momentum ** (k - 1)
+                seen[identity] = True
+    return decay.float(), weight.float()
+
+
+def build_schedule(*, steps: int, batch_size: int, pool_identity, n_identities: int,
+                   n_templates: int, latent_shape: Sequence[int], alphas_cumprod,
+                   num_train_timesteps: int, ema_momentum: float, seed: int) -> FitSchedule:
+    """Draw every step's randomness from ``seed`` (CPU), as (S, B, ...) tensors.
+
+    Sample j of step s belongs to identity (s * B + j) mod n, so every batch mixes identities;
+    its pool entry is drawn uniformly among that identity's samples.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    owners = (torch.arange(steps * batch_size) % n_identities).view(steps, batch_size)
+    by_identity = [torch.nonzero(pool_identity == i).flatten() for i in range(n_identities)]
+    picks = torch.empty((steps, batch_size), dtype=torch.long)
+    for i, members in enumerate(by_identity):
+        where = owners == i
+        count = int(where.sum())
+        choice = torch.randint(len(members), (count,), generator=generator)
+        picks[where] = members[choice]
+    templates = torch.randint(n_templates, (steps, batch_size), generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (steps, batch_size), generator=generator)
+    alpha_bar = alphas_cumprod.to(torch.float64)[timesteps]
+    shape = (steps, batch_size, *latent_shape)
+    noise = torch.randn(shape, generator=generator)
+    latent_noise = torch.randn(shape, generator=generator)
+    decay, weight = ema_arrays(owners, n_identities, ema_momentum)
+    return FitSchedule(
+        picks=picks, owners=owners, templates=templates, timesteps=timesteps,
+        coef_signal=alpha_bar.sqrt().float(), coef_noise=(1 - alpha_bar).sqrt().float(),
+        noise=noise, latent_noise=latent_noise, ema_decay=decay, ema_weight=weight,
+    )
+
+
+class SlotHook:
+    """A forward hook on the text encoder's token-embedding lookup that puts the identity
+    vectors into their slots. Registered once per fit; each step sets ``mask`` and ``values``."""
+
+    def __init__(self):
+        self.mask = None
+        self.values = None
+
+    def __call__(self, module, inputs, output):
+        import torch
+
+        if self.mask is None:
+            return output
+        return torch.where(self.mask[..., None], self.values.to(output.dtype), output)
+
+
+@dataclass
+class StepTensors:
+    """The static tensors one step reads (all on the fit's device)."""
+
+    schedule: FitSchedule
+    latent_mean: Any
+    latent_std: Any
+    features: Any
+    scaling: float
+    template_ids: Any  # (T, L) long
+    template_slots: Any  # (T, 2) long: where the subject's two vectors go
+    basis_mean: Any  # (2, hidden) fp32
+    basis_components: Any  # (2, p, hidden) fp32
+    loss: Any  # (S,) fp32, written by each step
+    ema: Any  # (n, 2, p) fp32
+
+
+class TrainStep:
+    """``step(s)`` runs training step ``s``: mapping -> identity vectors -> text encoder (fp32)
+    -> UNet under autocast -> MSE -> backward -> AdamW -> loss buffer and EMA, on the device.
+
+    The step index lives in a 0-dim device tensor, so the same work can be captured once in a
+    CUDA graph and replayed (:meth:`capture`).
+    """
+
+    def __init__(self, components, mapping, optimizer, tensors: StepTensors, prediction_type: str,
+                 scaler=None):
+        import torch
+
+        self.components = components
+        self.mapping = mapping
+        self.optimizer = optimizer
+        self.t = tensors
+        self.v_prediction = prediction_type == "v_prediction"
+        self.scaler = scaler
+        self.device = components.device
+        self.unet_dtype = components.dtype
+        self.index = torch.zeros((), dtype=torch.long, device=self.device)
+        self.hook = SlotHook()
+        self.graph = None
+        self.warmed = 0  # steps run by capture() before it captured
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """Keep the slot hook on the text encoder for the duration of the fit."""
+        handle = self.components.text_encoder.get_input_embeddings().register_forward_hook(
+            self.hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self.hook.mask = self.hook.values = None
+
+    def _forward_backward(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        t, schedule = self.t, self.t.schedule
+        s = self.index.view(1)
+
+        def at(table):  # row s of a per-step table, indexed on the device (no host sync)
+            return table.index_select(0, s).squeeze(0)
+
+        picks = at(schedule.picks)
+        latents = (t.latent_mean.index_select(0, picks)
+                   + t.latent_std.index_select(0, picks) * at(schedule.latent_noise)) * t.scaling
+        coeffs = self.mapping(t.features.index_select(0, picks), at(schedule.owners))
+        vectors = t.basis_mean + torch.einsum("btp,tph->bth", coeffs, t.basis_components)
+        chosen = at(schedule.templates)
+        ids = t.template_ids.index_select(0, chosen)
+        slots = t.template_slots.index_select(0, chosen)
+        hidden = vectors.shape[-1]
+        self.hook.mask = torch.zeros(ids.shape, dtype=torch.bool, device=self.device).scatter(
+            1, slots, True)
+        self.hook.values = torch.zeros((*ids.shape, hidden), device=self.device,
+                                       dtype=vectors.dtype).scatter(
+            1, slots[..., None].expand(-1, -1, hidden), vectors)
+        states = self.components.text_encoder(ids)[0]
+        a = at(schedule.coef_signal)[:, None, None, None]
+        b = at(schedule.coef_noise)[:, None, None, None]
+        noise = at(schedule.noise)
+        noisy = a * latents + b * noise
+        target = a * noise - b * latents if self.v_prediction else noise
+        autocast = self.unet_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.unet_dtype, enabled=autocast):
+            prediction = self.components.unet(noisy.to(self.unet_dtype), at(schedule.timesteps),
+                                              states.to(self.unet_dtype)).sample
+        loss = F.mse_loss(prediction.float(), target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            t.loss.index_copy_(0, s, loss.detach().view(1))
+            flat = coeffs.detach().flatten(1)  # (B, 2p)
+            ema = t.ema.view(t.ema.shape[0], -1)
+            ema.mul_(at(schedule.ema_decay)[:, None]).add_(at(schedule.ema_weight) @ flat)
+
+    def _eager(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._forward_backward()
+
+    def run(self, step: int) -> None:
+        """Run step ``step`` (replaying the graph when one was captured)."""
+        self.index.fill_(step)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager()
+
+    def capture(self, first_step: int) -> int:
+        """Capture the step in a CUDA graph; returns how many steps were run to warm it up.
+
+        The warm-up steps are real steps ``first_step``, ``first_step + 1``, ... (on a side
+        stream, as CUDA requires). Raises whatever capture raises; the caller falls back.
+        """
+        import torch
+
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        warm = min(WARMUP_STEPS, self.t.schedule.steps - first_step)
+        with torch.cuda.stream(stream):
+            for k in range(warm):
+                self.run(first_step + k)
+                self.warmed = k + 1
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if first_step + warm >= self.t.schedule.steps:
+            return warm
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self._forward_backward()
+        self.graph = graph
+        return warm
