@@ -186,15 +186,19 @@ class TrainStep:
             handle.remove()
             self.hook.mask = self.hook.values = None
 
-    def _forward_backward(self) -> None:
+    def _forward_backward(self, step: int | None = None) -> None:
+        """One step. ``step`` None reads the step index from the device tensor (what a CUDA
+        graph replays); an int indexes the tables directly (views, no kernels: eager)."""
         import torch
         import torch.nn.functional as F
 
         t, schedule = self.t, self.t.schedule
         s = self.index.view(1)
 
-        def at(table):  # row s of a per-step table, indexed on the device (no host sync)
-            return table.index_select(0, s).squeeze(0)
+        def at(table):  # row s of a per-step table
+            if step is not None:
+                return table[step]
+            return table.index_select(0, s).squeeze(0)  # on the device, no host sync
 
         picks = at(schedule.picks)
         latents = (t.latent_mean.index_select(0, picks)
@@ -229,22 +233,22 @@ class TrainStep:
             loss.backward()
             self.optimizer.step()
         with torch.no_grad():
-            t.loss.index_copy_(0, s, loss.detach().view(1))
+            if step is not None:
+                t.loss[step] = loss.detach()
+            else:
+                t.loss.index_copy_(0, s, loss.detach().view(1))
             flat = coeffs.detach().flatten(1)  # (B, 2p)
             ema = t.ema.view(t.ema.shape[0], -1)
             ema.mul_(at(schedule.ema_decay)[:, None]).add_(at(schedule.ema_weight) @ flat)
 
-    def _eager(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._forward_backward()
-
     def run(self, step: int) -> None:
         """Run step ``step`` (replaying the graph when one was captured)."""
-        self.index.fill_(step)
         if self.graph is not None:
+            self.index.fill_(step)
             self.graph.replay()
         else:
-            self._eager()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward(step)
 
     def capture(self, first_step: int) -> int:
         """Capture the step in a CUDA graph; returns how many steps were run to warm it up.
@@ -258,8 +262,10 @@ class TrainStep:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         warm = min(WARMUP_STEPS, self.t.schedule.steps - first_step)
         with torch.cuda.stream(stream):
-            for k in range(warm):
-                self.run(first_step + k)
+            for k in range(warm):  # real steps, through the same device-index path
+                self.index.fill_(first_step + k)
+                self.optimizer.zero_grad(set_to_none=True)
+                self._forward_backward()
                 self.warmed = k + 1
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if first_step + warm >= self.t.schedule.steps:

@@ -1,0 +1,81 @@
+"""Model specs -> loaded components, split by concept.
+
+- :mod:`.specs`: what the user typed -> a ModelSpec; devices and dtypes; which model identities
+  use.
+- :mod:`.tokenizers`: the CLIP tokenizer from the packaged vocabulary; token-embedding tables.
+- :mod:`.builtin`: the built-in models with seeded random weights.
+- :mod:`.singlefile`: single-file checkpoints.
+- :mod:`.loading`: loading a model's parts on a device, with clear errors.
+
+Everything public is re-exported here, so ``from celebctl import models`` is all a caller needs.
+"""
+
+from __future__ import annotations
+
+from .builtin import (
+    TINY_CROSS_ATTENTION_GAIN,
+    TINY_OUTPUT_GAIN,
+    _build_text_encoder,
+    _build_unet,
+    _build_vae,
+    _model_index,
+    _save_diffusers_folder,
+    _sd_scheduler_config,
+    build_tiny_model,
+    ensure_tiny_model,
+    sd15_text_config,
+    sd15_unet_config,
+    sd15_vae_config,
+    tiny_model_dir,
+)
+from .loading import (
+    Components,
+    TextModel,
+    load_pipeline_components,
+    load_text_model,
+    unavailable,
+)
+from .quiet import quiet_libraries
+from .singlefile import _load_sd1_text_encoder_from_file, _sd1_text_prefix
+from .specs import (
+    DEFAULT_MODEL,
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    SD15_RANDOM,
+    SD_RESOLUTION,
+    TINY,
+    TINY_CACHE_NAME,
+    TINY_RESOLUTION,
+    ModelSpec,
+    configured_default_model,
+    configured_model,
+    model_for_identities,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_spec,
+)
+from .tokenizers import (
+    BOS_TOKEN,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    EOS_TOKEN,
+    build_clip_tokenizer,
+    clip_vocab_and_merges,
+    embedding_table,
+    embedding_table_sha256,
+    tokenizer_sha256,
+)
+
+__all__ = [
+    "BOS_TOKEN", "CLIP_MAX_LENGTH", "CLIP_VOCAB_SIZE", "Components", "DEFAULT_MODEL",
+    "EOS_TOKEN", "ModelSpec", "PICKLE_SUFFIXES", "SAFE_SUFFIXES", "SD15_RANDOM",
+    "SD_RESOLUTION", "TINY", "TINY_CACHE_NAME", "TINY_CROSS_ATTENTION_GAIN", "TINY_OUTPUT_GAIN",
+    "TINY_RESOLUTION", "TextModel", "_build_text_encoder", "_build_unet", "_build_vae",
+    "_load_sd1_text_encoder_from_file", "_model_index", "_save_diffusers_folder",
+    "_sd1_text_prefix", "_sd_scheduler_config", "build_clip_tokenizer", "build_tiny_model",
+    "clip_vocab_and_merges", "configured_default_model", "configured_model",
+    "embedding_table", "embedding_table_sha256", "ensure_tiny_model", "load_pipeline_components",
+    "load_text_model", "model_for_identities", "quiet_libraries", "resolve_device",
+    "resolve_dtype", "resolve_model_spec", "sd15_text_config", "sd15_unet_config",
+    "sd15_vae_config", "tiny_model_dir", "tokenizer_sha256", "unavailable",
+]

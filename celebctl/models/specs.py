@@ -1,0 +1,254 @@
+"""Model specs: what the user typed -> a ModelSpec; devices and dtypes.
+
+A model is named by a short spec: a Hugging Face repo id, a local diffusers folder, a
+single-file ``.safetensors`` checkpoint, or a built-in model (:mod:`.builtin`). The model to use
+for given identities is chosen here too (never from what a bundle says).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import paths, storage
+from ..errors import InvalidOption, ModelUnavailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY = "tiny"
+SD15_RANDOM = "sd15-random"
+# Bump when the tiny model's architecture or seeds change, so old caches are not reused.
+TINY_CACHE_NAME = "tiny-v2"
+TINY_RESOLUTION = 64
+SD_RESOLUTION = 512
+
+# Files that unpickle on load; we never load them (a checkpoint someone sent can run code).
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFE_SUFFIXES = (".safetensors",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model spec.
+
+    ``kind`` is one of ``tiny``, ``sd15-random``, ``folder``, ``single_file``, ``hub``.
+    ``source`` is what the user typed, ``ref`` the stable string recorded in metadata (the
+    repo id for hub models, the absolute path for folders and files), ``path`` the local path
+    for folders and files.
+    """
+
+    kind: str
+    source: str
+    ref: str
+    path: Path | None = None
+
+    @property
+    def is_noise_model(self) -> bool:
+        """True for the built-in random models: their images are noise."""
+        return self.kind in (TINY, SD15_RANDOM)
+
+    @property
+    def default_resolution(self) -> int:
+        """Default image size in pixels (64 for ``tiny`` so tests are fast, else 512)."""
+        return TINY_RESOLUTION if self.kind == TINY else SD_RESOLUTION
+
+    @property
+    def face_encoder(self) -> str:
+        """Which face encoder fits with this model: random weights for the noise models."""
+        return "random-init" if self.is_noise_model else "vggface2"
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def configured_model() -> str | None:
+    """The ``default_model`` the user set in the config file, or None when there is none."""
+    from .. import documents
+
+    config = paths.config_path()
+    if not os.path.lexists(config):
+        return None
+    try:
+        data = documents.parse_toml(storage.read_regular_file(config, MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as exc:
+        raise InvalidOption(
+            f"Could not read the config file {config}: {exc}. Fix or delete it."
+        ) from exc
+    value = data.get("default_model")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidOption(
+            f"`default_model` in {config} must be a non-empty string, not {str(value)[:40]!r}."
+        )
+    return value
+
+
+def configured_default_model() -> str:
+    """The ``default_model`` from the config file, else SD 1.5."""
+    return configured_model() or DEFAULT_MODEL
+
+
+def model_for_identities(model: str | ModelSpec | None, basis_info: Any,
+                         recorded: dict[str, str]) -> tuple[ModelSpec, list[str]]:
+    """Which model to load for identities on ``basis_info``, and notes for the user.
+
+    An identity's recorded model is information, never an instruction: it may come from a
+    bundle a stranger made. The model is the one the user names (``model``, else the config's
+    ``default_model``), else the one this machine built the identities' basis from, else the
+    default (SD 1.5). ``recorded`` maps identity name -> the model its metadata names; a note
+    says so when that differs from what is loaded.
+    """
+    if model is not None:
+        spec, why = resolve_model_spec(model), "given with --model"
+    elif configured_model() is not None:
+        spec, why = resolve_model_spec(configured_model()), "the config's default_model"
+    elif basis_info is not None and getattr(basis_info, "built_here", False):
+        spec, why = resolve_model_spec(basis_info.model), "the model their basis was built from"
+    else:
+        spec, why = resolve_model_spec(DEFAULT_MODEL), "the default model"
+    notes = []
+    others = {name: ref for name, ref in recorded.items() if ref and ref != spec.ref}
+    if others:
+        listed = "; ".join(f"{name}: {ref!r}" for name, ref in sorted(others.items()))
+        notes.append(f"The identities' metadata names another model ({listed}); loading "
+                     f"{spec.ref} ({why}). Its embedding table is checked against their basis "
+                     "when it loads; pass --model to choose.")
+    return spec, notes
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.startswith(("./", "../", "/", "~", ".\\"))
+        or text.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)
+        or (os.sep == "\\" and len(text) > 2 and text[1] == ":")
+    )
+
+
+def _pickle_refusal(path: Path) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"Refusing to load {path}: '{path.suffix}' files are Python pickles, which can run code "
+        "when loaded, and celebctl never unpickles user files. Convert it to .safetensors once "
+        "in a trusted environment (for example with diffusers' conversion scripts or "
+        "`safetensors.torch.save_file`) and pass the .safetensors file, or use a diffusers folder."
+    )
+
+
+def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
+    """Turn what the user typed (or the configured default for None) into a :class:`ModelSpec`.
+
+    Raises ModelUnavailable for a missing path or a pickle checkpoint and InvalidOption for a
+    spec that is neither a path, a repo id nor a built-in name.
+    """
+    if isinstance(spec, ModelSpec):
+        return spec
+    text = (configured_default_model() if spec is None else spec).strip()
+    if not text:
+        raise InvalidOption("The model spec is empty; pass a repo id, a path, `tiny` or "
+                            "`sd15-random`.")
+    if text == TINY:
+        return ModelSpec(kind=TINY, source=text, ref=TINY)
+    if text == SD15_RANDOM:
+        return ModelSpec(kind=SD15_RANDOM, source=text, ref=SD15_RANDOM)
+
+    path = Path(text).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            return ModelSpec(kind="folder", source=text, ref=str(path), path=path)
+        suffix = path.suffix.lower()
+        if not storage.is_regular_file(path):
+            raise ModelUnavailable(f"{path} is not a regular file (a pipe, device or socket); "
+                                   "pass a diffusers folder or a .safetensors checkpoint.")
+        if suffix in SAFE_SUFFIXES:
+            return ModelSpec(kind="single_file", source=text, ref=str(path), path=path)
+        if suffix in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        raise ModelUnavailable(
+            f"{path} is not a model celebctl can load: pass a diffusers folder or a single-file "
+            ".safetensors checkpoint."
+        )
+    if _looks_like_path(text):
+        raise ModelUnavailable(
+            f"Model path {text} does not exist. Check the path, or pass a Hugging Face repo id "
+            "(owner/name), `tiny` or `sd15-random`."
+        )
+    if _HUB_ID.match(text):
+        return ModelSpec(kind="hub", source=text, ref=text)
+    raise InvalidOption(
+        f"'{text}' is not a model spec: pass a Hugging Face repo id (owner/name), a local "
+        "diffusers folder, a .safetensors checkpoint, `tiny` or `sd15-random`."
+    )
+
+
+# ---- device and dtype
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto|cpu|cuda|cuda:N|mps`` -> torch.device (auto: cuda, else mps, else cpu)."""
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    text = str(name).strip().lower()
+    mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not mps_ok:
+            raise InvalidOption("--device mps was asked for but MPS (Apple GPU) is not "
+                                "available here; use --device cpu or auto.")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match:
+        if not torch.cuda.is_available():
+            raise InvalidOption(
+                f"--device {text} was asked for but no CUDA GPU is available (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
+                "Use --device cpu or auto."
+            )
+        index = int(match.group(1) or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise InvalidOption(f"--device {text}: there are only {count} CUDA device(s) "
+                                f"(cuda:0..cuda:{count - 1}).")
+        return torch.device("cuda", index)
+    raise InvalidOption(f"Unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.")
+
+
+_DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+
+
+def resolve_dtype(name: str | torch.dtype = "auto",
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto|fp32|fp16|bf16`` -> torch.dtype. auto: bf16 (or fp16) on CUDA, fp32 elsewhere."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    text = str(name).strip().lower()
+    if text == "auto":
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if text in _DTYPE_NAMES:
+        return getattr(torch, _DTYPE_NAMES[text])
+    raise InvalidOption(f"Unknown dtype '{name}': use auto, fp32, fp16 or bf16.")
