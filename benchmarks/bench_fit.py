@@ -87,18 +87,26 @@ def _trim_heap() -> None:
 
 def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps, batch_size,
                    lr, seed):
-    """Textual-inversion-style loop; returns seconds per step (after one warm-up step)."""
+    """Textual-inversion-style loop; returns seconds per step (after one warm-up step).
+
+    Every text encoder's whole token-embedding table is trained (for SDXL both, with the
+    pooled embedding and time ids as added conditions), and all rows but the placeholders'
+    are copied back after each step.
+    """
     import torch
     import torch.nn.functional as F
 
+    from celebctl.models import families
+
     device, dtype = components.device, components.dtype
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    unet, vae, encoders = components.unet, components.vae, components.text_encoders
     scheduler = components.scheduler
-    embedding = text_encoder.get_input_embeddings()
-    original = embedding.weight.detach().clone()
-    embedding.weight.requires_grad_(True)
-    optimizer = torch.optim.AdamW(embedding.parameters(), lr=lr)
-    keep = torch.ones(original.shape[0], dtype=torch.bool, device=original.device)
+    embeddings = [e.get_input_embeddings() for e in encoders]
+    originals = [m.weight.detach().clone() for m in embeddings]
+    for module in embeddings:
+        module.weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW([m.weight for m in embeddings], lr=lr)
+    keep = torch.ones(originals[0].shape[0], dtype=torch.bool, device=originals[0].device)
     keep[placeholder_ids] = False
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -117,21 +125,28 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
             t = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
             noisy = scheduler.add_noise(latents.float(), noise.float(), t)
             with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-                states = text_encoder(ids)[0]
-                pred = unet(noisy.to(dtype), t, states.to(dtype)).sample
+                states, pooled = families.encode(components.family, encoders,
+                                                 [ids] * len(encoders))
+                size = latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+                added = families.added_conditions(components.family, pooled, size, size,
+                                                  dtype) if pooled is not None else None
+                pred = unet(noisy.to(dtype), t, states.to(dtype),
+                            added_cond_kwargs=added).sample
             loss = F.mse_loss(pred.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                embedding.weight[keep] = original[keep]
+                for module, original in zip(embeddings, originals, strict=True):
+                    module.weight[keep] = original[keep]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
     finally:
         with torch.no_grad():
-            embedding.weight.copy_(original)
-        embedding.weight.requires_grad_(False)
+            for module, original in zip(embeddings, originals, strict=True):
+                module.weight.copy_(original)
+                module.weight.requires_grad_(False)
         del optimizer
     return (stamps[-1] - stamps[0]) / steps
 
@@ -176,10 +191,8 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
     components = models.load_pipeline_components(model, device_name, dtype_name,
                                                  text_encoder_dtype="fp32")
     res = resolution or components.default_resolution
-    text = models.load_text_model(model)
-    info = basis.ensure_basis(model, text_model=text)
+    info = basis.ensure_basis(text_model=components.text_model())
     loaded = basis.load_basis(info.id)
-    del text
     prepared = faces.prepare_face(PHOTO)
     encoder = faces.load_face_encoder(components.face_encoder, device=components.device)
 
@@ -245,7 +258,8 @@ def format_rows(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "sd15-random"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd15-random"],
+                        help="also tiny-xl, tiny-sd2, sdxl-random")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")

@@ -20,7 +20,10 @@ from .errors import CelebctlError, InvalidOption
 
 FORMATS = ("celeb", "a1111", "diffusers")
 A1111_KEY = "emb_params"
+# SDXL embeddings as A1111 and ComfyUI read them: one tensor per text encoder.
+SDXL_KEYS = ("clip_l", "clip_g")
 DIFFUSERS_FILE = "learned_embeds.safetensors"
+DIFFUSERS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder
 
 
 @dataclass
@@ -40,7 +43,10 @@ class ExportResult:
 
 
 def identity_token_vectors(name: str) -> tuple[Any, Any]:
-    """The identity's (2, hidden) fp32 token vectors (torch, CPU) and the identity itself."""
+    """The identity's (2, hidden) fp32 token vectors (torch, CPU) and the identity itself.
+
+    For SDXL ``hidden`` is both text encoders' widths side by side (see :func:`split_vectors`).
+    """
     import torch
 
     from . import registry
@@ -69,35 +75,70 @@ def _metadata(ident: Any) -> dict[str, str]:
     }
 
 
-def safetensors_bytes(key: str, array: Any, metadata: dict[str, str]) -> bytes:
-    """One fp32 tensor as a safetensors file, header keys sorted so equal input gives equal bytes.
+def safetensors_bytes(key: str | dict[str, Any], array: Any = None,
+                      metadata: dict[str, str] | None = None) -> bytes:
+    """fp32 tensors as a safetensors file, header keys sorted so equal input gives equal bytes.
 
-    (The safetensors library writes its metadata in hash order, which changes between runs.)
+    ``key`` and ``array`` for one tensor, or ``key`` a dict name -> array for several. (The
+    safetensors library writes its metadata in hash order, which changes between runs.)
     """
     import numpy as np
 
-    data = np.ascontiguousarray(array, dtype="<f4")
-    header = {"__metadata__": dict(metadata),
-              key: {"dtype": "F32", "shape": list(data.shape), "data_offsets": [0, data.nbytes]}}
+    tensors = key if isinstance(key, dict) else {key: array}
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        data = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(data.shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+        blobs.append(data.tobytes())
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes with spaces
-    return struct.pack("<Q", len(raw)) + raw + data.tobytes()
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+
+
+def split_vectors(vectors: Any, ident: Any) -> list[Any]:
+    """The identity's vectors per text encoder: one (2, hidden) for SD 1.x / 2.x, two for SDXL
+    ((2, 768) for CLIP ViT-L, (2, 1280) for OpenCLIP ViT-bigG)."""
+    widths = list(ident.meta.get("encoder_widths") or [vectors.shape[-1]])
+    parts, start = [], 0
+    for width in widths:
+        parts.append(vectors[:, start:start + width].contiguous())
+        start += width
+    return parts
 
 
 def a1111_bytes(name: str) -> bytes:
-    """A WebUI/ComfyUI textual-inversion embedding: safetensors ``{"emb_params": (2, hidden)}``."""
+    """A WebUI/ComfyUI textual-inversion embedding: safetensors ``{"emb_params": (2, hidden)}``,
+    or for SDXL ``{"clip_l": (2, 768), "clip_g": (2, 1280)}``."""
     vectors, ident = identity_token_vectors(name)
+    parts = split_vectors(vectors, ident)
+    if len(parts) == 2:
+        tensors = {key: part.numpy() for key, part in zip(SDXL_KEYS, parts, strict=True)}
+        return safetensors_bytes(tensors, metadata=_metadata(ident))
     return safetensors_bytes(A1111_KEY, vectors.numpy(), _metadata(ident))
 
 
-def diffusers_bytes(name: str, token: str | None = None) -> bytes:
-    """diffusers' ``learned_embeds.safetensors``: ``{"<name>": (2, hidden)}``.
+def diffusers_files(name: str, token: str | None = None) -> list[tuple[str, bytes]]:
+    """diffusers' textual-inversion files: ``learned_embeds.safetensors`` holding
+    ``{"<name>": (2, hidden)}``, and for SDXL ``learned_embeds_2.safetensors`` with the second
+    text encoder's vectors.
 
-    ``StableDiffusionPipeline.load_textual_inversion(folder)`` adds the tokens ``<name>`` and
-    ``<name>_1`` and expands ``<name>`` in prompts to both.
+    SD 1.x / 2.x: ``pipe.load_textual_inversion(folder)`` adds the tokens ``<name>`` and
+    ``<name>_1`` and expands ``<name>`` in prompts to both. SDXL needs one call per text
+    encoder (the README shows them).
     """
     vectors, ident = identity_token_vectors(name)
-    return safetensors_bytes(token or f"<{ident.name}>", vectors.numpy(), _metadata(ident))
+    key = token or f"<{ident.name}>"
+    names = (DIFFUSERS_FILE, DIFFUSERS_FILE_2)
+    return [(filename, safetensors_bytes(key, part.numpy(), _metadata(ident)))
+            for filename, part in zip(names, split_vectors(vectors, ident), strict=False)]
+
+
+def diffusers_bytes(name: str, token: str | None = None) -> bytes:
+    """The first (for SD 1.x / 2.x the only) diffusers file; see :func:`diffusers_files`."""
+    return diffusers_files(name, token)[0][1]
 
 
 def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
@@ -140,17 +181,19 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     # diffusers: a folder, created if missing
     if os.path.lexists(output) and not output.is_dir():
         raise CelebctlError(f"{output} is a file; `--format diffusers` writes a folder.")
-    target = output / DIFFUSERS_FILE
-    if output.is_dir():
-        refuse_special_file(target)
-    if os.path.lexists(target) and not overwrite:
-        raise CelebctlError(f"{target} already exists. Pick another folder or pass --force.")
-    data = diffusers_bytes(name)
+    files = diffusers_files(name)
+    targets = [output / filename for filename, _ in files]
+    for target in targets:
+        if output.is_dir():
+            refuse_special_file(target)
+        if os.path.lexists(target) and not overwrite:
+            raise CelebctlError(f"{target} already exists. Pick another folder or pass --force.")
     if not output.parent.is_dir():
         raise CelebctlError(f"The folder {output.parent} does not exist.")
     try:
         output.mkdir(exist_ok=True)
     except OSError as exc:
         raise _storage_error(exc, output, user_file=True) from exc
-    write_user_file(target, data, overwrite=overwrite)
-    return ExportResult(name, fmt, output, [target], f"<{name}>")
+    for target, (_, data) in zip(targets, files, strict=True):
+        write_user_file(target, data, overwrite=overwrite)
+    return ExportResult(name, fmt, output, targets, f"<{name}>")

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .models import families
+
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (CUDA needs them; they count)
+
+
+def _vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @dataclass
@@ -117,22 +123,6 @@ def build_schedule(*, steps: int, batch_size: int, pool_identity, n_identities: 
     )
 
 
-class SlotHook:
-    """A forward hook on the text encoder's token-embedding lookup that puts the identity
-    vectors into their slots. Registered once per fit; each step sets ``mask`` and ``values``."""
-
-    def __init__(self):
-        self.mask = None
-        self.values = None
-
-    def __call__(self, module, inputs, output):
-        import torch
-
-        if self.mask is None:
-            return output
-        return torch.where(self.mask[..., None], self.values.to(output.dtype), output)
-
-
 @dataclass
 class StepTensors:
     """The static tensors one step reads (all on the fit's device)."""
@@ -142,7 +132,7 @@ class StepTensors:
     latent_std: Any
     features: Any
     scaling: float
-    template_ids: Any  # (T, L) long
+    template_ids: list[Any]  # per text encoder, (T, L) long (their padding differs)
     template_slots: Any  # (T, 2) long: where the subject's two vectors go
     basis_mean: Any  # (2, hidden) fp32
     basis_components: Any  # (2, p, hidden) fp32
@@ -171,20 +161,20 @@ class TrainStep:
         self.device = components.device
         self.unet_dtype = components.dtype
         self.index = torch.zeros((), dtype=torch.long, device=self.device)
-        self.hook = SlotHook()
+        self.family = getattr(components, "family", "sd1")
+        self.injector = families.SlotInjector(components.text_encoders)
+        batch = tensors.schedule.picks.shape[1]
+        resolution = int(tensors.latent_mean.shape[-1]) * _vae_scale(components.vae)
+        self.time_ids = families.time_ids(resolution, resolution, batch, self.device,
+                                          self.unet_dtype) if self.family == "sdxl" else None
         self.graph = None
         self.warmed = 0  # steps run by capture() before it captured
 
     @contextlib.contextmanager
     def hooked(self):
-        """Keep the slot hook on the text encoder for the duration of the fit."""
-        handle = self.components.text_encoder.get_input_embeddings().register_forward_hook(
-            self.hook)
-        try:
+        """Keep the slot hooks on the text encoder(s) for the duration of the fit."""
+        with self.injector.attached():
             yield self
-        finally:
-            handle.remove()
-            self.hook.mask = self.hook.values = None
 
     def _forward_backward(self, step: int | None = None) -> None:
         """One step. ``step`` None reads the step index from the device tensor (what a CUDA
@@ -206,15 +196,18 @@ class TrainStep:
         coeffs = self.mapping(t.features.index_select(0, picks), at(schedule.owners))
         vectors = t.basis_mean + torch.einsum("btp,tph->bth", coeffs, t.basis_components)
         chosen = at(schedule.templates)
-        ids = t.template_ids.index_select(0, chosen)
+        ids = [table.index_select(0, chosen) for table in t.template_ids]
         slots = t.template_slots.index_select(0, chosen)
         hidden = vectors.shape[-1]
-        self.hook.mask = torch.zeros(ids.shape, dtype=torch.bool, device=self.device).scatter(
-            1, slots, True)
-        self.hook.values = torch.zeros((*ids.shape, hidden), device=self.device,
-                                       dtype=vectors.dtype).scatter(
-            1, slots[..., None].expand(-1, -1, hidden), vectors)
-        states = self.components.text_encoder(ids)[0]
+        shape = ids[0].shape
+        self.injector.set(
+            torch.zeros(shape, dtype=torch.bool, device=self.device).scatter(1, slots, True),
+            torch.zeros((*shape, hidden), device=self.device, dtype=vectors.dtype).scatter(
+                1, slots[..., None].expand(-1, -1, hidden), vectors))
+        states, pooled = families.encode(self.family, self.components.text_encoders, ids)
+        added = None
+        if self.time_ids is not None:
+            added = {"text_embeds": pooled.to(self.unet_dtype), "time_ids": self.time_ids}
         a = at(schedule.coef_signal)[:, None, None, None]
         b = at(schedule.coef_noise)[:, None, None, None]
         noise = at(schedule.noise)
@@ -223,7 +216,8 @@ class TrainStep:
         autocast = self.unet_dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.unet_dtype, enabled=autocast):
             prediction = self.components.unet(noisy.to(self.unet_dtype), at(schedule.timesteps),
-                                              states.to(self.unet_dtype)).sample
+                                              states.to(self.unet_dtype),
+                                              added_cond_kwargs=added).sample
         loss = F.mse_loss(prediction.float(), target)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

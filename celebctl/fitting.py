@@ -207,7 +207,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
     basis_components = torch.as_tensor(basis_components, dtype=torch.float32).to(device)
     p = basis_components.shape[1]
     hidden = basis_components.shape[2]
-    table_width = components.text_encoder.get_input_embeddings().weight.shape[1]
+    table_width = sum(e.get_input_embeddings().weight.shape[1]
+                      for e in components.text_encoders)
     if hidden != table_width:
         from .errors import BasisMismatch
 
@@ -221,7 +222,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
                              encode_batch=4 if device.type == "cuda" else 2)
     pool_time = time.perf_counter() - started
     n = len(subjects)
-    templates = tokenize_templates(components.tokenizer)
+    templates_per_encoder = [tokenize_templates(tok) for tok in components.tokenizers]
+    templates = templates_per_encoder[0]
     scheduler = components.scheduler
     schedule = fitstep.build_schedule(
         steps=settings.steps, batch_size=settings.batch_size, pool_identity=pool.identity,
@@ -239,7 +241,8 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
     tensors = fitstep.StepTensors(
         schedule=schedule, latent_mean=pool.latent_mean, latent_std=pool.latent_std,
         features=pool.features, scaling=pool.scaling,
-        template_ids=torch.tensor([t.input_ids for t in templates], device=device),
+        template_ids=[torch.tensor([t.input_ids for t in per], device=device)
+                      for per in templates_per_encoder],
         template_slots=torch.tensor([[pos for pos, _, _ in t.slots] for t in templates],
                                     device=device),
         basis_mean=mean, basis_components=basis_components,
@@ -380,10 +383,7 @@ def load_fit_model(spec, device, dtype, progress: ProgressCallback | None = None
     components = models.load_pipeline_components(spec, device, dtype,
                                                  text_encoder_dtype=torch.float32,
                                                  progress=progress)
-    text = models.TextModel(tokenizer=components.tokenizer,
-                            text_encoder=components.text_encoder, spec=components.spec,
-                            device=components.device)
-    info = basis_mod.ensure_basis(text_model=text)
+    info = basis_mod.ensure_basis(text_model=components.text_model())
     _note(progress, f"Basis {info.id} ({info.components} components)")
     return components, basis_mod.load_basis(info.id)
 
@@ -468,6 +468,7 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
     """
     from . import __version__, faces, models, registry
     from .errors import IdentityExists
+    from .models import families
 
     photos = list(photo) if isinstance(photo, (list, tuple)) else [photo]
     registry.validate_name(name)
@@ -493,6 +494,8 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
         "model": spec.ref,
         "face_encoder": spec.face_encoder,
         "hidden": int(basis.components.shape[2]),
+        "family": components.family,
+        "encoder_widths": families.encoder_widths(components.text_encoders),
         "celebctl_version": __version__,
         "fit": _fit_meta(result.settings, result, components, []),
         "sources": [_source(p, f) for p, f in zip(photos, prepared, strict=True)],
@@ -523,6 +526,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     from . import __version__, faces, models, registry
     from . import basis as basis_mod
     from .errors import BasisMismatch, InvalidName
+    from .models import families
 
     names = list(names)
     if len(names) < 2:
@@ -540,6 +544,9 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
             f"{', '.join(repr(n) for n in faceless)} has no face crop (imported from a bundle "
             "made with --no-face), so it cannot be refitted. Add it again from a photo."
         )
+    from .rendering import check_families
+
+    check_families(idents, command="joint")
     bases = {i.basis_id for i in idents}
     if len(bases) > 1:
         detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
@@ -557,6 +564,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     info = basis_mod.info_for_identities(idents[0].basis_id, names)
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
+    check_families(idents, spec, command="joint")
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     basis = basis_mod.load_basis(info.id)
@@ -566,7 +574,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     components = models.load_pipeline_components(spec, torch_device, dtype,
                                                  text_encoder_dtype=torch.float32,
                                                  progress=progress)
-    basis_mod.check_model_matches_basis(basis, components.text_encoder, components.tokenizer,
+    basis_mod.check_model_matches_basis(basis, components.text_encoders, components.tokenizer,
                                         model_ref=spec.ref)
     subjects = []
     for ident in idents:
@@ -584,6 +592,8 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
                 if k not in ("files", "name", "schema_version", "created", "updated")}
         meta.update({
             "basis_id": basis.id, "model": spec.ref, "face_encoder": spec.face_encoder,
+            "family": components.family,
+            "encoder_widths": families.encoder_widths(components.text_encoders),
             "celebctl_version": __version__,
             "fit": _fit_meta(result.settings, result, components,
                              [n for n in names if n != ident.name]),

@@ -43,7 +43,7 @@ from .errors import (
     StorageError,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 IDENTITY_TOML = "identity.toml"
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Words a prompt needs for itself; an identity named like them would hijack ordinary prompts.
@@ -100,8 +100,20 @@ def _migrate_1_to_2(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _migrate_2_to_3(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 3 records the Stable Diffusion family and the text encoders' widths; everything
+    written before it was SD 1.x with one text encoder."""
+    meta = dict(meta)
+    meta.setdefault("family", "sd1")
+    if isinstance(meta.get("hidden"), int) and not isinstance(meta.get("hidden"), bool):
+        meta.setdefault("encoder_widths", [meta["hidden"]])
+    meta["schema_version"] = 3
+    return meta
+
+
 # Ordered migrations: MIGRATIONS[v] turns a schema-v TOML dict into schema v+1.
-MIGRATIONS: dict[int, Any] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Any] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +161,11 @@ class Identity:
     @property
     def basis_id(self) -> str:
         return str(self.meta.get("basis_id", ""))
+
+    @property
+    def family(self) -> str:
+        """sd1, sd2 or sdxl."""
+        return str(self.meta.get("family", "sd1"))
 
     @property
     def has_face(self) -> bool:
@@ -217,6 +234,7 @@ class Identity:
             "components": meta.get("components"),
             "has_face": self.has_face,
             "faces": self.face_count,
+            "family": self.family,
             "face_encoder": meta.get("face_encoder"),
         }
 
@@ -333,6 +351,16 @@ def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = 
     hidden = _expect(meta, "hidden", int, where)
     if not 1 <= components <= MAX_COMPONENTS or not 1 <= hidden <= MAX_HIDDEN:
         raise SchemaError(f"{where}: components/hidden out of range ({components}, {hidden}).")
+    family = meta.get("family", "sd1")
+    if family not in FAMILIES:
+        raise SchemaError(f"{where}: family {str(family)[:20]!r} is not one of "
+                          f"{', '.join(FAMILIES)}.")
+    widths = meta.get("encoder_widths", [hidden])
+    if not isinstance(widths, list) or len(widths) != (2 if family == "sdxl" else 1) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths) \
+            or sum(widths) != hidden:
+        raise SchemaError(f"{where}: encoder_widths must list the text encoders' widths, adding "
+                          f"up to hidden ({hidden}).")
     for key in ("created", "updated"):
         _expect(meta, key, str, where)
     files = _expect(meta, "files", dict, where)
@@ -718,6 +746,8 @@ def _render_meta(write: IdentityWrite, files: dict[str, dict[str, Any]],
     meta["updated"] = stamp
     meta["components"] = int(coeffs.shape[1])
     meta.setdefault("hidden", int(meta.get("hidden", 0)))
+    meta.setdefault("family", "sd1")
+    meta.setdefault("encoder_widths", [meta["hidden"]])
     meta["files"] = files
     # Put scalar keys first so the TOML reads well; tomli_w needs tables after values anyway.
     scalars = {k: v for k, v in meta.items() if not isinstance(v, dict)}

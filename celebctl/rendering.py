@@ -131,7 +131,32 @@ def _tokenizer_for_plan(spec: ModelSpec) -> tuple[Any, str | None]:
             tokenizer = CLIPTokenizer.from_pretrained(str(spec.path / "tokenizer"))
             return tokenizer, models.tokenizer_sha256(tokenizer)
     tokenizer, sha = _packaged_tokenizer()
-    return tokenizer, sha if spec.kind in (models.TINY, models.SD15_RANDOM) else None
+    return tokenizer, sha if spec.kind in models.BUILTIN_FAMILIES else None
+
+
+def check_families(idents: Sequence[Any], spec: Any = None, command: str = "render") -> None:
+    """Refuse identities of different Stable Diffusion families together, and identities of
+    another family than the model's (when the model's family is known without loading)."""
+    from .models import families
+
+    kinds = {ident.family for ident in idents}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{i.name}: {families.label(i.family)}" for i in idents)
+        raise BasisMismatch(
+            f"These identities were fitted for different Stable Diffusion families ({detail}); "
+            f"they cannot be used in one {command}. Re-add the odd ones out with a model of the "
+            "others' family (`celebctl add NAME PHOTO --replace --model MODEL`).")
+    model_family = getattr(spec, "family", None) if spec is not None else None
+    if kinds and model_family and model_family not in kinds:
+        family = kinds.pop()
+        names = ", ".join(i.name for i in idents)
+        raise BasisMismatch(
+            f"{names} {'was' if len(idents) == 1 else 'were'} fitted for "
+            f"{families.label(family)}, but {spec.ref} is a model of the "
+            f"{families.label(model_family)} family. Render with a model of the "
+            f"{families.label(family)} family (--model), or re-add "
+            f"{'it' if len(idents) == 1 else 'them'} for this one (`celebctl add NAME PHOTO "
+            f"--replace --model {spec.ref}`).")
 
 
 def _shared_basis(idents: Sequence[Any]) -> str | None:
@@ -171,10 +196,12 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
     # One consistent read: never a partner refitted by a `joint` half-way through its write.
     idents = registry.read_identity_set(names)
+    check_families(idents)
     basis_id = _shared_basis(idents)
     info = basis_mod.info_for_identities(basis_id, names) if basis_id else None
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
+    check_families(idents, spec)
 
     # A given tokenizer belongs to a loaded model: check_model_matches_basis checks it fully.
     tokenizer, sha = (tokenizer, None) if tokenizer is not None else _tokenizer_for_plan(spec)
@@ -455,27 +482,54 @@ def identity_vectors_for(coefficients_by_name: dict[str, Any], basis: Any) -> di
     return vectors
 
 
-def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[str, Any]
-                       ) -> tuple[Any, Any]:
-    """(prompt_embeds, negative_prompt_embeds), each (1, 77, hidden), in the model's dtype.
+@dataclass
+class PromptEmbeds:
+    """A prompt and its negative, encoded: (1, 77, width) each, plus SDXL's pooled (1, D)."""
 
-    The two are encoded separately, as the pipeline does for text prompts, so the result
-    matches diffusers' textual-inversion path bit for bit.
+    prompt: Any
+    negative: Any
+    pooled: Any = None
+    negative_pooled: Any = None
+
+
+def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[str, Any]
+                       ) -> PromptEmbeds:
+    """The prompt and negative prompt encoded by the model's text encoder(s), in its dtype.
+
+    The two are encoded separately, as the pipelines do for text prompts, so the result matches
+    diffusers' textual-inversion path bit for bit. Each encoder gets its slice of the identity
+    vectors (:mod:`celebctl.models.families`); for SDXL an empty negative prompt is zeros.
     """
     import torch
 
-    from .prompting import build_slot_tensors, encode_tokens
+    from .models import families
+    from .prompting import build_slot_tensors
 
-    encoder, tokenizer = components.text_encoder, components.tokenizer
-    table = encoder.get_input_embeddings().weight
-    embeds = []
+    encoders = components.text_encoders
+    family = components.family
+    width = sum(families.encoder_widths(encoders))
+    injector = families.SlotInjector(encoders)
+    out = []
     for parsed, label in ((plan.prompt, "prompt"), (plan.negative, "negative prompt")):
-        tokens = tokenize_prompt(parsed, tokenizer, label=label)
-        ids, mask, values = build_slot_tensors([tokens], vectors, table.shape[1],
-                                               device=table.device, dtype=torch.float32)
-        with torch.no_grad():
-            embeds.append(encode_tokens(encoder, ids, mask, values).to(encoder.dtype))
-    return embeds[0], embeds[1]
+        if label == "negative prompt" and not parsed.text and families.zero_empty_negative(
+                family):
+            prompt_embeds, pooled = out[0]
+            out.append((torch.zeros_like(prompt_embeds),
+                        None if pooled is None else torch.zeros_like(pooled)))
+            continue
+        ids = []
+        for tokenizer in components.tokenizers:
+            tokens = tokenize_prompt(parsed, tokenizer, label=label)
+            token_ids, mask, values = build_slot_tensors(
+                [tokens], vectors, width, device=components.device, dtype=torch.float32)
+            ids.append(token_ids)
+        with torch.no_grad(), injector.attached():
+            injector.set(mask, values)
+            embeds, pooled = families.encode(family, encoders, ids)
+        dtype = encoders[0].dtype
+        out.append((embeds.to(dtype), None if pooled is None else pooled.to(dtype)))
+    return PromptEmbeds(prompt=out[0][0], negative=out[1][0], pooled=out[0][1],
+                        negative_pooled=out[1][1])
 
 
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
@@ -530,10 +584,10 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         components = models.load_pipeline_components(plan.spec, torch_device, dtype,
                                                      progress=progress)
     if basis is not None:
-        basis_mod.check_model_matches_basis(basis, components.text_encoder,
+        basis_mod.check_model_matches_basis(basis, components.text_encoders,
                                             components.tokenizer, model_ref=plan.spec.ref)
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
-    prompt_embeds, negative_embeds = encode_prompt_pair(components, plan, vectors)
+    embeds = encode_prompt_pair(components, plan, vectors)
 
     width = width or components.default_resolution
     height = height or components.default_resolution
@@ -605,7 +659,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
             with models.quiet_libraries():
                 batch_images = sample_images(
                     unet_call=unet_call, vae=components.vae, scheduler=sampler,
-                    prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
+                    embeds=embeds, family=components.family,
                     generators=generators, steps=steps, guidance=guidance, height=height,
                     width=width, on_step=on_step)
             images += batch_images

@@ -54,11 +54,17 @@ step "celebctl export alice (WebUI/ComfyUI, diffusers, and a .celeb bundle)"
 "${CELEBCTL[@]}" export alice --format diffusers -o "$OUT/alice-diffusers" --force
 "${CELEBCTL[@]}" export alice --format celeb -o "$OUT/alice.celeb" --force
 
+step "SDXL: celebctl add xena tests/data/astronaut.png --model tiny-xl, then render"
+"${CELEBCTL[@]}" add xena tests/data/astronaut.png --model tiny-xl --replace --steps 40
+"${CELEBCTL[@]}" render "xena riding a bike" --model tiny-xl -n 2 --out "$OUT/renders"
+"${CELEBCTL[@]}" export xena --format a1111 -o "$OUT/xena-sdxl.safetensors" --force
+
 elapsed=$(( $(date +%s) - started ))
 step "Done in ${elapsed} s. Everything is under $OUT:"
 echo "  registry (identities, basis, tiny model): $CELEBCTL_HOME"
 echo "  renders and contact sheet:                $OUT/renders"
 echo "  exports:                                  $OUT/alice.safetensors, $OUT/alice-diffusers/, $OUT/alice.celeb"
+echo "  SDXL (tiny-xl) export, clip_l + clip_g:   $OUT/xena-sdxl.safetensors"
 echo
 echo "The built-in tiny model has random weights, so its pictures are noise: the demo shows the"
 echo "whole pipeline working, not a likeness. For real pictures use a real model, e.g."

@@ -413,6 +413,11 @@ def test_fetch_refuses_tampered_files(tmp_path, tiny_basis):
     toml_path = folder / "basis.toml"
     original = toml_path.read_text()
     toml_path.write_text(original.replace("hidden = 32", "hidden = 33"))
+    with pytest.raises(FetchError, match="adding up to hidden"):  # widths no longer add up
+        basis.fetch_basis(str(folder))
+    toml_path.write_text(original.replace("hidden = 32", "hidden = 33").replace(
+        "encoder_widths = [\n    32,\n]", "encoder_widths = [\n    33,\n]").replace(
+        "encoder_widths = [32]", "encoder_widths = [33]"))
     with pytest.raises(FetchError, match="the TOML says"):
         basis.fetch_basis(str(folder))
     toml_path.write_text(original.replace('id = "', 'id = "../'))

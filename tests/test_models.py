@@ -115,7 +115,9 @@ def test_tiny_fp16_load():
 
 def test_load_text_model_loads_no_unet():
     text = models.load_text_model("tiny")
-    assert set(vars(text)) == {"tokenizer", "text_encoder", "spec", "device"}
+    assert set(vars(text)) == {"tokenizer", "text_encoder", "spec", "device", "family",
+                               "tokenizer_2", "text_encoder_2"}
+    assert text.text_encoder_2 is None and text.family == "sd1"
     assert not text.text_encoder.training
 
 

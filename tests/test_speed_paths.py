@@ -57,7 +57,7 @@ def _step_setup(components, loaded, face, encoder, steps=3, seed=5):
     tensors = fitstep.StepTensors(
         schedule=schedule, latent_mean=pool.latent_mean, latent_std=pool.latent_std,
         features=pool.features, scaling=pool.scaling,
-        template_ids=torch.tensor([t.input_ids for t in templates]),
+        template_ids=[torch.tensor([t.input_ids for t in templates])],
         template_slots=torch.tensor([[p for p, _, _ in t.slots] for t in templates]),
         basis_mean=loaded.mean, basis_components=loaded.components,
         loss=torch.zeros(steps), ema=torch.zeros((1, 2, loaded.p)))

@@ -81,10 +81,15 @@ def _write_entry(basis_id: str, tensor_bytes: bytes, meta: dict[str, Any]) -> Pa
 def build_basis_for_table(table: Any, tokenizer: Any, model_ref: str,
                           names: Sequence[str] | None = None, names_source: str | None = None,
                           components: int = DEFAULT_COMPONENTS, force: bool = False,
-                          progress: Progress | None = None) -> tuple[BasisInfo, bool]:
+                          progress: Progress | None = None, family: str = "sd1",
+                          encoder_widths: Sequence[int] | None = None
+                          ) -> tuple[BasisInfo, bool]:
     """Build and store the basis of an embedding table; a no-op if that basis exists.
 
-    ``names`` defaults to the packaged list. Returns (info, created).
+    ``names`` defaults to the packaged list. For SDXL ``table`` is both encoders' tables side
+    by side and ``encoder_widths`` their widths (768, 1280): one basis over the concatenated
+    rows, so an identity stays 2 x p numbers and both encoders see the same mixture.
+    Returns (info, created).
     """
     from .. import models
 
@@ -114,7 +119,8 @@ def build_basis_for_table(table: Any, tokenizer: Any, model_ref: str,
         rank=data.rank, embedding_sha256=emb_sha, tokenizer_sha256=tok_sha, names_sha256=nm_sha,
         names_source=names_source or "", tensors_sha256=storage.sha256_bytes(tensor_bytes),
         created=_now(), celebctl_version=__version__, explained_variance_ratio=ratios,
-        explained_variance_cumulative=_cumulative(ratios),
+        explained_variance_cumulative=_cumulative(ratios), family=family,
+        encoder_widths=[int(w) for w in (encoder_widths or [data.hidden])],
     )
     _note(progress, f"Writing basis {basis_id}")
     with storage.writer_lock(paths.lock_path()):
@@ -145,10 +151,14 @@ def build_basis(model_spec: str | ModelSpec | None = None, names_path: str | Pat
         spec = models.resolve_model_spec(model_spec)
         _note(progress, f"Loading the text encoder of {spec.ref}")
         text_model = models.load_text_model(spec)
-    table = models.embedding_table(text_model.text_encoder)
+    from ..models import families
+
+    table = models.embedding_table(text_model.text_encoders)
     return build_basis_for_table(table, text_model.tokenizer, text_model.spec.ref, names=names,
                                  names_source=source, components=components, force=force,
-                                 progress=progress)
+                                 progress=progress, family=text_model.family,
+                                 encoder_widths=families.encoder_widths(
+                                     text_model.text_encoders))
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +228,7 @@ def ensure_basis(model_spec: str | ModelSpec | None = None,
         _note(progress, f"Loading the text encoder of {spec.ref}")
         text_model = models.load_text_model(spec)
     if names_path is None and components == DEFAULT_COMPONENTS:
-        found = find_basis_for_model(text_model.text_encoder, text_model.tokenizer)
+        found = find_basis_for_model(text_model.text_encoders, text_model.tokenizer)
         if found is not None:
             return found
     info, _ = build_basis(names_path=names_path, components=components, progress=progress,

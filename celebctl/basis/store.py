@@ -43,6 +43,8 @@ from .compute import (
     basis_id_for,
 )
 
+FAMILY_NAMES = ("sd1", "sd2", "sdxl")
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -76,6 +78,8 @@ class BasisInfo:
     explained_variance_cumulative: dict[str, list[float]] = field(repr=False)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str = "sd1"  # sd1, sd2 or sdxl (bases written before 0.2 are SD 1.x)
+    encoder_widths: list[int] = field(default_factory=list)  # one per text encoder
 
     @property
     def p(self) -> int:
@@ -109,7 +113,8 @@ class BasisInfo:
             "tokenizer_sha256": self.tokenizer_sha256, "names_sha256": self.names_sha256,
             "names_source": self.names_source, "tensors_sha256": self.tensors_sha256,
             "created": self.created, "celebctl_version": self.celebctl_version,
-            "schema_version": self.schema_version,
+            "schema_version": self.schema_version, "family": self.family,
+            "encoder_widths": list(self.encoder_widths or [self.hidden]),
             "explained_variance_cumulative": dict(self.explained_variance_cumulative),
         }
         if full:
@@ -147,6 +152,8 @@ def _meta_dict(info: BasisInfo) -> dict[str, Any]:
         "tensors_sha256": info.tensors_sha256,
         "created": info.created,
         "celebctl_version": info.celebctl_version,
+        "family": info.family,
+        "encoder_widths": list(info.encoder_widths or [info.hidden]),
     }
     for key, value in info.extra.items():
         meta.setdefault(key, value)
@@ -189,7 +196,8 @@ def _optional_int(meta: dict[str, Any], key: str, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-_KNOWN_KEYS = {"schema_version", "id", "method", "model", "hidden", "components",
+_KNOWN_KEYS = {"schema_version", "id", "method", "model", "hidden", "components", "family",
+               "encoder_widths",
                "requested_components", "num_names", "single_token_names", "unique_rows", "rank",
                "embedding_sha256", "tokenizer_sha256", "names_sha256", "names_source",
                "tensors_sha256", "created", "celebctl_version", "explained_variance"}
@@ -230,6 +238,16 @@ def parse_meta(meta: dict[str, Any], folder: Path, where: str) -> BasisInfo:
     model = _expect(meta, "model", str, where)
     if not model or len(model) > 1024 or documents.has_control_chars(model):
         raise SchemaError(f"{where}: 'model' must be 1-1024 printable characters.")
+    family = meta.get("family", "sd1")
+    if family not in FAMILY_NAMES:
+        raise SchemaError(f"{where}: family {str(family)[:20]!r} is not one of "
+                          f"{', '.join(FAMILY_NAMES)}.")
+    widths = meta.get("encoder_widths", [hidden])
+    if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool)
+                                               and w > 0 for w in widths) \
+            or sum(widths) != hidden or len(widths) != (2 if family == "sdxl" else 1):
+        raise SchemaError(f"{where}: encoder_widths must be the text encoders' widths, adding "
+                          f"up to hidden ({hidden}).")
     return BasisInfo(
         id=basis_id,
         path=folder,
@@ -252,6 +270,8 @@ def parse_meta(meta: dict[str, Any], folder: Path, where: str) -> BasisInfo:
         explained_variance_cumulative=_cumulative(ratios),
         schema_version=version,
         extra={k: v for k, v in meta.items() if k not in _KNOWN_KEYS},
+        family=family,
+        encoder_widths=widths,
     )
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from .. import bundles, paths, registry
 from ..errors import CelebctlError, IdentityNotFound
 from ..export import export_identity
+from ..models import families
 from .common import CelebTyper, JsonOpt, YesOpt, cell, err, out, print_json, styled, warn
 
 NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebctl list`.",
@@ -41,13 +42,16 @@ def list_cmd(json_out: JsonOpt = False) -> None:
         out.print("No identities yet. Add one with `celebctl add NAME PHOTO`.")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("name", "model", "basis", "p", "faces", "updated"):
-        table.add_column(column)
+    for column in ("name", "family", "model", "basis", "p", "faces", "updated"):
+        # Paths can be long: fold them rather than cut them.
+        table.add_column(column, overflow="fold" if column == "model" else "ellipsis",
+                         no_wrap=column not in ("model",))
     for ident in scan.identities:
         s = ident.summary()
         table.add_row(
-            cell(s["name"]), cell(s["model"]), cell(str(s["basis_id"])[:12]),
-            cell(s["components"]), cell(s["faces"]), cell(s["updated"]),
+            cell(s["name"]), cell(families.label(s["family"])), cell(s["model"]),
+            cell(str(s["basis_id"])[:12]),
+            cell(s["components"]), cell(s["faces"]), cell(str(s["updated"])[:16].replace("T", " ")),
         )
     out.print(table)
 

@@ -6,6 +6,8 @@
 - :mod:`.builtin`: the built-in models with seeded random weights.
 - :mod:`.singlefile`: single-file checkpoints.
 - :mod:`.loading`: loading a model's parts on a device, with clear errors.
+- :mod:`.families`: what differs between SD 1.x, SD 2.x and SDXL (text encoders, added
+  conditions).
 
 Everything public is re-exported here, so ``from celebctl import models`` is all a caller needs.
 """
@@ -22,30 +24,50 @@ from .builtin import (
     _save_diffusers_folder,
     _sd_scheduler_config,
     build_tiny_model,
+    build_tiny_sd2_model,
+    build_tiny_xl_model,
     ensure_tiny_model,
     sd15_text_config,
     sd15_unet_config,
     sd15_vae_config,
+    sd21_text_config,
+    sd21_unet_config,
+    sdxl_text2_config,
+    sdxl_text_config,
+    sdxl_unet_config,
+    sdxl_vae_config,
     tiny_model_dir,
 )
 from .loading import (
     Components,
     TextModel,
+    family_of_parts,
     load_pipeline_components,
     load_text_model,
     unavailable,
 )
 from .quiet import quiet_libraries
-from .singlefile import _load_sd1_text_encoder_from_file, _sd1_text_prefix
+from .singlefile import (
+    _load_sd1_text_encoder_from_file,
+    _sd1_text_prefix,
+    single_file_family,
+    write_config_folder,
+)
 from .specs import (
+    BUILTIN_FAMILIES,
     DEFAULT_MODEL,
+    FAMILIES,
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     SD15_RANDOM,
     SD_RESOLUTION,
+    SDXL_RANDOM,
     TINY,
     TINY_CACHE_NAME,
+    TINY_KINDS,
     TINY_RESOLUTION,
+    TINY_SD2,
+    TINY_XL,
     ModelSpec,
     configured_default_model,
     configured_model,
@@ -59,6 +81,7 @@ from .tokenizers import (
     CLIP_MAX_LENGTH,
     CLIP_VOCAB_SIZE,
     EOS_TOKEN,
+    OPENCLIP_PAD_TOKEN,
     build_clip_tokenizer,
     clip_vocab_and_merges,
     embedding_table,
@@ -67,6 +90,10 @@ from .tokenizers import (
 )
 
 __all__ = [
+    "BUILTIN_FAMILIES", "FAMILIES", "OPENCLIP_PAD_TOKEN", "SDXL_RANDOM", "TINY_KINDS",
+    "TINY_SD2", "TINY_XL", "build_tiny_sd2_model", "build_tiny_xl_model", "family_of_parts",
+    "sd21_text_config", "sd21_unet_config", "sdxl_text2_config", "sdxl_text_config",
+    "sdxl_unet_config", "sdxl_vae_config", "single_file_family", "write_config_folder",
     "BOS_TOKEN", "CLIP_MAX_LENGTH", "CLIP_VOCAB_SIZE", "Components", "DEFAULT_MODEL",
     "EOS_TOKEN", "ModelSpec", "PICKLE_SUFFIXES", "SAFE_SUFFIXES", "SD15_RANDOM",
     "SD_RESOLUTION", "TINY", "TINY_CACHE_NAME", "TINY_CROSS_ATTENTION_GAIN", "TINY_OUTPUT_GAIN",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CelebctlError, InvalidOption, ModelUnavailable
 from .builtin import (
+    _SEED_TEXT_2,
     _build_scheduler,
     _build_text_encoder,
     _build_unet,
@@ -31,7 +32,8 @@ from .singlefile import (
 from .specs import (
     SD15_RANDOM,
     SD_RESOLUTION,
-    TINY,
+    SDXL_RANDOM,
+    TINY_KINDS,
     TINY_RESOLUTION,
     ModelSpec,
     resolve_device,
@@ -45,17 +47,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class TextModel:
-    """Tokenizer + text encoder only (what a basis needs); no UNet or VAE is loaded."""
+    """Tokenizer(s) + text encoder(s) only (what a basis needs); no UNet or VAE is loaded.
+
+    SDXL has two of each; ``text_encoders`` lists them in order.
+    """
 
     tokenizer: Any
     text_encoder: Any
     spec: ModelSpec
     device: torch.device
+    family: str = "sd1"
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
 
 
 @dataclass
 class Components:
-    """Everything a fit or a render needs, on one device and dtype, frozen and in eval mode."""
+    """Everything a fit or a render needs, on one device and dtype, frozen and in eval mode.
+
+    ``family`` is "sd1", "sd2" or "sdxl"; SDXL also has ``tokenizer_2`` and ``text_encoder_2``.
+    """
 
     tokenizer: Any
     text_encoder: Any
@@ -68,6 +87,23 @@ class Components:
     default_resolution: int
     is_noise_model: bool
     face_encoder: str
+    family: str = "sd1"
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    def text_model(self) -> TextModel:
+        """The text side of these components (to find or build their basis)."""
+        return TextModel(tokenizer=self.tokenizer, text_encoder=self.text_encoder,
+                         spec=self.spec, device=self.device, family=self.family,
+                         tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2)
 
 
 def _freeze(*modules: Any) -> None:
@@ -146,56 +182,106 @@ def _load_scheduler(source: str) -> Any:
     return cls.from_config(config)
 
 
-def _load_pretrained_text(source: str, dtype: Any = None) -> tuple[Any, Any]:
-    from transformers import CLIPTextModel, CLIPTokenizer
+TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+
+def _load_pretrained_text(source: str, dtype: Any = None, second: bool = False
+                          ) -> tuple[Any, Any]:
+    """(tokenizer, text encoder) from a folder or hub id; ``second`` reads SDXL's pair."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     # use_safetensors: never fall back to pickled .bin weights. dtype: the weights are read
     # straight into the dtype they will run in, never as a full fp32 copy first.
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
-                                                 use_safetensors=True, **kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    suffix = "_2" if second else ""
+    cls = CLIPTextModelWithProjection if second else CLIPTextModel
+    text_encoder = cls.from_pretrained(source, subfolder=f"text_encoder{suffix}",
+                                       use_safetensors=True, **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{suffix}")
     return tokenizer, text_encoder
 
 
-def _load_pretrained_all(source: str, dtypes: dict[str, Any] | None = None,
-                         note: Any = None) -> dict[str, Any]:
+def _pretrained_family(source: str) -> str:
+    """The family of a diffusers folder or (cached) hub model, from its model_index.json."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(source)
+    return "sdxl" if "text_encoder_2" in index else "sd1"
+
+
+def _load_pretrained(source: str, text_only: bool, dtypes: dict[str, Any] | None = None,
+                     note: Any = None) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     dtypes = dtypes or {}
     note = note or (lambda part: None)
+    xl = _pretrained_family(source) == "sdxl"
 
     def kwargs(part: str) -> dict[str, Any]:
         return {"torch_dtype": dtypes[part]} if dtypes.get(part) is not None else {}
 
-    note("text encoder")
-    tokenizer, text_encoder = _load_pretrained_text(source, dtypes.get("text_encoder"))
+    note("text encoder" + (" 1" if xl else ""))
+    parts: dict[str, Any] = dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(
+        source, dtypes.get("text_encoder")), strict=True))
+    if xl:
+        note("text encoder 2")
+        parts.update(zip(("tokenizer_2", "text_encoder_2"), _load_pretrained_text(
+            source, dtypes.get("text_encoder"), second=True), strict=True))
+    if text_only:
+        return parts
     note("UNet")
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True,
-                                                **kwargs("unet"))
+    parts["unet"] = UNet2DConditionModel.from_pretrained(source, subfolder="unet",
+                                                         use_safetensors=True, **kwargs("unet"))
     note("VAE")
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
-                                        **kwargs("vae"))
-    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae,
-            "scheduler": _load_scheduler(source)}
+    parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
+                                                 **kwargs("vae"))
+    parts["scheduler"] = _load_scheduler(source)
+    return parts
 
 
-def _load_tiny(text_only: bool, dtypes: dict[str, Any] | None = None,
+def _load_tiny(name: str, text_only: bool, dtypes: dict[str, Any] | None = None,
                note: Any = None) -> dict[str, Any]:
-    folder = ensure_tiny_model()
+    folder = ensure_tiny_model(name)
     try:
-        return (dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(str(folder)),
-                         strict=True))
-                if text_only else _load_pretrained_all(str(folder), dtypes, note))
+        return _load_pretrained(str(folder), text_only, dtypes, note)
     except CelebctlError:
         raise
     except Exception:  # noqa: BLE001 - a damaged cache: rebuild it once
-        _discard_tiny_cache()
-        folder = ensure_tiny_model()
-        if text_only:
-            return dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(str(folder)),
-                            strict=True))
-        return _load_pretrained_all(str(folder))
+        _discard_tiny_cache(name)
+        folder = ensure_tiny_model(name)
+        return _load_pretrained(str(folder), text_only, dtypes, note)
+
+
+def _build_random(kind: str, text_only: bool, note: Any) -> dict[str, Any]:
+    """The real SD 1.5 / SDXL architectures with seeded random weights, built on the CPU."""
+    from .builtin import sdxl_text2_config, sdxl_text_config, sdxl_unet_config, sdxl_vae_config
+    from .tokenizers import OPENCLIP_PAD_TOKEN
+
+    xl = kind == SDXL_RANDOM
+    note("text encoder")
+    parts: dict[str, Any] = {
+        "tokenizer": build_clip_tokenizer(),
+        "text_encoder": _build_text_encoder(sdxl_text_config() if xl else sd15_text_config())}
+    if xl:
+        note("text encoder 2")
+        parts.update(tokenizer_2=build_clip_tokenizer(OPENCLIP_PAD_TOKEN),
+                     text_encoder_2=_build_text_encoder(sdxl_text2_config(), projection=True,
+                                                        seed=_SEED_TEXT_2))
+    if not text_only:
+        note("UNet")
+        parts["unet"] = _build_unet(sdxl_unet_config() if xl else sd15_unet_config())
+        note("VAE")
+        parts.update(vae=_build_vae(sdxl_vae_config() if xl else sd15_vae_config()),
+                     scheduler=_build_scheduler())
+    return parts
+
+
+def family_of_parts(parts: dict[str, Any]) -> str:
+    """sd1, sd2 or sdxl, from loaded parts: two text encoders make SDXL; a 1024-d one SD 2.x."""
+    if parts.get("text_encoder_2") is not None:
+        return "sdxl"
+    width = embedding_table(parts["text_encoder"]).shape[1]
+    return "sd2" if width == 1024 or parts["tokenizer"].pad_token == "!" else "sd1"
 
 
 def _load_parts(spec: ModelSpec, text_only: bool, dtypes: dict[str, Any] | None = None,
@@ -204,20 +290,13 @@ def _load_parts(spec: ModelSpec, text_only: bool, dtypes: dict[str, Any] | None 
     ``dtypes`` given per part (name -> torch dtype), the others in fp32. ``note(part)`` is
     called as each part starts loading."""
     note = note or (lambda part: None)
-    # Text-only loads of folders/hub ids never touch diffusers, so they skip its import cost.
-    needs_diffusers = not text_only or spec.kind in (TINY, "single_file")
-    with _loading(spec, include_diffusers=needs_diffusers):
-        if spec.kind == TINY:
-            parts = _load_tiny(text_only, dtypes, note)
-        elif spec.kind == SD15_RANDOM:
-            note("text encoder")
-            parts = {"tokenizer": build_clip_tokenizer(),
-                     "text_encoder": _build_text_encoder(sd15_text_config())}
-            if not text_only:
-                note("UNet")
-                parts["unet"] = _build_unet(sd15_unet_config())
-                note("VAE")
-                parts.update(vae=_build_vae(sd15_vae_config()), scheduler=_build_scheduler())
+    # Text-only loads of folders/hub ids never touch diffusers' models, so they skip much of
+    # its import cost.
+    with _loading(spec, include_diffusers=True):
+        if spec.kind in TINY_KINDS:
+            parts = _load_tiny(spec.kind, text_only, dtypes, note)
+        elif spec.kind in (SD15_RANDOM, SDXL_RANDOM):
+            parts = _build_random(spec.kind, text_only, note)
         elif spec.kind == "single_file":
             assert spec.path is not None
             if not spec.path.is_file():
@@ -227,19 +306,19 @@ def _load_parts(spec: ModelSpec, text_only: bool, dtypes: dict[str, Any] | None 
                 parts = {"tokenizer": build_clip_tokenizer(),
                          "text_encoder": _load_sd1_text_encoder_from_file(spec.path, prefix)}
             else:
-                parts = _load_single_file_pipeline(spec.path)
+                note("checkpoint")
+                parts = _load_single_file_pipeline(spec.path, (dtypes or {}).get("unet"))
         elif spec.kind in ("folder", "hub"):
             if spec.kind == "folder" and not (spec.path and spec.path.is_dir()):
                 raise unavailable(spec, "the folder no longer exists")
-            source = spec.ref
-            parts = (dict(zip(("tokenizer", "text_encoder"), _load_pretrained_text(source),
-                              strict=True))
-                     if text_only else _load_pretrained_all(source, dtypes, note))
+            parts = _load_pretrained(spec.ref, text_only, dtypes, note)
         else:  # pragma: no cover - ModelSpec is only made by resolve_model_spec
             raise InvalidOption(f"Unknown model kind {spec.kind!r}.")
         _check_tokenizer(spec, parts["tokenizer"], parts["text_encoder"])
+        if parts.get("text_encoder_2") is not None:
+            _check_tokenizer(spec, parts["tokenizer_2"], parts["text_encoder_2"])
     if text_only:
-        parts = {k: parts[k] for k in ("tokenizer", "text_encoder")}
+        parts = {k: parts[k] for k in TEXT_PARTS if parts.get(k) is not None}
     return parts
 
 
@@ -249,16 +328,20 @@ def load_text_model(spec: str | ModelSpec | None = None,
     model_spec = resolve_model_spec(spec)
     dev = resolve_device(device)
     parts = _load_parts(model_spec, text_only=True)
-    text_encoder = parts["text_encoder"]
-    _freeze(text_encoder)
+    encoders = [parts["text_encoder"], parts.get("text_encoder_2")]
+    _freeze(*[e for e in encoders if e is not None])
     with _loading(model_spec, include_diffusers=False):
-        text_encoder.to(dev)
-    return TextModel(tokenizer=parts["tokenizer"], text_encoder=text_encoder, spec=model_spec,
-                     device=dev)
+        for encoder in encoders:
+            if encoder is not None:
+                encoder.to(dev)
+    return TextModel(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                     spec=model_spec, device=dev, family=family_of_parts(parts),
+                     tokenizer_2=parts.get("tokenizer_2"),
+                     text_encoder_2=parts.get("text_encoder_2"))
 
 
 def _resolution_of(spec: ModelSpec, unet: Any, vae: Any) -> int:
-    if spec.kind == TINY:
+    if spec.kind in TINY_KINDS:
         return TINY_RESOLUTION
     try:
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -297,11 +380,12 @@ def load_pipeline_components(spec: str | ModelSpec | None = None,
     note("")
     parts = _load_parts(model_spec, text_only=False,
                         dtypes={"text_encoder": te_dt, "unet": dt, "vae": dt}, note=note)
-    modules = [parts["text_encoder"], parts["unet"], parts["vae"]]
-    _freeze(*modules)
+    encoders = [e for e in (parts["text_encoder"], parts.get("text_encoder_2")) if e is not None]
+    _freeze(*encoders, parts["unet"], parts["vae"])
     with _loading(model_spec):
-        parts["text_encoder"].to(device=dev, dtype=te_dt)
-        for module in modules[1:]:
+        for encoder in encoders:
+            encoder.to(device=dev, dtype=te_dt)
+        for module in (parts["unet"], parts["vae"]):
             module.to(device=dev, dtype=dt)
     if progress is not None:
         progress("load", 1, 1, {"model": model_spec.ref,
@@ -311,4 +395,6 @@ def load_pipeline_components(spec: str | ModelSpec | None = None,
         vae=parts["vae"], scheduler=parts["scheduler"], spec=model_spec, device=dev, dtype=dt,
         default_resolution=_resolution_of(model_spec, parts["unet"], parts["vae"]),
         is_noise_model=model_spec.is_noise_model, face_encoder=model_spec.face_encoder,
+        family=family_of_parts(parts), tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_2=parts.get("text_encoder_2"),
     )

@@ -21,7 +21,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY = "tiny"
+TINY_SD2 = "tiny-sd2"
+TINY_XL = "tiny-xl"
 SD15_RANDOM = "sd15-random"
+SDXL_RANDOM = "sdxl-random"
+# Built-in models: name -> the Stable Diffusion family it stands in for.
+BUILTIN_FAMILIES = {TINY: "sd1", TINY_SD2: "sd2", TINY_XL: "sdxl", SD15_RANDOM: "sd1",
+                    SDXL_RANDOM: "sdxl"}
+TINY_KINDS = (TINY, TINY_SD2, TINY_XL)
+# Stable Diffusion families: name -> (label, default resolution in px).
+FAMILIES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 768), "sdxl": ("SDXL", 1024)}
 # Bump when the tiny model's architecture or seeds change, so old caches are not reused.
 TINY_CACHE_NAME = "tiny-v2"
 TINY_RESOLUTION = 64
@@ -37,7 +46,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class ModelSpec:
     """A resolved model spec.
 
-    ``kind`` is one of ``tiny``, ``sd15-random``, ``folder``, ``single_file``, ``hub``.
+    ``kind`` is a built-in name (``tiny``, ``tiny-sd2``, ``tiny-xl``, ``sd15-random``,
+    ``sdxl-random``) or ``folder``, ``single_file``, ``hub``.
     ``source`` is what the user typed, ``ref`` the stable string recorded in metadata (the
     repo id for hub models, the absolute path for folders and files), ``path`` the local path
     for folders and files.
@@ -51,12 +61,24 @@ class ModelSpec:
     @property
     def is_noise_model(self) -> bool:
         """True for the built-in random models: their images are noise."""
-        return self.kind in (TINY, SD15_RANDOM)
+        return self.kind in BUILTIN_FAMILIES
 
     @property
     def default_resolution(self) -> int:
-        """Default image size in pixels (64 for ``tiny`` so tests are fast, else 512)."""
-        return TINY_RESOLUTION if self.kind == TINY else SD_RESOLUTION
+        """Default image size in pixels (64 for the tiny models so tests are fast)."""
+        if self.kind in TINY_KINDS:
+            return TINY_RESOLUTION
+        family = self.family
+        return FAMILIES[family][1] if family else SD_RESOLUTION
+
+    @property
+    def family(self) -> str | None:
+        """The Stable Diffusion family, when it is known without loading anything: built-ins,
+        folders (their model_index.json) and single files (their tensor names). None for a
+        hub id that is not in the local cache."""
+        if self.kind in BUILTIN_FAMILIES:
+            return BUILTIN_FAMILIES[self.kind]
+        return family_on_disk(self)
 
     @property
     def face_encoder(self) -> str:
@@ -143,6 +165,28 @@ def _pickle_refusal(path: Path) -> ModelUnavailable:
     )
 
 
+def family_on_disk(spec: ModelSpec) -> str | None:
+    """The family of a local model read from its files (cheap: JSON or a tensor header)."""
+    import json
+
+    try:
+        if spec.kind == "folder" and spec.path is not None:
+            index = json.loads(storage.read_regular_file(spec.path / "model_index.json",
+                                                         1 << 20))
+            if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+                return "sdxl"
+            config = json.loads(storage.read_regular_file(
+                spec.path / "text_encoder" / "config.json", 1 << 20))
+            return "sd2" if int(config.get("hidden_size", 768)) == 1024 else "sd1"
+        if spec.kind == "single_file" and spec.path is not None:
+            from .singlefile import single_file_family
+
+            return single_file_family(spec.path)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
 def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
     """Turn what the user typed (or the configured default for None) into a :class:`ModelSpec`.
 
@@ -153,12 +197,11 @@ def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
         return spec
     text = (configured_default_model() if spec is None else spec).strip()
     if not text:
-        raise InvalidOption("The model spec is empty; pass a repo id, a path, `tiny` or "
-                            "`sd15-random`.")
-    if text == TINY:
-        return ModelSpec(kind=TINY, source=text, ref=TINY)
-    if text == SD15_RANDOM:
-        return ModelSpec(kind=SD15_RANDOM, source=text, ref=SD15_RANDOM)
+        raise InvalidOption("The model spec is empty; pass a repo id, a path or a built-in "
+                            "model (`tiny`, `tiny-sd2`, `tiny-xl`, `sd15-random`, "
+                            "`sdxl-random`).")
+    if text in BUILTIN_FAMILIES:
+        return ModelSpec(kind=text, source=text, ref=text)
 
     path = Path(text).expanduser()
     if path.exists():
@@ -180,13 +223,14 @@ def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
     if _looks_like_path(text):
         raise ModelUnavailable(
             f"Model path {text} does not exist. Check the path, or pass a Hugging Face repo id "
-            "(owner/name), `tiny` or `sd15-random`."
+            "(owner/name) or a built-in model such as `tiny`."
         )
     if _HUB_ID.match(text):
         return ModelSpec(kind="hub", source=text, ref=text)
     raise InvalidOption(
         f"'{text}' is not a model spec: pass a Hugging Face repo id (owner/name), a local "
-        "diffusers folder, a .safetensors checkpoint, `tiny` or `sd15-random`."
+        "diffusers folder, a .safetensors checkpoint or a built-in model (`tiny`, `tiny-sd2`, "
+        "`tiny-xl`, `sd15-random`, `sdxl-random`)."
     )
 
 

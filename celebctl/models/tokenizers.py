@@ -60,15 +60,24 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     return vocab, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer() -> Any:
-    """The real CLIP ViT-L/14 tokenizer (SD 1.x), built offline from the packaged BPE merges."""
+# OpenCLIP's text towers (SD 2.x's ViT-H, SDXL's second encoder ViT-bigG) use the same BPE
+# vocabulary as OpenAI's CLIP but pad with "!" (token 0) instead of the end token.
+OPENCLIP_PAD_TOKEN = "!"
+
+
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
+    """The real CLIP tokenizer, built offline from the packaged BPE merges.
+
+    ``pad_token`` is the end token for OpenAI CLIP ViT-L/14 (SD 1.x, SDXL's first encoder) and
+    :data:`OPENCLIP_PAD_TOKEN` for OpenCLIP (SD 2.x, SDXL's second encoder).
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
     # transformers 5's tokenizers-backed CLIPTokenizer takes the vocab and merges in memory.
     return CLIPTokenizer(
         vocab=dict(vocab), merges=[tuple(m) for m in merges], bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=pad_token,
         model_max_length=CLIP_MAX_LENGTH,
     )
 
@@ -99,7 +108,15 @@ def tokenizer_sha256(tokenizer: Any) -> str:
 
 
 def embedding_table(text_encoder: Any) -> torch.Tensor:
-    """The text encoder's input token-embedding table (vocab, hidden), without a copy."""
+    """The input token-embedding table (vocab, hidden) of a text encoder, without a copy; of
+    several encoders (SDXL's two), their tables side by side (vocab, hidden_1 + hidden_2)."""
+    if isinstance(text_encoder, (list, tuple)):
+        import torch
+
+        tables = [embedding_table(encoder) for encoder in text_encoder]
+        if len(tables) == 1:
+            return tables[0]
+        return torch.cat([t.detach().float() for t in tables], dim=1)
     return text_encoder.get_input_embeddings().weight
 
 
