@@ -65,8 +65,6 @@ def test_a_model_field_with_markup_is_data(tiny_home, tmp_path, model):
     for args in (["list"], ["show", "bob"], ["basis", "list"], ["doctor"]):
         result = invoke(*args)
         assert result.exit_code in (0, 1) and "Traceback" not in result.output, args
-    from celebctl.cli import app
-
     wide = runner.invoke(app, ["list"], env={"COLUMNS": "200"})  # room for the whole model
     assert model in wide.stdout
     assert model in invoke("show", "bob").stdout
