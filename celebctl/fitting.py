@@ -544,7 +544,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
             f"{', '.join(repr(n) for n in faceless)} has no face crop (imported from a bundle "
             "made with --no-face), so it cannot be refitted. Add it again from a photo."
         )
-    from .rendering import check_families
+    from .rendering import check_families, check_widths
 
     check_families(idents, command="joint")
     bases = {i.basis_id for i in idents}
@@ -565,6 +565,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec, command="joint")
+    check_widths(idents, info, spec, command="joint")
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     basis = basis_mod.load_basis(info.id)

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import emphasis
+from .emphasis import BREAK
 from .errors import IdentityNotFound, PromptError, did_you_mean
 
 TOKENS_PER_IDENTITY = 2
@@ -43,10 +45,23 @@ class IdentityMention:
 
 @dataclass
 class ParsedPrompt:
-    """A prompt split into plain text and identity mentions."""
+    """A prompt split into plain text, identity mentions and BREAK markers.
+
+    ``weights`` gives each segment's attention weight (the WebUI syntax, :mod:`.emphasis`);
+    an empty list means every weight is 1.
+    """
 
     text: str
-    segments: list[str | IdentityMention] = field(default_factory=list)
+    segments: list[str | IdentityMention | Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def weight_of(self, index: int) -> float:
+        return self.weights[index] if self.weights else 1.0
+
+    @property
+    def weighted(self) -> bool:
+        """True when some segment has a weight other than 1 or the prompt has a BREAK."""
+        return any(w != 1.0 for w in self.weights) or any(s is BREAK for s in self.segments)
 
     @property
     def identities(self) -> list[str]:
@@ -57,15 +72,27 @@ class ParsedPrompt:
                 seen.append(seg.name)
         return seen
 
+    def plain(self) -> str:
+        """The prompt as typed, without the weighting syntax."""
+        return " ".join(" ".join(item.text for item in emphasis.parse(self.text)
+                                 if item is not BREAK).split())
+
     def expanded(self, style: str = "angle") -> str:
-        """The prompt with each identity shown as `<name>` (what other tools load it as)."""
-        parts = []
-        for seg in self.segments:
-            if isinstance(seg, IdentityMention):
-                parts.append(f"<{seg.name}>")
+        """The prompt with each identity shown as `<name>` (what other tools load it as), and
+        weights and BREAKs written back in the WebUI syntax."""
+        fragments: list[Any] = []
+        for index, seg in enumerate(self.segments):
+            if seg is BREAK:
+                fragments.append(BREAK)
+                continue
+            text = f"<{seg.name}>" if isinstance(seg, IdentityMention) else seg
+            weight = self.weight_of(index)
+            last = fragments[-1] if fragments else None
+            if isinstance(last, emphasis.Fragment) and last.weight == weight:
+                fragments[-1] = emphasis.Fragment(last.text + text, weight)
             else:
-                parts.append(seg)
-        return "".join(parts)
+                fragments.append(emphasis.Fragment(text, weight))
+        return emphasis.render(fragments).strip()
 
 
 # After an identity, a prompt says what it is, as every training caption did ("face of <alice>
@@ -89,10 +116,12 @@ def with_person_nouns(parsed: ParsedPrompt) -> ParsedPrompt:
     which is how "the person's hat" reads to the text encoder. The inserted word is a plain text
     segment, so it is tokenised, counted and shown like any other word.
     """
-    segments: list[str | IdentityMention] = []
+    segments: list[Any] = []
+    weights: list[float] = []
     items = parsed.segments
     for index, seg in enumerate(items):
         segments.append(seg)
+        weights.append(parsed.weight_of(index))
         if not isinstance(seg, IdentityMention):
             continue
         following = items[index + 1] if index + 1 < len(items) else ""
@@ -103,7 +132,9 @@ def with_person_nouns(parsed: ParsedPrompt) -> ParsedPrompt:
         if not possessive and word and word.group(1).lower() in PERSON_NOUNS:
             continue
         segments.append(f" {PERSON_WORD}")
-    return ParsedPrompt(text=parsed.text, segments=segments)
+        weights.append(parsed.weight_of(index))  # the identity's weight
+    return ParsedPrompt(text=parsed.text, segments=segments,
+                        weights=weights if parsed.weights else [])
 
 
 def clean_prompt(text: str, allow_empty: bool = False) -> str:
@@ -131,26 +162,46 @@ def clean_prompt(text: str, allow_empty: bool = False) -> str:
     return text
 
 
-def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False) -> ParsedPrompt:
-    """Find registered identities in ``text``.
+def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False,
+                 explicit_only: bool = False) -> ParsedPrompt:
+    """Find registered identities in ``text``, which may use the WebUI's weighting syntax.
 
     Bare words match case-insensitively at word boundaries ("Alice's" finds alice, "malice"
-    does not); `<name>` is the explicit form and must name a registered identity. An empty
-    ``text`` raises PromptError unless ``allow_empty`` (for negative prompts).
+    does not); `<name>` is the explicit form and must name a registered identity. ``\\grace``
+    is the plain word "grace" even when an identity has that name, and with ``explicit_only``
+    only `<name>` names identities. An identity inside a weighted group gets its weight. An
+    empty ``text`` raises PromptError unless ``allow_empty`` (for negative prompts).
     """
     text = clean_prompt(text, allow_empty=allow_empty)
     known_set = {k.lower() for k in known}
+    parsed = ParsedPrompt(text=text)
+    for item in emphasis.parse(text):
+        if item is BREAK:
+            parsed.segments.append(BREAK)
+            parsed.weights.append(1.0)
+            continue
+        for seg in _find_identities(item.text, known_set, explicit_only):
+            parsed.segments.append(seg)
+            parsed.weights.append(item.weight)
+    if all(w == 1.0 for w in parsed.weights):
+        parsed.weights = []
+    return parsed
+
+
+def _find_identities(text: str, known_set: set[str], explicit_only: bool = False
+                     ) -> list[str | IdentityMention]:
+    """``text`` (one weighted fragment) split into plain text and identity mentions."""
     mentions: list[IdentityMention] = []
     for match in _EXPLICIT.finditer(text):
         name = match.group(1).lower()
         if name not in known_set:
             raise IdentityNotFound(name, sorted(known_set))
         mentions.append(IdentityMention(name, match.start(), match.end(), True))
-    if known_set:
+    if known_set and not explicit_only:
         names = sorted(known_set, key=len, reverse=True)
         bare = re.compile(
-            rf"(?<!{_NOT_BEFORE}){_IN_WORD_BEFORE}({'|'.join(re.escape(n) for n in names)})"
-            rf"(?!{_NOT_AFTER}){_IN_WORD_AFTER}",
+            rf"(?<!{_NOT_BEFORE}){_IN_WORD_BEFORE}(?<!\\)"
+            rf"({'|'.join(re.escape(n) for n in names)})(?!{_NOT_AFTER}){_IN_WORD_AFTER}",
             re.IGNORECASE,
         )
         taken = [(m.start, m.end) for m in mentions]
@@ -166,16 +217,24 @@ def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False) -> 
                 continue
             mentions.append(IdentityMention(name, match.start(), match.end(), False))
     mentions.sort(key=lambda m: m.start)
-    parsed = ParsedPrompt(text=text)
+    segments: list[str | IdentityMention] = []
     cursor = 0
+
+    def plain(piece: str) -> str:
+        # "\grace" writes the plain word: drop the backslash before a registered name.
+        if not known_set:
+            return piece
+        pattern = "|".join(re.escape(n) for n in sorted(known_set, key=len, reverse=True))
+        return re.sub(rf"\\(?=(?:{pattern})(?![\w\-]))", "", piece, flags=re.IGNORECASE)
+
     for mention in mentions:
         if mention.start > cursor:
-            parsed.segments.append(text[cursor:mention.start])
-        parsed.segments.append(mention)
+            segments.append(plain(text[cursor:mention.start]))
+        segments.append(mention)
         cursor = mention.end
     if cursor < len(text):
-        parsed.segments.append(text[cursor:])
-    return parsed
+        segments.append(plain(text[cursor:]))
+    return segments
 
 
 @dataclass
@@ -185,6 +244,73 @@ class TokenizedPrompt:
     input_ids: list[int]
     slots: list[tuple[int, str, int]]  # (position, identity name, vector index 0/1)
     length: int  # tokens used, including start and end
+    weights: list[float] = field(default_factory=list)  # per position; empty: all 1
+
+
+# Long prompts are encoded in chunks of 75 tokens, as the WebUI does; a chunk breaks after the
+# last comma when that comma is within this many tokens of its end.
+CHUNK_TOKENS = 75
+COMMA_BACKTRACK = 20
+MAX_CHUNKS = 12
+
+
+def tokenize_chunks(parsed: ParsedPrompt, tokenizer: Any, label: str = "prompt",
+                    max_chunks: int = MAX_CHUNKS) -> list[TokenizedPrompt]:
+    """``parsed`` as one or more 77-token windows, the WebUI's way: 75 tokens each between
+    the start and end tokens, a new chunk at BREAK or when one is full (after the last comma if
+    it is near the end), an identity's two slots never split. Each window carries the weight of
+    every position. Raises PromptError past ``max_chunks`` chunks."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    comma = tokenizer(",", add_special_tokens=False, verbose=False)["input_ids"]
+    comma_id = comma[0] if len(comma) == 1 else None
+    # Groups that stay together: one text token, or an identity's two slots.
+    groups: list[Any] = []
+    for index, seg in enumerate(parsed.segments):
+        weight = parsed.weight_of(index)
+        if seg is BREAK:
+            groups.append(BREAK)
+        elif isinstance(seg, IdentityMention):
+            groups.append([(0, weight, (seg.name, k)) for k in range(TOKENS_PER_IDENTITY)])
+        elif seg.strip():
+            ids = tokenizer(seg, add_special_tokens=False, verbose=False)["input_ids"]
+            groups.extend([(token, weight, None)] for token in ids)
+    chunks: list[list[tuple[int, float, Any]]] = []
+    current: list[tuple[int, float, Any]] = []
+    last_comma = -1
+    for group in groups:
+        if group is BREAK:
+            chunks.append(current)
+            current, last_comma = [], -1
+            continue
+        if len(current) + len(group) > CHUNK_TOKENS:
+            if last_comma >= 0 and len(current) - last_comma <= COMMA_BACKTRACK:
+                chunks.append(current[:last_comma + 1])
+                current = current[last_comma + 1:]
+            else:
+                chunks.append(current)
+                current = []
+            last_comma = -1
+        current.extend(group)
+        if comma_id is not None and group[0][0] == comma_id and group[0][2] is None:
+            last_comma = len(current) - 1
+    chunks.append(current)
+    if len(chunks) > max_chunks:
+        raise PromptError(
+            f"The {label} needs {len(chunks)} chunks of {CHUNK_TOKENS} tokens; celebctl encodes "
+            f"at most {max_chunks}. Shorten it.")
+    windows = []
+    for chunk in chunks:
+        ids = [bos] + [token for token, _, _ in chunk] + [eos]
+        weights = [1.0] + [weight for _, weight, _ in chunk] + [1.0]
+        slots = [(position + 1, slot[0], slot[1])
+                 for position, (_, _, slot) in enumerate(chunk) if slot is not None]
+        length = len(ids)
+        ids += [pad] * (CHUNK_TOKENS + 2 - length)
+        weights += [1.0] * (CHUNK_TOKENS + 2 - length)
+        windows.append(TokenizedPrompt(input_ids=ids, slots=slots, length=length,
+                                       weights=weights))
+    return windows
 
 
 def tokenize_prompt(parsed: ParsedPrompt, tokenizer: Any, placeholder_id: int | None = None,

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .denoise import UNetCall, sample_images
 from .errors import BasisMismatch, InvalidOption, StorageError
-from .prompting import ParsedPrompt, parse_prompt, tokenize_prompt, with_person_nouns
+from .prompting import (
+    CHUNK_TOKENS,
+    ParsedPrompt,
+    parse_prompt,
+    tokenize_chunks,
+    with_person_nouns,
+)
 from .storage import write_new_user_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,6 +86,8 @@ class RenderPlan:
     max_tokens: int
     notes: list[str] = field(default_factory=list)
     person_noun: bool = True
+    chunks: list[int] = field(default_factory=list)  # tokens in each 75-token chunk
+    negative_chunks: list[int] = field(default_factory=list)
     # name -> (2, p) numpy coefficients, read together with the identities (one snapshot)
     coefficients: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -102,6 +110,9 @@ class RenderPlan:
             "negative_tokens": self.negative_token_count,
             "max_tokens": self.max_tokens,
             "person_noun": self.person_noun,
+            "chunks": list(self.chunks),
+            "negative_chunks": list(self.negative_chunks),
+            "weighted": self.prompt.weighted or self.negative.weighted,
             "guidance_default": default_guidance(bool(self.identities)),
             "notes": list(self.notes),
         }
@@ -159,6 +170,40 @@ def check_families(idents: Sequence[Any], spec: Any = None, command: str = "rend
             f"--replace --model {spec.ref}`).")
 
 
+def check_widths(idents: Sequence[Any], info: Any, spec: Any, command: str = "render"
+                 ) -> None:
+    """Refuse, before loading, a model whose text encoders are not as wide as the identities'
+    basis (known from the model's configs or file header), naming the fix that works."""
+    from . import models
+
+    if info is None or not idents:
+        return
+    widths = models.text_widths(spec)
+    if not widths or sum(widths) == info.hidden:
+        return
+    names = ", ".join(i.name for i in idents)
+    one = len(idents) == 1
+    theirs = (f"render with --model {info.model}" if info.built_here
+              else "use the model they were fitted with (--model)")
+    readd = " ".join(
+        f"`celebctl add {i.name} {_source_photo(i)} --replace --model {spec.ref}`"
+        for i in idents)
+    raise BasisMismatch(
+        f"{names} {'was' if one else 'were'} fitted on a model whose text encoder"
+        f"{'s are' if len(info.encoder_widths or [1]) > 1 else ' is'} {info.hidden}-d (basis "
+        f"{info.id}, built from {info.model!r}), but {spec.ref}'s "
+        f"{'are' if len(widths) > 1 else 'is'} {sum(widths)}-d, so {command} cannot use "
+        f"{'it' if one else 'them'} with this model. Either {theirs}, or re-add "
+        f"{'it' if one else 'them'} for this model: {readd}.")
+
+
+def _source_photo(ident: Any) -> str:
+    """The name of the identity's first source photo for a command to show, else PHOTO."""
+    sources = ident.meta.get("sources") or [{}]
+    name = str(sources[0].get("photo", "")) if isinstance(sources[0], dict) else ""
+    return name if name and " " not in name and name.isprintable() else "PHOTO"
+
+
 def _shared_basis(idents: Sequence[Any]) -> str | None:
     bases = {ident.basis_id for ident in idents}
     if len(bases) > 1:
@@ -202,6 +247,7 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec)
+    check_widths(idents, info, spec)
 
     # A given tokenizer belongs to a loaded model: check_model_matches_basis checks it fully.
     tokenizer, sha = (tokenizer, None) if tokenizer is not None else _tokenizer_for_plan(spec)
@@ -212,16 +258,18 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
             f"{info.model!r}). Render with the model they were fitted with (--model), or "
             f"re-add them for this one (`celebctl add NAME PHOTO --replace --model {spec.ref}`)."
         )
-    tokens = tokenize_prompt(parsed, tokenizer)
-    negative_tokens = tokenize_prompt(parsed_negative, tokenizer, label="negative prompt")
-    window = len(tokens.input_ids)
+    chunks = tokenize_chunks(parsed, tokenizer)
+    negative_chunks = tokenize_chunks(parsed_negative, tokenizer, label="negative prompt")
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
-                      basis_id=basis_id, spec=spec, token_count=tokens.length - 2,
-                      negative_token_count=negative_tokens.length - 2, max_tokens=window - 2,
+                      basis_id=basis_id, spec=spec,
+                      token_count=sum(c.length - 2 for c in chunks),
+                      negative_token_count=sum(c.length - 2 for c in negative_chunks),
+                      max_tokens=CHUNK_TOKENS * len(chunks),
                       notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
-                      person_noun=person_noun)
+                      person_noun=person_noun, chunks=[c.length - 2 for c in chunks],
+                      negative_chunks=[c.length - 2 for c in negative_chunks])
 
 
 def noise_note(spec: ModelSpec) -> str:
@@ -492,44 +540,76 @@ class PromptEmbeds:
     negative_pooled: Any = None
 
 
+def apply_emphasis(states, weights):
+    """The WebUI's emphasis on one chunk's states (1, 77, width): each position scaled by its
+    weight, then the whole rescaled so its mean is what it was (A1111's "Original" mode)."""
+    import torch
+
+    if all(w == 1.0 for w in weights):
+        return states
+    factors = torch.tensor(weights, device=states.device, dtype=states.dtype)[None, :, None]
+    original = states.mean()
+    scaled = states * factors
+    return scaled * (original / scaled.mean())
+
+
 def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[str, Any]
                        ) -> PromptEmbeds:
     """The prompt and negative prompt encoded by the model's text encoder(s), in its dtype.
 
-    The two are encoded separately, as the pipelines do for text prompts, so the result matches
-    diffusers' textual-inversion path bit for bit. Each encoder gets its slice of the identity
-    vectors (:mod:`celebctl.models.families`); for SDXL an empty negative prompt is zeros.
+    Each is encoded in 75-token chunks (one for a short prompt) with the WebUI's weights
+    applied, and the chunks side by side; the shorter of the two is padded with empty chunks so
+    both have the same length. A short unweighted prompt is encoded exactly as diffusers'
+    pipelines encode it (bit for bit). Each encoder gets its slice of the identity vectors
+    (:mod:`celebctl.models.families`); for SDXL an empty negative prompt is zeros, and the
+    pooled embedding is the first chunk's.
     """
     import torch
 
     from .models import families
-    from .prompting import build_slot_tensors
+    from .prompting import ParsedPrompt, build_slot_tensors, tokenize_chunks
 
     encoders = components.text_encoders
     family = components.family
     width = sum(families.encoder_widths(encoders))
     injector = families.SlotInjector(encoders)
-    out = []
-    for parsed, label in ((plan.prompt, "prompt"), (plan.negative, "negative prompt")):
-        if label == "negative prompt" and not parsed.text and families.zero_empty_negative(
-                family):
-            prompt_embeds, pooled = out[0]
-            out.append((torch.zeros_like(prompt_embeds),
-                        None if pooled is None else torch.zeros_like(pooled)))
-            continue
-        ids = []
-        for tokenizer in components.tokenizers:
-            tokens = tokenize_prompt(parsed, tokenizer, label=label)
-            token_ids, mask, values = build_slot_tensors(
-                [tokens], vectors, width, device=components.device, dtype=torch.float32)
-            ids.append(token_ids)
-        with torch.no_grad(), injector.attached():
-            injector.set(mask, values)
-            embeds, pooled = families.encode(family, encoders, ids)
-        dtype = encoders[0].dtype
-        out.append((embeds.to(dtype), None if pooled is None else pooled.to(dtype)))
-    return PromptEmbeds(prompt=out[0][0], negative=out[1][0], pooled=out[0][1],
-                        negative_pooled=out[1][1])
+    dtype = encoders[0].dtype
+
+    def encode(parsed: ParsedPrompt, label: str) -> list[tuple[Any, Any]]:
+        per_tokenizer = [tokenize_chunks(parsed, tokenizer, label=label)
+                         for tokenizer in components.tokenizers]
+        chunks = []
+        for index in range(len(per_tokenizer[0])):
+            ids = []
+            mask = values = None
+            for windows in per_tokenizer:
+                token_ids, mask, values = build_slot_tensors(
+                    [windows[index]], vectors, width, device=components.device,
+                    dtype=torch.float32)
+                ids.append(token_ids)
+            with torch.no_grad(), injector.attached():
+                injector.set(mask, values)
+                states, pooled = families.encode(family, encoders, ids)
+            states = apply_emphasis(states, per_tokenizer[0][index].weights)
+            chunks.append((states.to(dtype), None if pooled is None else pooled.to(dtype)))
+        return chunks
+
+    prompt = encode(plan.prompt, "prompt")
+    if not plan.negative.text and families.zero_empty_negative(family):
+        negative = [(torch.zeros_like(s), None if p is None else torch.zeros_like(p))
+                    for s, p in prompt]
+    else:
+        negative = encode(plan.negative, "negative prompt")
+    count = max(len(prompt), len(negative))
+    if len(prompt) < count or len(negative) < count:
+        blank = encode(ParsedPrompt(text=""), "prompt")[0]  # what an empty chunk encodes to
+        prompt += [blank] * (count - len(prompt))
+        if not plan.negative.text and families.zero_empty_negative(family):
+            blank = (torch.zeros_like(blank[0]), None)
+        negative += [blank] * (count - len(negative))
+    return PromptEmbeds(prompt=torch.cat([s for s, _ in prompt], dim=1),
+                        negative=torch.cat([s for s, _ in negative], dim=1),
+                        pooled=prompt[0][1], negative_pooled=negative[0][1])
 
 
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
@@ -617,7 +697,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     }
     paths: list[Path] = []
     images: list[Any] = []
-    stem = prompt_slug(plan.prompt.text)
+    stem = prompt_slug(plan.prompt.plain())
 
     def save(stem_seed: str, data: bytes, image: bool = True) -> Path:
         try:

@@ -159,11 +159,12 @@ def test_tokenize_puts_two_slots_per_mention(tokenizer):
 
 def test_tokenize_text_equals_whole_text_tokenisation(tokenizer):
     # Segments are tokenised apart; for CLIP this equals tokenising the text as a whole.
-    text = "alice's portrait, oil on canvas; bob (smiling) in 1920s style!"
+    # (Escaped brackets: plain parentheses are the WebUI's weighting syntax.)
+    text = "alice's portrait, oil on canvas; bob \\(smiling\\) in 1920s style!"
     parsed = parse_prompt(text, KNOWN)
     tokens = tokenize_prompt(parsed, tokenizer)
     body = [i for i in tokens.input_ids[1:tokens.length - 1] if i != 0]
-    without = text.replace("alice", " ").replace("bob", " ")
+    without = text.replace("\\", "").replace("alice", " ").replace("bob", " ")
     assert body == tokenizer(without, add_special_tokens=False)["input_ids"]
 
 

@@ -238,13 +238,17 @@ def test_dry_run_cli_loads_no_model_and_writes_nothing(home, no_models, tmp_path
     assert no_models == [] and not out.exists()
 
 
-def test_model_choice(home):
+def test_model_choice(home, tmp_path):
     assert rendering.plan_render("a cat").model == models.DEFAULT_MODEL
     # With no --model, identities render with the model their (locally built) basis came from.
     assert rendering.plan_render("alice").model == "tiny"
-    plan = rendering.plan_render("alice", model="sd15-random")
-    assert plan.model == "sd15-random"
-    assert any("alice: 'tiny'" in n and "loading sd15-random" in n for n in plan.notes)
+    folder = _tiny_copy(home, tmp_path / "same-model")
+    plan = rendering.plan_render("alice", model=str(folder))
+    assert plan.model == str(folder)
+    assert any("alice: 'tiny'" in n and f"loading {folder}" in n for n in plan.notes)
+    # A model whose text encoder is another width is refused before it loads, with the fix.
+    with pytest.raises(BasisMismatch, match="--replace --model sd15-random"):
+        rendering.plan_render("alice", model="sd15-random")
 
 
 def test_identities_on_different_bases(home, no_models):
@@ -293,13 +297,13 @@ def test_tokenizer_mismatch_is_found_without_loading(home, tmp_path, no_models):
 
 
 def test_too_long_prompt_fails_before_loading(home, no_models, tmp_path):
-    with pytest.raises(PromptError, match="Shorten it by 5 tokens"):
-        rendering.render_prompt(" ".join(["alice"] * 40), out_dir=tmp_path / "r",
-                                person_noun=False)
-    with pytest.raises(PromptError, match="Shorten it by 45 tokens"):  # 40 x "person"
-        rendering.render_prompt(" ".join(["alice"] * 40), out_dir=tmp_path / "r")
-    with pytest.raises(PromptError, match="^The negative prompt is"):
-        rendering.render_prompt("alice", negative=" ".join(["bob"] * 40), out_dir=tmp_path)
+    # Long prompts are encoded in 75-token chunks, as the WebUI does; only absurd ones fail.
+    plan = rendering.plan_render(" ".join(["alice"] * 40), person_noun=False)
+    assert plan.chunks == [74, 6] and plan.token_count == 80  # an identity is never split
+    with pytest.raises(PromptError, match="needs 16 chunks of 75 tokens.*at most 12"):
+        rendering.render_prompt(" ".join(["alice"] * 400), out_dir=tmp_path / "r")
+    with pytest.raises(PromptError, match="^The negative prompt needs"):
+        rendering.render_prompt("alice", negative=" ".join(["bob"] * 400), out_dir=tmp_path)
     result = invoke("render", "x " * 10_000, "--dry-run")
     assert result.exit_code == 1 and "20,000 characters" in result.stderr
     assert no_models == [] and not (tmp_path / "r").exists()

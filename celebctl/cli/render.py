@@ -95,8 +95,17 @@ def render_cmd(
         out.print(f"Identities: {', '.join(plan.identities) or '(none)'}")
         out.print(f"Basis:      {plan.basis_id or '(none)'}")
         out.print(f"Model:      {plan.model}")
-        out.print(f"Tokens:     {plan.token_count} of {plan.max_tokens}"
+        chunks = len(plan.chunks)
+        if chunks <= 1:
+            tokens = f"{plan.token_count} of {plan.max_tokens}"
+        else:
+            tokens = (f"{plan.token_count} in {chunks} chunks of 75 ("
+                      + " + ".join(str(n) for n in plan.chunks) + ")")
+        out.print(f"Tokens:     {tokens}"
                   + (f" (negative: {plan.negative_token_count})" if plan.negative.text else ""))
+        weighted = [f"{text} x{weight:.3g}" for text, weight in _weighted_parts(plan.prompt)]
+        if weighted:
+            out.print("Weights:    " + "; ".join(weighted))
         shown = guidance if guidance is not None else rendering.default_guidance(
             bool(plan.identities))
         out.print(f"Guidance:   {shown:g}" + ("" if guidance is not None else " (default)"))
@@ -130,6 +139,21 @@ def render_cmd(
         out.print(str(path))
     if result.grid is not None:
         out.print(str(result.grid))
+
+
+def _weighted_parts(parsed) -> list[tuple[str, float]]:
+    """(text, weight) of each run of segments whose weight is not 1, for --dry-run."""
+    parts: list[tuple[str, float]] = []
+    for index, seg in enumerate(parsed.segments):
+        weight = parsed.weight_of(index)
+        text = f"<{seg.name}>" if hasattr(seg, "name") else str(seg)
+        if weight == 1.0 or text == "BREAK":
+            continue
+        if parts and parts[-1][1] == weight:
+            parts[-1] = (parts[-1][0] + text, weight)
+        else:
+            parts.append((text, weight))
+    return [(text.strip(), weight) for text, weight in parts]
 
 
 render_cmd.interrupt_message = (  # type: ignore[attr-defined]

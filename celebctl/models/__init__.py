@@ -75,6 +75,7 @@ from .specs import (
     resolve_device,
     resolve_dtype,
     resolve_model_spec,
+    text_widths,
 )
 from .tokenizers import (
     BOS_TOKEN,
@@ -93,7 +94,8 @@ __all__ = [
     "BUILTIN_FAMILIES", "FAMILIES", "OPENCLIP_PAD_TOKEN", "SDXL_RANDOM", "TINY_KINDS",
     "TINY_SD2", "TINY_XL", "build_tiny_sd2_model", "build_tiny_xl_model", "family_of_parts",
     "sd21_text_config", "sd21_unet_config", "sdxl_text2_config", "sdxl_text_config",
-    "sdxl_unet_config", "sdxl_vae_config", "single_file_family", "write_config_folder",
+    "sdxl_unet_config", "sdxl_vae_config", "single_file_family", "text_widths",
+    "write_config_folder",
     "BOS_TOKEN", "CLIP_MAX_LENGTH", "CLIP_VOCAB_SIZE", "Components", "DEFAULT_MODEL",
     "EOS_TOKEN", "ModelSpec", "PICKLE_SUFFIXES", "SAFE_SUFFIXES", "SD15_RANDOM",
     "SD_RESOLUTION", "TINY", "TINY_CACHE_NAME", "TINY_CROSS_ATTENTION_GAIN", "TINY_OUTPUT_GAIN",

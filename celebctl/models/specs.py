@@ -187,6 +187,59 @@ def family_on_disk(spec: ModelSpec) -> str | None:
     return None
 
 
+# The text encoders' widths of the built-in models (from their configs, without building them).
+BUILTIN_WIDTHS = {TINY: [32], TINY_SD2: [48], TINY_XL: [32, 48], SD15_RANDOM: [768],
+                  SDXL_RANDOM: [768, 1280]}
+_SINGLE_FILE_TABLES = (
+    ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
+    ("cond_stage_model.transformer.embeddings.token_embedding.weight",),
+    ("cond_stage_model.model.token_embedding.weight",),
+    ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+     "conditioner.embedders.1.model.token_embedding.weight"),
+)
+
+
+def text_widths(spec: ModelSpec) -> list[int] | None:
+    """The token-embedding width of each of a model's text encoders, read cheaply (configs,
+    a checkpoint's tensor header, the Hugging Face cache), or None when that needs a download
+    or a load. Lets a mismatch with an identity's basis be refused before anything loads."""
+    import json
+
+    def config_width(path: Path) -> int:
+        return int(json.loads(storage.read_regular_file(path, 1 << 20))["hidden_size"])
+
+    try:
+        if spec.kind in BUILTIN_WIDTHS:
+            return list(BUILTIN_WIDTHS[spec.kind])
+        if spec.kind == "folder" and spec.path is not None:
+            widths = [config_width(spec.path / "text_encoder" / "config.json")]
+            second = spec.path / "text_encoder_2" / "config.json"
+            if second.exists():
+                widths.append(config_width(second))
+            return widths
+        if spec.kind == "single_file" and spec.path is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(spec.path), framework="pt") as handle:
+                keys = set(handle.keys())
+                for names in _SINGLE_FILE_TABLES:
+                    if all(name in keys for name in names):
+                        return [int(handle.get_slice(n).get_shape()[1]) for n in names]
+            return None
+        if spec.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            widths = []
+            for folder in ("text_encoder", "text_encoder_2"):
+                cached = try_to_load_from_cache(spec.ref, f"{folder}/config.json")
+                if isinstance(cached, str):
+                    widths.append(config_width(Path(cached)))
+            return widths or None
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+    return None
+
+
 def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
     """Turn what the user typed (or the configured default for None) into a :class:`ModelSpec`.
 
