@@ -17,6 +17,7 @@ torch and facenet_pytorch are imported inside functions so importing this module
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -106,6 +107,12 @@ FFHQ_TEMPLATE_512 = np.array(
 _ENCODER_REGION = (0.245, 0.228, 0.755, 0.910)
 
 VGGFACE2_WEIGHTS_NAME = "20180402-114759-vggface2.pt"
+# facenet-pytorch's release asset (the URL its own InceptionResnetV1(pretrained="vggface2")
+# fetches) and its sha256, as recorded by a third-party project that checks it.
+VGGFACE2_URL = ("https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
+                + VGGFACE2_WEIGHTS_NAME)
+VGGFACE2_SHA256 = "281cebca8662831adb987a874bdcb36e73f5b1c6dc5ee5878f305e985625d99b"
+OFFLINE_ENVS = ("CELEBCTL_OFFLINE", "HF_HUB_OFFLINE")
 MAX_FACE_WEIGHTS_BYTES = 512 * 1024 * 1024  # the real file is about 107 MB
 FACE_WEIGHTS_ENV = "CELEBCTL_FACE_WEIGHTS"
 FACE_ENCODER_KINDS = ("vggface2", "random-init")
@@ -541,13 +548,84 @@ def _weights_candidates() -> list[Path]:
     return [primary] if hub == primary else [primary, hub]
 
 
-def load_face_encoder(kind: str, device: str | torch.device = "cpu", seed: int = 0):
+def _offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+               for name in OFFLINE_ENVS)
+
+
+def _missing_weights_message(reason: str) -> str:
+    target = face_weights_path()
+    return (f"The VGGFace2 face-recognition weights are not on this machine ({reason}). "
+            f"Download {VGGFACE2_URL} on a machine with internet and copy the file "
+            f"{VGGFACE2_WEIGHTS_NAME} to {target}, or set {FACE_WEIGHTS_ENV}=/path/to/file.")
+
+
+def download_face_weights(progress=None, url: str = VGGFACE2_URL,
+                          sha256: str = VGGFACE2_SHA256, target: Path | None = None) -> Path:
+    """Download the VGGFace2 weights once into the torch hub cache, checking their sha256.
+
+    The file is written to a temp name beside the target, checked, then renamed into place, so
+    an interrupted or corrupted download never leaves a file that looks complete. Raises
+    FaceEncoderUnavailable (with the URL and where to put the file) offline or on failure.
+    """
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    from . import storage
+
+    target = Path(target or face_weights_path())
+    if _offline():
+        raise FaceEncoderUnavailable(_missing_weights_message(
+            "offline: HF_HUB_OFFLINE or CELEBCTL_OFFLINE is set, so nothing is downloaded"))
+    tmp = target.with_name(f".{target.name}{storage.TMP_MARK}{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        request = urllib.request.Request(url, headers={"User-Agent": "celebctl"})
+        with urllib.request.urlopen(request, timeout=30) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                if done + len(chunk) > MAX_FACE_WEIGHTS_BYTES:
+                    raise FaceEncoderUnavailable(_missing_weights_message(
+                        f"{url} is larger than a face-weights file"))
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress("download", done, total or done, {"file": VGGFACE2_WEIGHTS_NAME})
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            raise FaceEncoderUnavailable(_missing_weights_message(
+                f"the download from {url} does not match the published sha256 {sha256}; it "
+                "was deleted"))
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise FaceEncoderUnavailable(_missing_weights_message(
+            f"the download from {url} failed: {reason}")) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return target
+
+
+def load_face_encoder(kind: str, device: str | torch.device = "cpu", seed: int = 0,
+                      progress=None):
     """Build the face-recognition network: an InceptionResnetV1 giving 512-d unit vectors.
 
-    ``kind="vggface2"`` loads the VGGFace2 weights from :func:`face_weights_path` (never
-    downloads; raises :class:`FaceEncoderUnavailable` when the file is missing or invalid).
+    ``kind="vggface2"`` loads the VGGFace2 weights from :func:`face_weights_path`; on first use
+    they are downloaded there (facenet-pytorch's release asset, checked against its sha256)
+    unless the machine is offline (``HF_HUB_OFFLINE`` or ``CELEBCTL_OFFLINE``), in which case
+    :class:`FaceEncoderUnavailable` gives the URL, the file name and where to put it.
     ``kind="random-init"`` gives a random network seeded by ``seed``, for offline tiny models.
-    The encoder is in eval mode with gradients off.
+    ``progress(phase, done, total, info)`` gets "download" with bytes. The encoder is in eval
+    mode with gradients off.
     """
     if kind not in FACE_ENCODER_KINDS:
         raise InvalidOption(
@@ -563,6 +641,9 @@ def load_face_encoder(kind: str, device: str | torch.device = "cpu", seed: int =
             encoder = InceptionResnetV1(pretrained=None, classify=False)
     else:
         encoder = InceptionResnetV1(pretrained=None, classify=False)
+        if not any(os.path.exists(c) for c in _weights_candidates()) \
+                and not os.environ.get(FACE_WEIGHTS_ENV):
+            download_face_weights(progress=progress)
         _load_vggface2_weights(encoder)
     encoder.eval()
     encoder.requires_grad_(False)
@@ -591,13 +672,12 @@ def _load_vggface2_weights(encoder: torch.nn.Module) -> None:
         )
         raise FaceEncoderUnavailable(
             "The VGGFace2 face-recognition weights are not on this machine. "
-            f"{where} Download {VGGFACE2_WEIGHTS_NAME} (facenet-pytorch release v2.2.9 assets) "
-            "on a machine with internet and copy it there, "
-            f"or set {FACE_WEIGHTS_ENV}=/path/to/file."
+            f"{where} Download {VGGFACE2_URL} on a machine with internet and copy the file "
+            f"{VGGFACE2_WEIGHTS_NAME} there, or set {FACE_WEIGHTS_ENV}=/path/to/file."
         )
     invalid = (
         f"{path} is not a valid VGGFace2 weights file for InceptionResnetV1. Replace it with "
-        f"{VGGFACE2_WEIGHTS_NAME} from the facenet-pytorch v2.2.9 release assets"
+        f"{VGGFACE2_WEIGHTS_NAME} from {VGGFACE2_URL}"
     )
     try:
         data = storage.read_regular_file(path, MAX_FACE_WEIGHTS_BYTES)

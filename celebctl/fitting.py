@@ -483,7 +483,7 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     prepared, notes = prepare_photos(photos, face_index)
-    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device)
+    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device, progress=progress)
     components, basis = load_fit_model(spec, torch_device, dtype, progress)
     result = fit_identities(components, basis.mean, basis.components,
                             [FitSubject(name, [p.aligned for p in prepared])], encoder, settings,
@@ -569,7 +569,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     basis = basis_mod.load_basis(info.id)
-    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device)
+    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device, progress=progress)
     import torch
 
     components = models.load_pipeline_components(spec, torch_device, dtype,

@@ -457,11 +457,45 @@ def test_vggface2_missing_weights(torch_home):
     assert faces.face_weights_path() == expected
     with pytest.raises(FaceEncoderUnavailable) as info:
         faces.load_face_encoder("vggface2")
-    message = str(info.value)
-    assert f"facenet-pytorch looks for {expected}." in message
-    assert "20180402-114759-vggface2.pt (facenet-pytorch release v2.2.9 assets)" in message
+    message = " ".join(str(info.value).split())
+    # Offline (the tests set HF_HUB_OFFLINE): the URL, the file name and where to put it.
+    assert faces.VGGFACE2_URL in message and "offline" in message
+    assert f"copy the file 20180402-114759-vggface2.pt to {expected}" in message
     assert "CELEBCTL_FACE_WEIGHTS=/path/to/file" in message
     assert not expected.exists()  # nothing was downloaded or created
+
+
+def _online(monkeypatch):
+    for name in faces.OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_face_weights_are_downloaded_once_and_checked(torch_home, tmp_path, monkeypatch):
+    import hashlib
+
+    source = tmp_path / "asset.pt"
+    source.write_bytes(b"weights" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    _online(monkeypatch)
+    seen = []
+    path = faces.download_face_weights(progress=lambda *a: seen.append(a[1]),
+                                       url=source.as_uri(), sha256=digest)
+    assert path == faces.face_weights_path() and path.read_bytes() == source.read_bytes()
+    assert seen and seen[-1] == 7000
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_a_download_that_does_not_match_its_checksum_is_deleted(torch_home, tmp_path,
+                                                                   monkeypatch):
+    source = tmp_path / "asset.pt"
+    source.write_bytes(b"tampered")
+    _online(monkeypatch)
+    with pytest.raises(FaceEncoderUnavailable, match="does not match the published sha256"):
+        faces.download_face_weights(url=source.as_uri(), sha256="0" * 64)
+    assert not faces.face_weights_path().exists()
+    assert not any(faces.face_weights_path().parent.iterdir())
+    with pytest.raises(FaceEncoderUnavailable, match="download from .* failed"):
+        faces.download_face_weights(url=(tmp_path / "missing.pt").as_uri(), sha256="0" * 64)
 
 
 def test_vggface2_env_override_missing(tmp_path, monkeypatch):

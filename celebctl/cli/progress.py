@@ -25,6 +25,7 @@ PHASES = {
     "fit": "Fitting",
     "render": "Denoising",
     "eval": "Rendering the prompt set",
+    "download": "Downloading the face-recognition weights",
 }
 
 
