@@ -101,14 +101,23 @@ def parse(text: str) -> list[Fragment | _Break]:
     return out
 
 
+_SPECIAL = re.compile(r"([()\[\]\\])")
+
+
+def escape(text: str) -> str:
+    """``text`` with brackets and backslashes escaped, so :func:`parse` reads it literally."""
+    return _SPECIAL.sub(r"\\\1", text)
+
+
 def render(fragments: list[Fragment | _Break]) -> str:
-    """Fragments back as WebUI text: ``(text:1.21)`` for weighted ones, ``BREAK`` for breaks."""
+    """Fragments back as WebUI text: ``(text:1.21)`` for weighted ones, ``BREAK`` for breaks,
+    literal brackets escaped; :func:`parse` of the result gives the same fragments."""
     parts = []
     for item in fragments:
         if item is BREAK:
             parts.append(" BREAK ")
         elif item.weight == 1.0:
-            parts.append(item.text)
+            parts.append(escape(item.text))
         else:
-            parts.append(f"({item.text}:{item.weight:.3g})")
+            parts.append(f"({escape(item.text)}:{item.weight:.3g})")
     return "".join(parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from . import __version__
 from .errors import CelebctlError, InvalidOption
 
 FORMATS = ("celeb", "a1111", "diffusers")
-A1111_KEY = "emb_params"
 # SDXL embeddings as A1111 and ComfyUI read them: one tensor per text encoder.
 SDXL_KEYS = ("clip_l", "clip_g")
 DIFFUSERS_FILE = "learned_embeds.safetensors"
@@ -35,11 +34,62 @@ class ExportResult:
     path: Path  # the file (celeb, a1111) or folder (diffusers) given
     files: list[Path]
     token: str | None  # what to type in a prompt of the other tool
+    # What to type where: tool -> the prompt word ("webui", "comfyui", "diffusers").
+    triggers: dict[str, str] = field(default_factory=dict)
+    usage: list[str] = field(default_factory=list)  # how to load it, one line per tool
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
         return {"name": self.name, "format": self.format, "path": str(self.path),
-                "files": [str(f) for f in self.files], "token": self.token}
+                "files": [str(f) for f in self.files], "token": self.token,
+                "triggers": dict(self.triggers), "usage": list(self.usage)}
+
+
+def diffusers_token(name: str) -> str:
+    """The token diffusers' ``load_textual_inversion`` registers for an identity: ``<name>``,
+    lowercase like every identity name. It must be typed exactly: diffusers expands ``<name>``
+    to its two vectors by plain text replacement, so ``<Alice>`` would get only the first."""
+    return f"<{name}>"
+
+
+def a1111_usage(path: Path, name: str, family: str) -> tuple[dict[str, str], list[str]]:
+    """What to type in each tool for the WebUI/ComfyUI file ``path``."""
+    token, stem = diffusers_token(name), path.stem
+    triggers = {"webui": stem, "comfyui": f"embedding:{stem}"}
+    lines = [
+        f"WebUI: put {stem}.safetensors in the embeddings folder and write '{stem}' in prompts "
+        f"(the file name, any case); '{stem} person riding a bike' is what celebctl renders.",
+        f"ComfyUI: put it in models/embeddings and write 'embedding:{stem}' followed by a space; "
+        f"for a possessive write 'embedding:{stem} person's hat' (ComfyUI skips "
+        f"'embedding:{stem}'s' with a warning).",
+    ]
+    if family == "sdxl":
+        lines.append("diffusers: export with --format diffusers (two files, one per text "
+                     "encoder).")
+    else:
+        triggers["diffusers"] = token
+        lines.append(f"diffusers: pipe.load_textual_inversion(\"{path}\") adds the token "
+                     f"'{token}'; write it exactly, lowercase, in angle brackets.")
+    return triggers, lines
+
+
+def diffusers_usage(folder: Path, name: str, family: str) -> tuple[dict[str, str], list[str]]:
+    """What to type, and how to load, a diffusers textual-inversion folder."""
+    token = diffusers_token(name)
+    if family == "sdxl":
+        lines = [
+            f"diffusers (SDXL): pipe.load_textual_inversion(\"{folder / DIFFUSERS_FILE}\", "
+            f"token=\"{token}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+            f"  and pipe.load_textual_inversion(\"{folder / DIFFUSERS_FILE_2}\", "
+            f"token=\"{token}\", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+        ]
+    else:
+        lines = [f"diffusers: pipe.load_textual_inversion(\"{folder}\")"]
+    lines.append(f"Then write '{token}' in prompts, exactly: lowercase, in angle brackets "
+                 f"(diffusers expands it to its two vectors, '{token} {token}_1'; '<"
+                 f"{name.capitalize()}>' would get only the first). '{token} person riding a "
+                 f"bike' is what celebctl renders.")
+    return {"diffusers": token}, lines
 
 
 def identity_token_vectors(name: str) -> tuple[Any, Any]:
@@ -110,14 +160,18 @@ def split_vectors(vectors: Any, ident: Any) -> list[Any]:
 
 
 def a1111_bytes(name: str) -> bytes:
-    """A WebUI/ComfyUI textual-inversion embedding: safetensors ``{"emb_params": (2, hidden)}``,
-    or for SDXL ``{"clip_l": (2, 768), "clip_g": (2, 1280)}``."""
+    """A WebUI/ComfyUI textual-inversion embedding: safetensors ``{"<name>": (2, hidden)}``,
+    or for SDXL ``{"clip_l": (2, 768), "clip_g": (2, 1280)}``.
+
+    The WebUI and ComfyUI take the one tensor of a single-key file whatever its key (the file
+    name is the prompt word there); the key ``<name>`` makes diffusers' loader, given this file,
+    register the same token as our diffusers export rather than a generic one."""
     vectors, ident = identity_token_vectors(name)
     parts = split_vectors(vectors, ident)
     if len(parts) == 2:
         tensors = {key: part.numpy() for key, part in zip(SDXL_KEYS, parts, strict=True)}
         return safetensors_bytes(tensors, metadata=_metadata(ident))
-    return safetensors_bytes(A1111_KEY, vectors.numpy(), _metadata(ident))
+    return safetensors_bytes(diffusers_token(ident.name), vectors.numpy(), _metadata(ident))
 
 
 def diffusers_files(name: str, token: str | None = None) -> list[tuple[str, bytes]]:
@@ -130,7 +184,7 @@ def diffusers_files(name: str, token: str | None = None) -> list[tuple[str, byte
     encoder (the README shows them).
     """
     vectors, ident = identity_token_vectors(name)
-    key = token or f"<{ident.name}>"
+    key = token or diffusers_token(ident.name)
     names = (DIFFUSERS_FILE, DIFFUSERS_FILE_2)
     return [(filename, safetensors_bytes(key, part.numpy(), _metadata(ident)))
             for filename, part in zip(names, split_vectors(vectors, ident), strict=False)]
@@ -164,11 +218,12 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
         path = bundles.export_bundle(name, output, include_face=include_face,
                                      overwrite=overwrite)
         return ExportResult(name, fmt, path, [path], None)
-    registry.get_identity(name, verify="all")  # a clear IdentityNotFound before anything else
+    # A clear IdentityNotFound before anything else.
+    ident = registry.get_identity(name, verify="all")
+    family = str(ident.meta.get("family") or "sd1")
     if fmt == "a1111":
         if output.is_dir():
-            raise CelebctlError(f"{output} is a folder; give a file name such as "
-                                f"{name}.safetensors.")
+            output = output / f"{name}.safetensors"  # an embeddings folder: the usual file name
         if output.suffix.lower() != ".safetensors":
             raise InvalidOption(f"{output}: a WebUI embedding must end in .safetensors "
                                 f"(for example {name}.safetensors).")
@@ -177,7 +232,8 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
             raise CelebctlError(f"{output} already exists. Pick another path or pass --force.")
         data = a1111_bytes(name)
         write_user_file(output, data, overwrite=overwrite)
-        return ExportResult(name, fmt, output, [output], output.stem)
+        triggers, usage = a1111_usage(output, name, family)
+        return ExportResult(name, fmt, output, [output], output.stem, triggers, usage)
     # diffusers: a folder, created if missing
     if os.path.lexists(output) and not output.is_dir():
         raise CelebctlError(f"{output} is a file; `--format diffusers` writes a folder.")
@@ -196,4 +252,5 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
         raise _storage_error(exc, output, user_file=True) from exc
     for target, (_, data) in zip(targets, files, strict=True):
         write_user_file(target, data, overwrite=overwrite)
-    return ExportResult(name, fmt, output, targets, f"<{name}>")
+    triggers, usage = diffusers_usage(output, name, family)
+    return ExportResult(name, fmt, output, targets, diffusers_token(name), triggers, usage)

@@ -78,14 +78,27 @@ class ParsedPrompt:
                                  if item is not BREAK).split())
 
     def expanded(self, style: str = "angle") -> str:
-        """The prompt with each identity shown as `<name>` (what other tools load it as), and
-        weights and BREAKs written back in the WebUI syntax."""
+        """The prompt with weights and BREAKs written back in the WebUI syntax and each identity
+        as another tool names its embedding: ``angle`` `<name>` (diffusers, and celebctl's own
+        explicit form), ``webui`` the bare name (the WebUI matches an embedding by its file
+        name), ``comfyui`` `embedding:name` followed by a space or comma (ComfyUI reads the
+        name up to the next space, so "embedding:alice's" would name no file)."""
+        if style not in ("angle", "webui", "comfyui"):
+            raise ValueError(f"unknown style {style!r}")
         fragments: list[Any] = []
         for index, seg in enumerate(self.segments):
             if seg is BREAK:
                 fragments.append(BREAK)
                 continue
-            text = f"<{seg.name}>" if isinstance(seg, IdentityMention) else seg
+            if isinstance(seg, IdentityMention):
+                text = {"angle": f"<{seg.name}>", "webui": seg.name,
+                        "comfyui": f"embedding:{seg.name}"}[style]
+                following = self.segments[index + 1] if index + 1 < len(self.segments) else ""
+                if style == "comfyui" and isinstance(following, str) and following[:1] not in (
+                        "", " ", ","):
+                    text += " "
+            else:
+                text = seg
             weight = self.weight_of(index)
             last = fragments[-1] if fragments else None
             if isinstance(last, emphasis.Fragment) and last.weight == weight:
@@ -160,6 +173,23 @@ def clean_prompt(text: str, allow_empty: bool = False) -> str:
     if not text and not allow_empty:
         raise PromptError("The prompt is empty. Describe the picture, e.g. \"a photo of alice\".")
     return text
+
+
+def word_name_note(name: str) -> str | None:
+    """A warning when ``name`` is also an ordinary word, else None.
+
+    "An ordinary word" is a whole word of the CLIP vocabulary (one token with the end-of-word
+    mark), which every SD text encoder shares: such a name takes over that word in every prompt
+    ("dancing with grace" draws the identity grace). ``\\grace`` writes the plain word.
+    """
+    from .models.tokenizers import clip_vocab_and_merges
+
+    vocab, _ = clip_vocab_and_merges()
+    if f"{name.lower()}</w>" not in vocab:
+        return None
+    return (f"'{name}' is also an ordinary word (one token of the text encoder's vocabulary): "
+            f"every '{name}' in a prompt draws this identity, \"dancing with {name}\" too. "
+            f"Write \\{name} for the plain word, or pick a name that is not a word.")
 
 
 def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False,
@@ -277,24 +307,28 @@ def tokenize_chunks(parsed: ParsedPrompt, tokenizer: Any, label: str = "prompt",
             groups.extend([(token, weight, None)] for token in ids)
     chunks: list[list[tuple[int, float, Any]]] = []
     current: list[tuple[int, float, Any]] = []
-    last_comma = -1
+    last_comma = -1  # index in ``current`` of its last comma
+    # The WebUI's order of rules, token by token: note a comma; at a full chunk, move what
+    # follows a comma at most COMMA_BACKTRACK tokens back into the next chunk; start a new
+    # chunk when full, or when an identity's two slots would not fit.
     for group in groups:
         if group is BREAK:
             chunks.append(current)
             current, last_comma = [], -1
             continue
-        if len(current) + len(group) > CHUNK_TOKENS:
-            if last_comma >= 0 and len(current) - last_comma <= COMMA_BACKTRACK:
-                chunks.append(current[:last_comma + 1])
-                current = current[last_comma + 1:]
-            else:
-                chunks.append(current)
-                current = []
-            last_comma = -1
+        is_comma = comma_id is not None and group[0][0] == comma_id and group[0][2] is None
+        if is_comma:
+            last_comma = len(current)
+        elif (len(current) == CHUNK_TOKENS and last_comma >= 0
+              and len(current) - last_comma <= COMMA_BACKTRACK):
+            chunks.append(current[:last_comma + 1])
+            current, last_comma = current[last_comma + 1:], -1
+        if len(current) == CHUNK_TOKENS or len(current) + len(group) > CHUNK_TOKENS:
+            chunks.append(current)
+            current, last_comma = [], -1
         current.extend(group)
-        if comma_id is not None and group[0][0] == comma_id and group[0][2] is None:
-            last_comma = len(current) - 1
-    chunks.append(current)
+    if current or not chunks:
+        chunks.append(current)
     if len(chunks) > max_chunks:
         raise PromptError(
             f"The {label} needs {len(chunks)} chunks of {CHUNK_TOKENS} tokens; celebctl encodes "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, filehash
 from .denoise import UNetCall, sample_images
 from .errors import BasisMismatch, InvalidOption, StorageError
 from .prompting import (
@@ -103,6 +103,9 @@ class RenderPlan:
             "expanded": self.prompt.expanded(),
             "negative": self.negative.text,
             "negative_expanded": self.negative.expanded(),
+            # The same prompt for other tools, with the identities' exports installed there.
+            "webui": self.prompt.expanded("webui"),
+            "comfyui": self.prompt.expanded("comfyui"),
             "identities": list(self.identities),
             "basis_id": self.basis_id,
             "model": self.model,
@@ -183,7 +186,7 @@ def check_widths(idents: Sequence[Any], info: Any, spec: Any, command: str = "re
         return
     names = ", ".join(i.name for i in idents)
     one = len(idents) == 1
-    theirs = (f"render with --model {info.model}" if info.built_here
+    theirs = (f"{command} with --model {info.model}" if info.built_here
               else "use the model they were fitted with (--model)")
     readd = " ".join(
         f"`celebctl add {i.name} {_source_photo(i)} --replace --model {spec.ref}`"
@@ -324,23 +327,35 @@ def _quote(value: str) -> str:
 
 
 def model_label(spec: ModelSpec) -> str:
-    """How a model is named in image metadata: local paths by their last part only."""
-    if spec.kind in ("folder", "single_file") and spec.path is not None:
+    """How a model is named in image metadata: local paths by their last part only, a single
+    file without its extension (as the WebUI names checkpoints)."""
+    if spec.kind == "single_file" and spec.path is not None:
+        return spec.path.stem
+    if spec.kind == "folder" and spec.path is not None:
         return spec.path.name
     return spec.ref
 
 
 def image_parameters(settings: dict[str, Any]) -> str:
-    """The WebUI-style ``parameters`` text for one image's settings (see :func:`render_prompt`)."""
-    lines = [settings["prompt"]]
-    if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    """The WebUI-style ``parameters`` text for one image's settings (see :func:`render_prompt`).
+
+    The prompt lines are what to type in the WebUI with each identity's `export --format a1111`
+    file in its embeddings folder: identities by name, with the "person" celebctl added. The
+    "Negative prompt:" line is always there, even empty: ComfyUI's import of dropped PNGs
+    reads these parameters only when it finds that line.
+    """
+    lines = [settings.get("webui_prompt", settings["prompt"]),
+             f"Negative prompt: {settings.get('webui_negative', settings['negative_prompt'])}"]
     fields = [
         ("Steps", str(settings["steps"])),
         ("Sampler", settings["sampler"]),
         ("CFG scale", f"{settings['cfg_scale']:g}"),
         ("Seed", str(settings["seed"])),
         ("Size", f"{settings['width']}x{settings['height']}"),
+    ]
+    if settings.get("model_hash"):
+        fields.append(("Model hash", settings["model_hash"]))
+    fields += [
         ("Model", settings["model"]),
         ("celebctl", settings["celebctl_version"]),
     ]
@@ -348,11 +363,20 @@ def image_parameters(settings: dict[str, Any]) -> str:
         fields.append(("Basis", settings["basis_id"]))
     if settings.get("identities"):
         fields.append(("Identities", ", ".join(settings["identities"])))
-        fields.append(("Expanded", settings["expanded"]))
-        if settings.get("negative_expanded") != settings.get("negative_prompt"):
-            fields.append(("Negative expanded", settings["negative_expanded"]))
+    if settings.get("ti_hashes"):
+        # The embeddings as the WebUI lists them: each identity's `export --format a1111` file.
+        fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest
+                                              in settings["ti_hashes"].items())))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def embedding_hashes(names: Sequence[str]) -> dict[str, str]:
+    """The WebUI's hash of each identity's `export --format a1111` file (its bytes depend on the
+    identity only, so the hash names that file wherever it was exported to)."""
+    from .export import a1111_bytes
+
+    return {name: filehash.embedding_hash(a1111_bytes(name)) for name in names}
 
 
 def png_bytes(image: Any, settings: dict[str, Any]) -> bytes:
@@ -540,17 +564,28 @@ class PromptEmbeds:
     negative_pooled: Any = None
 
 
-def apply_emphasis(states, weights):
+def apply_emphasis(states, weights, widths: Sequence[int] | None = None):
     """The WebUI's emphasis on one chunk's states (1, 77, width): each position scaled by its
-    weight, then the whole rescaled so its mean is what it was (A1111's "Original" mode)."""
+    weight, then rescaled so the mean is what it was (A1111's "Original" mode). With SDXL's
+    two encoders side by side (``widths``), each encoder's part is rescaled on its own, as the
+    WebUI weights each encoder's output separately."""
     import torch
 
     if all(w == 1.0 for w in weights):
         return states
     factors = torch.tensor(weights, device=states.device, dtype=states.dtype)[None, :, None]
-    original = states.mean()
-    scaled = states * factors
-    return scaled * (original / scaled.mean())
+    parts = []
+    for part in torch.split(states, list(widths or [states.shape[-1]]), dim=-1):
+        original = part.mean()
+        scaled = part * factors
+        new = scaled.mean()
+        # With a mean of ~0 (a final layer norm without bias, as in the built-in tiny models)
+        # the rescale would divide by ~0 or multiply by ~0: keep the scaled states as they are.
+        size = float(part.abs().mean())
+        if min(float(original.abs()), float(new.abs())) > 1e-4 * size:
+            scaled = scaled * (original / new)
+        parts.append(scaled)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[str, Any]
@@ -590,7 +625,8 @@ def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[s
             with torch.no_grad(), injector.attached():
                 injector.set(mask, values)
                 states, pooled = families.encode(family, encoders, ids)
-            states = apply_emphasis(states, per_tokenizer[0][index].weights)
+            states = apply_emphasis(states, per_tokenizer[0][index].weights,
+                                    families.encoder_widths(encoders))
             chunks.append((states.to(dtype), None if pooled is None else pooled.to(dtype)))
         return chunks
 
@@ -658,6 +694,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         torch_device = models.resolve_device(device)
         dtype = render_dtype(dtype, torch_device)
     out_dir = _prepare_out_dir(Path(out_dir))
+    # A single-file checkpoint's WebUI hash, computed while the model loads (cached after).
+    model_hashing = filehash.BackgroundHash(
+        plan.spec.path if plan.spec.kind == "single_file" else None)
 
     basis = basis_mod.load_basis(plan.basis_id) if plan.basis_id else None
     if components is None:
@@ -683,6 +722,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         "negative_prompt": plan.negative.text,
         "expanded": plan.prompt.expanded(),
         "negative_expanded": plan.negative.expanded(),
+        "webui_prompt": plan.prompt.expanded("webui"),
+        "webui_negative": plan.negative.expanded("webui"),
         "steps": steps,
         "sampler": SCHEDULERS[scheduler][1],
         "scheduler": scheduler,
@@ -695,6 +736,11 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         "person_noun": plan.person_noun,
         "celebctl_version": __version__,
     }
+    model_hash = model_hashing.result()
+    if model_hash:
+        settings_base["model_hash"] = model_hash
+    if plan.identities:
+        settings_base["ti_hashes"] = embedding_hashes(plan.identities)
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.plain())

@@ -51,9 +51,10 @@ def test_a1111_embedding(home, tmp_path):
     result = export.export_identity("alice", out, "a1111")
     assert result.files == [out] and result.token == "alice"
     tensors, metadata = load_safetensors(out)
-    assert list(tensors) == ["emb_params"]
-    assert tensors["emb_params"].shape == (2, 32) and tensors["emb_params"].dtype == np.float32
-    np.testing.assert_allclose(tensors["emb_params"], expected_vectors("alice"), rtol=1e-5,
+    # One tensor under the diffusers token: WebUI and ComfyUI take any single key.
+    assert list(tensors) == ["<alice>"]
+    assert tensors["<alice>"].shape == (2, 32) and tensors["<alice>"].dtype == np.float32
+    np.testing.assert_allclose(tensors["<alice>"], expected_vectors("alice"), rtol=1e-5,
                                atol=1e-6)
     assert metadata["celebctl_identity"] == "alice"
     assert metadata["celebctl_basis_id"] == registry.get_identity("alice").basis_id
@@ -72,7 +73,7 @@ def test_diffusers_embedding(home, tmp_path):
     assert list(tensors) == ["<alice>"] and tensors["<alice>"].shape == (2, 32)
     a1111, _ = load_safetensors(export.export_identity("alice", tmp_path / "a.safetensors",
                                                        "a1111").path)
-    np.testing.assert_array_equal(tensors["<alice>"], a1111["emb_params"])
+    np.testing.assert_array_equal(tensors["<alice>"], a1111["<alice>"])
 
 
 def test_exports_refuse_to_overwrite_without_force(home, tmp_path):
@@ -162,8 +163,8 @@ def test_diffusers_textual_inversion_renders_what_celebctl_renders(home, tmp_pat
     from_diffusers = _diffusers_image(
         [(str(tmp_path / "alice-ti"), None), (str(tmp_path / "bob-ti"), None)], prompt, 7)
     from_a1111 = _diffusers_image(
-        [(str(tmp_path / "alice.safetensors"), "<alice>"),
-         (str(tmp_path / "bob.safetensors"), "<bob>")], prompt, 7)
+        [(str(tmp_path / "alice.safetensors"), None),
+         (str(tmp_path / "bob.safetensors"), None)], prompt, 7)
     # Exact: the same vectors reach the same layers in the same order.
     np.testing.assert_array_equal(from_diffusers, ours)
     np.testing.assert_array_equal(from_a1111, ours)
@@ -171,3 +172,43 @@ def test_diffusers_textual_inversion_renders_what_celebctl_renders(home, tmp_pat
     plain = _diffusers_image([], "alice shaking hands with bob", 7)
     assert not np.array_equal(plain, ours)
 
+
+
+def test_export_says_what_to_type_where(home, tmp_path):
+    # An embeddings folder as the target: the file is NAME.safetensors inside it.
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    result = invoke("export", "alice", "-f", "a1111", "-o", folder, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["files"] == [str(folder / "alice.safetensors")]
+    assert data["triggers"] == {"webui": "alice", "comfyui": "embedding:alice",
+                                "diffusers": "<alice>"}
+    text = " ".join(invoke("export", "alice", "-f", "a1111", "-o", tmp_path / "a.safetensors"
+                           ).stdout.split())
+    assert "write 'a' in prompts" in text  # the WebUI word is the file name
+    assert "'embedding:a person's hat'" in text and "skips 'embedding:a's'" in text
+    assert "adds the token '<alice>'" in text
+    text = " ".join(invoke("export", "alice", "-f", "diffusers", "-o", tmp_path / "ti"
+                           ).stdout.split())
+    assert f'pipe.load_textual_inversion("{tmp_path / "ti"}")' in text
+    assert "'<alice>' in prompts, exactly: lowercase" in text and "'<Alice>'" in text
+
+
+def test_the_trigger_words_printed_are_the_ones_diffusers_registers(home, tmp_path):
+    """What export prints about diffusers holds: the a1111 file and the diffusers folder both
+    register `<alice>`, `<alice>` expands to both vectors and `<Alice>` to one only."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    for source, fmt in ((tmp_path / "alice.safetensors", "a1111"), (tmp_path / "ti", "diffusers")):
+        export.export_identity("alice", source, fmt)
+        parts = models.load_pipeline_components("tiny", "cpu", "fp32")
+        tokenizer = parts.tokenizer
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=tokenizer,
+            unet=parts.unet, scheduler=DDIMScheduler.from_config(parts.scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.load_textual_inversion(str(source))
+        assert pipe.maybe_convert_prompt("<alice> person", tokenizer) == \
+            "<alice> <alice>_1 person"
+        assert pipe.maybe_convert_prompt("<Alice> person", tokenizer) == "<Alice> person"

@@ -120,7 +120,7 @@ def test_sdxl_exports_carry_both_encoders(fhome, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ti").iterdir()) == [
         "learned_embeds.safetensors", "learned_embeds_2.safetensors"]
     sd2 = load(export.a1111_bytes("sam"))
-    assert set(sd2) == {"emb_params"} and sd2["emb_params"].shape == (2, 48)
+    assert set(sd2) == {"<sam>"} and sd2["<sam>"].shape == (2, 48)
 
 
 def test_diffusers_sdxl_renders_what_celebctl_renders(fhome, tmp_path):

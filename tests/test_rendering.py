@@ -86,13 +86,13 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [p.name for p in result.paths]
 
     meta = rendering.read_png_metadata(result.paths[1])
+    ti_hashes = rendering.embedding_hashes(["alice", "bob"])
     assert meta["parameters"] == (
-        "alice shaking hands with bob\n"
-        "Negative prompt: blurry, bob\n"
+        "alice person shaking hands with bob person\n"
+        "Negative prompt: blurry, bob person\n"
         f"Steps: 2, Sampler: DDIM, CFG scale: 10, Seed: 6, Size: 64x64, Model: tiny, "
         f"celebctl: {__version__}, Basis: {basis_id}, Identities: \"alice, bob\", "
-        "Expanded: <alice> person shaking hands with <bob> person, "
-        "Negative expanded: \"blurry, <bob> person\""
+        f"TI hashes: \"alice: {ti_hashes['alice']}, bob: {ti_hashes['bob']}\""
     )
     assert meta["celebctl"] == {
         "prompt": "alice shaking hands with bob", "negative_prompt": "blurry, bob",
@@ -101,6 +101,8 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
         "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 10.0, "seed": 6,
         "width": 64, "height": 64, "model": "tiny", "basis_id": basis_id,
         "identities": ["alice", "bob"], "person_noun": True, "celebctl_version": __version__,
+        "webui_prompt": "alice person shaking hands with bob person",
+        "webui_negative": "blurry, bob person", "ti_hashes": ti_hashes,
     }
     # The WebUI's own parser (its regex) reads the settings line back.
     fields = dict(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)',

@@ -15,7 +15,8 @@ from .common import out, typer_factory
 
 app = typer_factory(
     help="Put a real person into Stable Diffusion from one photo (Celeb Basis).\n\n"
-    "Identities live in a local registry (see `celebctl path`)."
+    "Identities live in a local registry (see `celebctl path`).",
+    add_completion=True,
 )
 
 

@@ -22,6 +22,7 @@ from .common import (
     typer_factory,
     warn,
 )
+from .completion import basis_ids
 
 core = LazyModule("celebctl.basis")
 
@@ -31,7 +32,9 @@ app = typer_factory(
 )
 
 IdArg = Annotated[str, typer.Argument(help="Basis id or an unambiguous prefix of it "
-                                            "(see `celebctl basis list`).", show_default=False)]
+                                            "(see `celebctl basis list`).",
+                                       metavar="BASIS_ID", autocompletion=basis_ids,
+                                       show_default=False)]
 
 
 def _percent(value: float) -> str:

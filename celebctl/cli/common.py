@@ -16,6 +16,10 @@ from rich.text import Text
 
 from ..documents import visible
 from ..errors import CelebctlError
+from . import helpstyle
+from .completion import model_names
+
+helpstyle.apply()
 
 
 class SafeConsole(Console):
@@ -118,10 +122,10 @@ class CelebTyper(typer.Typer):
 
 def typer_factory(help: str, **kwargs: Any) -> CelebTyper:
     """Every command group gets the same settings."""
+    kwargs.setdefault("add_completion", False)  # the root app turns it on
     return CelebTyper(
         help=help,
         no_args_is_help=True,
-        add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode="markdown",
         context_settings={"help_option_names": ["-h", "--help"]},
@@ -174,6 +178,21 @@ def warn(message: str) -> None:
     err.print(styled(("Warning:", "yellow"), " ", message))
 
 
+def warn_if_word(name: str) -> None:
+    """Warn when a valid identity name is also an ordinary word that prompts use."""
+    from ..errors import InvalidName
+    from ..prompting import word_name_note
+    from ..registry import validate_name
+
+    try:
+        validate_name(name)
+    except InvalidName:
+        return  # the command itself reports a bad name
+    note = word_name_note(name)
+    if note:
+        warn(note)
+
+
 # Shared option aliases.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
@@ -184,8 +203,9 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Hugging Face repo id, local diffusers folder, single-file .safetensors checkpoint, "
-        "`tiny` (built-in, offline) or `sd15-random`. Default: config, else SD 1.5.",
-        show_default=False,
+        "or a built-in: `tiny`, `tiny-sd2`, `tiny-xl` (offline, random weights), `sd15-random`, "
+        "`sdxl-random`. Default: config, else SD 1.5.",
+        metavar="MODEL", autocompletion=model_names, show_default=False,
     ),
 ]
 DeviceOpt = Annotated[

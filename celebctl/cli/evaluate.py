@@ -21,6 +21,7 @@ from .common import (
     print_json,
     warn,
 )
+from .completion import identity_names
 from .progress import progress_callback
 
 evaluation = LazyModule("celebctl.evaluation")
@@ -34,7 +35,7 @@ def _fmt(value) -> str:
 def eval_cmd(
     names: Annotated[list[str], typer.Argument(
         help="One or more registered identities (two or more: prompts that put them together).",
-        show_default=False)],
+        autocompletion=identity_names, show_default=False)],
     seeds: Annotated[int, typer.Option("--seeds", help="Images per prompt (seeds 0..N-1).")] = 2,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps per image.")] = 30,
     guidance: Annotated[float | None, typer.Option(

@@ -19,7 +19,9 @@ from .common import (
     out,
     print_json,
     warn,
+    warn_if_word,
 )
+from .completion import identity_names
 from .progress import progress_callback
 
 fitting = LazyModule("celebctl.fitting")
@@ -93,6 +95,7 @@ def add_cmd(
     """
     settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                    resolution=resolution, direct=direct, pool_size=pool_size)
+    warn_if_word(name)
     with progress_callback(quiet) as progress:
         outcome = fitting.add_identity_from_photo(
             name, photos, model=model, device=device, dtype=dtype, settings=settings,
@@ -102,6 +105,7 @@ def add_cmd(
 
 def joint_cmd(
     names: Annotated[list[str], typer.Argument(help="Two or more registered identities.",
+                                               autocompletion=identity_names,
                                                show_default=False)],
     model: ModelOpt = None,
     steps: StepsOpt = None,

@@ -13,10 +13,23 @@ from .. import bundles, paths, registry
 from ..errors import CelebctlError, IdentityNotFound
 from ..export import export_identity
 from ..models import families
-from .common import CelebTyper, JsonOpt, YesOpt, cell, err, out, print_json, styled, warn
+from ..prompting import word_name_note
+from .common import (
+    CelebTyper,
+    JsonOpt,
+    YesOpt,
+    cell,
+    err,
+    out,
+    print_json,
+    styled,
+    warn,
+    warn_if_word,
+)
+from .completion import identity_names
 
 NameArg = Annotated[str, typer.Argument(help="Identity name, as shown by `celebctl list`.",
-                                        show_default=False)]
+                                        autocompletion=identity_names, show_default=False)]
 
 
 class ExportFormat(str, Enum):
@@ -109,12 +122,14 @@ def remove_cmd(
 
 
 def rename_cmd(
-    old: Annotated[str, typer.Argument(help="Current name.", show_default=False)],
+    old: Annotated[str, typer.Argument(help="Current name.", autocompletion=identity_names,
+                                       show_default=False)],
     new: Annotated[str, typer.Argument(help="New name.", show_default=False)],
 ) -> None:
     """Rename an identity (prompts then use the new name)."""
     ident = registry.rename_identity(old, new)
     out.print(f"Renamed '{old}' to '{ident.name}'.")
+    warn_if_word(ident.name)
 
 
 def path_cmd() -> None:
@@ -125,15 +140,16 @@ def path_cmd() -> None:
 def export_cmd(
     name: NameArg,
     output: Annotated[Path, typer.Option("--output", "-o", help=(
-        "File to write (`celeb`: NAME.celeb, `a1111`: NAME.safetensors); a folder for "
-        "`diffusers`."), show_default=False)],
+        "File to write (`celeb`: NAME.celeb, `a1111`: NAME.safetensors, or an embeddings "
+        "folder to write NAME.safetensors in); a folder for `diffusers`."),
+        show_default=False)],
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help=(
         "`celeb`: a registry bundle for `celebctl import`; it contains the person's face crop "
         "and face embedding unless --no-face. "
         "`a1111`: a textual-inversion embedding (.safetensors) for the WebUI's or ComfyUI's "
-        "embeddings folder; type the file name in prompts. "
+        "embeddings folder; type the file name in WebUI prompts, `embedding:NAME` in ComfyUI. "
         "`diffusers`: a folder with learned_embeds.safetensors for "
-        "`pipe.load_textual_inversion(FOLDER)`; prompts say `<NAME>`. "
+        "`pipe.load_textual_inversion(FOLDER)`; prompts say `<NAME>`, lowercase. "
         "`a1111` and `diffusers` hold only the two token vectors, no face data."))
     ] = ExportFormat.celeb,
     no_face: Annotated[bool, typer.Option("--no-face", help=(
@@ -153,12 +169,8 @@ def export_cmd(
         return
     for path in result.files:
         out.print(f"Wrote {path}")
-    if result.format == "a1111":
-        out.print(f"Put it in the WebUI's or ComfyUI's embeddings folder and write "
-                  f"'{result.token}' in WebUI prompts ('embedding:{result.token}' in ComfyUI).")
-    elif result.format == "diffusers":
-        out.print(f"Load it with pipe.load_textual_inversion(\"{result.path}\") and write "
-                  f"'{result.token}' in prompts.")
+    for line in result.usage:
+        out.print(line)
 
 
 def import_cmd(
@@ -170,6 +182,9 @@ def import_cmd(
 ) -> None:
     """Import a .celeb bundle. Everything is checked before anything is written."""
     ident, notes = bundles.import_bundle(bundle, new_name=as_name, replace=force)
+    word = word_name_note(ident.name)
+    if word:
+        notes = [*notes, word]
     for note in notes:
         warn(note)
     if json_out:

@@ -40,7 +40,9 @@ class SchedulerName(str, Enum):
 def render_cmd(
     prompt: Annotated[str, typer.Argument(
         help="What to draw. Registered identities are found by name (\"alice shaking hands "
-        "with bob\"); `<alice>` names one explicitly.", show_default=False)],
+        "with bob\"); `<alice>` names one explicitly, `\\grace` writes the plain word grace "
+        "even when an identity has that name. WebUI syntax works: `(alice:1.2)`, `(x)`, `[x]`, "
+        "`\\(`, `BREAK`; long prompts go in 75-token chunks.", show_default=False)],
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images to make; image "
                                             "i uses seed SEED+i.")] = 1,
@@ -92,6 +94,9 @@ def render_cmd(
         out.print(f"Prompt:     {plan.prompt.expanded()}")
         if plan.negative.text:
             out.print(f"Negative:   {plan.negative.expanded()}")
+        if plan.identities:
+            out.print(f"WebUI:      {plan.prompt.expanded('webui')}")
+            out.print(f"ComfyUI:    {plan.prompt.expanded('comfyui')}")
         out.print(f"Identities: {', '.join(plan.identities) or '(none)'}")
         out.print(f"Basis:      {plan.basis_id or '(none)'}")
         out.print(f"Model:      {plan.model}")

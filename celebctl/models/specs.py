@@ -187,6 +187,22 @@ def family_on_disk(spec: ModelSpec) -> str | None:
     return None
 
 
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header cannot be read (a partial download, another
+    format renamed) with a message, before anything tries to load it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelUnavailable(
+            f"{path} is not a readable .safetensors checkpoint ({reason}). A download may "
+            "have stopped early: check its size and checksum, or pass another --model."
+        ) from exc
+
+
 # The text encoders' widths of the built-in models (from their configs, without building them).
 BUILTIN_WIDTHS = {TINY: [32], TINY_SD2: [48], TINY_XL: [32, 48], SD15_RANDOM: [768],
                   SDXL_RANDOM: [768, 1280]}
@@ -266,6 +282,7 @@ def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
             raise ModelUnavailable(f"{path} is not a regular file (a pipe, device or socket); "
                                    "pass a diffusers folder or a .safetensors checkpoint.")
         if suffix in SAFE_SUFFIXES:
+            check_safetensors_header(path)
             return ModelSpec(kind="single_file", source=text, ref=str(path), path=path)
         if suffix in PICKLE_SUFFIXES:
             raise _pickle_refusal(path)
