@@ -43,8 +43,8 @@ step "celebctl joint alice bob"
 step "celebctl list"
 "${CELEBCTL[@]}" list
 
-step "celebctl render \"alice shaking hands with bob\" --dry-run  (how the prompt is read)"
-"${CELEBCTL[@]}" render "alice shaking hands with bob" --dry-run
+step "celebctl render \"(alice:1.2) shaking hands with bob, [blurry background]\" --dry-run  (how the prompt is read: WebUI syntax)"
+"${CELEBCTL[@]}" render "(alice:1.2) shaking hands with bob, [blurry background]" --dry-run
 
 step "celebctl render \"alice shaking hands with bob\" -n 4 --grid"
 "${CELEBCTL[@]}" render "alice shaking hands with bob" -n 4 --grid --out "$OUT/renders"

@@ -147,6 +147,9 @@ def test_ctrl_c_in_a_real_process(tiny_home, photo_path):
         [sys.executable, "-m", "celebctl", "add", "alice", str(photo_path), "--model", "tiny",
          "--steps", "100000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        # A job started in the background of a script (`make test &`) inherits SIGINT ignored,
+        # and Python then installs no Ctrl-C handler: give the child the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Wait until the model is loading or fitting (the basis note is printed just before; on a

@@ -124,11 +124,17 @@ def test_an_identity_folder_with_escape_codes_in_its_name(home):
     assert "ev\\x1b]0;X\\x07" in invoke("list").stderr
 
 
-@pytest.mark.parametrize("text", ["[bold]alice", ":warning: alice", "alice \u202eevil"])
-def test_prompts_are_shown_literally(home, text):
+@pytest.mark.parametrize(("text", "shown"), [
+    # [text] is WebUI's de-emphasis, so it is shown as the weight it means, never as markup.
+    ("[bold]alice", "(bold:0.909)<alice> person"),
+    ("\\[bold\\]alice", "\\[bold\\]<alice> person"),
+    (":warning: alice", ":warning: <alice> person"),
+    ("alice \u202eevil", "<alice> person \u202eevil"),
+])
+def test_prompts_are_shown_literally(home, text, shown):
     result = invoke("render", text, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert_literal(result.stdout, text.replace("alice", "<alice> person"))
+    assert_literal(result.stdout, shown)
 
 
 def test_user_typed_paths_in_errors_are_literal(tiny_home, tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from celebctl import models, paths
 from celebctl.errors import InvalidOption, ModelUnavailable
@@ -177,7 +178,7 @@ def test_folder_and_file_specs(tmp_path, monkeypatch):
     spec = models.resolve_model_spec(str(folder))
     assert spec.kind == "folder" and spec.ref == str(folder.resolve())
     checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"x")
+    save_file({"x": torch.zeros(1)}, str(checkpoint))
     monkeypatch.chdir(tmp_path)
     spec = models.resolve_model_spec("./model.safetensors")
     assert spec.kind == "single_file" and spec.ref == str(checkpoint.resolve())
@@ -243,11 +244,16 @@ def test_broken_folder_and_file(tmp_path):
     with pytest.raises(ModelUnavailable, match="Could not load model folder .*empty-model"):
         models.load_text_model(str(folder))
     broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(b"\x00" * 64)
+    broken.write_bytes(b"\x00" * 64)  # a download cut short: the header does not parse
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"x": torch.zeros(1)}, str(unrelated))  # readable, but no Stable Diffusion in it
     for load in (models.load_text_model,
                  lambda s: models.load_pipeline_components(s, "cpu", "fp32")):
-        with pytest.raises(ModelUnavailable, match="Could not load checkpoint .*broken"):
+        with pytest.raises(ModelUnavailable, match="broken.safetensors is not a readable "
+                                                   r"\.safetensors checkpoint .*stopped early"):
             load(str(broken))
+        with pytest.raises(ModelUnavailable, match="Could not load checkpoint .*unrelated"):
+            load(str(unrelated))
 
 
 def test_tiny_folder_loads_as_a_diffusers_folder():
@@ -307,7 +313,6 @@ def test_embedding_table_sha():
 
 @pytest.mark.slow
 def test_sd1_single_file_text_encoder_loads_offline(tmp_path):
-    from safetensors.torch import save_file
 
     reference = models._build_text_encoder(models.sd15_text_config())
     prefix = "cond_stage_model.transformer.text_model."

@@ -16,7 +16,7 @@ import tomli_w
 from typer.testing import CliRunner
 
 from celebctl import basis, bundles, documents, fitting, models, paths, registry, rendering
-from celebctl.errors import BasisInUse, BasisNotFound, BundleError
+from celebctl.errors import BasisInUse, BasisMismatch, BasisNotFound, BundleError
 from tests.helpers import add_identity, craft_bundle
 
 runner = CliRunner()
@@ -102,9 +102,15 @@ def test_a_recorded_model_is_never_loaded(tiny_home, tmp_path, monkeypatch):
 
 def test_the_users_choice_wins(tiny_home, tmp_path):
     _evil_alice(tmp_path)
-    assert rendering.plan_render("alice", model="sd15-random").spec.ref == "sd15-random"
+    # alice's basis is tiny's (32-d), so sd15-random (768-d) is refused early; the refusal
+    # names the model the user chose, not the one the bundle recorded.
+    with pytest.raises(BasisMismatch, match="but sd15-random's is 768-d") as info:
+        rendering.plan_render("alice", model="sd15-random")
+    assert "attacker" not in str(info.value)
     paths.config_path().write_text('default_model = "sd15-random"\n')
-    assert rendering.plan_render("alice").spec.ref == "sd15-random"
+    with pytest.raises(BasisMismatch, match="but sd15-random's is 768-d"):
+        rendering.plan_render("alice")
+    assert rendering.plan_render("alice", model="tiny").spec.ref == "tiny"
 
 
 def test_joint_loads_the_users_model_not_the_recorded_one(tiny_home, tmp_path, monkeypatch):

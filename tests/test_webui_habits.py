@@ -126,7 +126,7 @@ def test_word_names_are_found_in_the_vocabulary():
     assert word_name_note("xena") is None and word_name_note("bob_2") is None
 
 
-def test_add_rename_and_import_warn_about_word_names(home, tmp_path):
+def test_add_rename_and_import_warn_about_word_names(home, tmp_path, photo_path):
     result = runner.invoke(app, ["rename", "bob", "grace"])
     assert result.exit_code == 0
     assert "'grace' is also an ordinary word" in " ".join(result.stderr.split())
@@ -141,9 +141,15 @@ def test_add_rename_and_import_warn_about_word_names(home, tmp_path):
     assert any("'will' is also an ordinary word" in note for note in data["notes"])
     assert registry.get_identity("will")
 
-    # add warns before anything slow happens (here it then stops at an option check).
+    # add warns once the identity is written; a refused add prints only why it was refused.
     result = runner.invoke(app, ["add", "rose", str(tmp_path / "none.jpg"), "--steps", "0"])
-    assert result.exit_code == 1 and "'rose' is also an ordinary word" in result.stderr
+    assert result.exit_code == 1 and "ordinary word" not in result.stderr
+    assert result.stderr.startswith("Error: ")
+    result = runner.invoke(app, ["add", "rose", str(photo_path), "--model", "tiny",
+                                 "--steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "'rose' is also an ordinary word" in " ".join(result.stderr.split())
+    assert "Added 'rose'" in result.stdout
 
 
 def test_the_plain_word_renders_as_a_word(home):

@@ -95,11 +95,12 @@ def add_cmd(
     """
     settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                    resolution=resolution, direct=direct, pool_size=pool_size)
-    warn_if_word(name)
     with progress_callback(quiet) as progress:
         outcome = fitting.add_identity_from_photo(
             name, photos, model=model, device=device, dtype=dtype, settings=settings,
             face_index=face or None, replace=replace, progress=progress)
+    # After the fit, not before: a refused add should print only why it was refused.
+    warn_if_word(name)
     _report(outcome, json_out, "Added")
 
 
