@@ -22,6 +22,7 @@ import ctypes
 import gc
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -179,9 +180,7 @@ def celebctl_loop(components, basis_mean, basis_components, face, encoder, steps
 
 
 def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch_size: int,
-                resolution: int | None, pool_size: int) -> dict:
-    import torch
-
+                resolution: int | None, pool_size: int, repeats: int = 1) -> dict:
     from celebctl import basis, faces, models
     from celebctl.augment import augment_crop as _augment
     from celebctl.augment import paste_on_black as _paste
@@ -209,26 +208,43 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
                              max_length=77, truncation=True, return_tensors="pt")["input_ids"][0]
         template_ids.append(text_ids)
 
-    rows = {}
     order = ["celebctl", "reference"]
     if components.device.type == "cuda":
         order.insert(1, "eager")  # celebctl without the CUDA graph, side by side
-    for name in order:
-        with PeakMemory(components.device) as memory:
-            if name in ("celebctl", "eager"):
-                per_step, pool_s = celebctl_loop(components, loaded.mean, loaded.components,
-                                                 prepared.aligned, encoder, steps, batch_size,
-                                                 1e-2, 0, res, pool_size,
-                                                 capture=name == "celebctl")
-            else:
-                per_step = reference_loop(components, pixel_pool, template_ids,
-                                          torch.tensor(placeholder), steps, batch_size,
-                                          5e-3, 0)
-                pool_s = 0.0
-        rows[name] = {"s_per_step": per_step, "peak_bytes": memory.peak, "pool_s": pool_s}
+    # Repeats alternate the loops (A B A B ...) so a slow spell of a shared machine hits both;
+    # each figure is the median over the repeats, peak memory the highest.
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    for _ in range(repeats):
+        for name in order:
+            runs[name].append(_one_run(name, components, loaded, prepared, encoder, pixel_pool,
+                                       template_ids, placeholder, steps, batch_size, res,
+                                       pool_size))
+    rows = {name: {"s_per_step": statistics.median(r["s_per_step"] for r in found),
+                   "peak_bytes": max(r["peak_bytes"] for r in found),
+                   "pool_s": statistics.median(r["pool_s"] for r in found)}
+            for name, found in runs.items()}
     return {"model": model, "dtype": dtype_name, "device": str(components.device),
-            "resolution": res, "batch": batch_size, "steps": steps, **{
+            "resolution": res, "batch": batch_size, "steps": steps, "repeats": repeats, **{
                 f"{k}_{m}": v for k, r in rows.items() for m, v in r.items()}}
+
+
+def _one_run(name, components, loaded, prepared, encoder, pixel_pool, template_ids,
+             placeholder, steps, batch_size, res, pool_size) -> dict:
+    """One timed run of one loop: seconds per step, peak memory, pool seconds."""
+    import torch
+
+    with PeakMemory(components.device) as memory:
+        if name in ("celebctl", "eager"):
+            per_step, pool_s = celebctl_loop(components, loaded.mean, loaded.components,
+                                             prepared.aligned, encoder, steps, batch_size,
+                                             1e-2, 0, res, pool_size,
+                                             capture=name == "celebctl")
+        else:
+            per_step = reference_loop(components, pixel_pool, template_ids,
+                                      torch.tensor(placeholder), steps, batch_size,
+                                      5e-3, 0)
+            pool_s = 0.0
+    return {"s_per_step": per_step, "peak_bytes": memory.peak, "pool_s": pool_s}
 
 
 def format_rows(results: list[dict]) -> str:
@@ -267,6 +283,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None,
                         help="default: the model's (64 for tiny, 512 for sd15-random)")
     parser.add_argument("--pool-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the loops this many times, alternating; medians are shown")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--title", default="Fit step: celebctl vs reference loop",
                         help="section of docs/benchmarks.md to write")
@@ -280,7 +298,7 @@ def main() -> None:
         for dtype in args.dtypes:
             started = time.perf_counter()
             row = bench_model(model, dtype, args.device, args.steps, args.batch_size,
-                              args.resolution, args.pool_size)
+                              args.resolution, args.pool_size, args.repeats)
             results.append(row)
             print(format_rows([row]).splitlines()[-1], f"({time.perf_counter() - started:.0f} s)",
                   flush=True)
@@ -290,11 +308,13 @@ def main() -> None:
         f"Machine: {machine_description()}\n\n{table}\n\n"
         f"Speed-up = reference s/step / celebctl s/step at equal batch and resolution (target "
         f">= 1.5x); memory ratio = celebctl peak / reference peak (target <= 1). Each loop ran "
-        f"{args.steps} timed steps in one process, on the same model (celebctl: timed between "
-        "its first and last loss report, so CUDA-graph capture and warm-up are excluded; the "
-        "reference: after one warm-up step). On a GPU celebctl runs twice, with the step "
-        "captured as a CUDA graph and eagerly; 'graph vs eager' is their ratio. celebctl's pool "
-        f"(VAE-encoding {args.pool_size} augmented images once) is shown separately. "
+        f"{args.steps} timed steps, {args.repeats} time(s) alternating with the other loop "
+        "(medians; peak memory the highest), in one process, on the same model (celebctl: "
+        "timed between its first and last loss report, so CUDA-graph capture and warm-up are "
+        "excluded; the reference: after one warm-up step). On a GPU celebctl runs twice, with "
+        "the step captured as a CUDA graph and eagerly; 'graph vs eager' is their ratio. "
+        f"celebctl's pool (VAE-encoding {args.pool_size} augmented images once) is shown "
+        "separately. "
         "`sd15-random` is the real SD 1.5 architecture with random weights (compute cost does "
         "not depend on weight values). Run: `python benchmarks/bench_fit.py`."
     )
