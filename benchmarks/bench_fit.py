@@ -98,6 +98,7 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
     import torch.nn.functional as F
 
     from celebctl.models import families
+    from celebctl.models.convolutions import fit_convolutions
 
     device, dtype = components.device, components.dtype
     unet, vae, encoders = components.unet, components.vae, components.text_encoders
@@ -114,35 +115,40 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
     scaling = float(vae.config.scaling_factor)
     use_autocast = dtype != torch.float32
     stamps = []
+    # The same convolution kernels as celebctl's fit of this model, so that the ratio measures
+    # the loops and not the kernel choice (models/convolutions.py).
+    latent_side = pixel_pool[0].shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
+    kernels = fit_convolutions(unet, device, dtype, latent_side)
     try:
-        for _ in range(steps + 1):
-            picks = [rng.randrange(len(pixel_pool)) for _ in range(batch_size)]
-            images = torch.stack([pixel_pool[i] for i in picks]).to(device, dtype) * 2 - 1
-            ids = torch.stack([template_ids[rng.randrange(len(template_ids))]
-                               for _ in range(batch_size)]).to(device)
-            with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample() * scaling
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            t = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
-            noisy = scheduler.add_noise(latents.float(), noise.float(), t)
-            with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-                states, pooled = families.encode(components.family, encoders,
-                                                 [ids] * len(encoders))
-                size = latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
-                added = families.added_conditions(components.family, pooled, size, size,
-                                                  dtype) if pooled is not None else None
-                pred = unet(noisy.to(dtype), t, states.to(dtype),
-                            added_cond_kwargs=added).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for module, original in zip(embeddings, originals, strict=True):
-                    module.weight[keep] = original[keep]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+        with kernels:
+            for _ in range(steps + 1):
+                picks = [rng.randrange(len(pixel_pool)) for _ in range(batch_size)]
+                images = torch.stack([pixel_pool[i] for i in picks]).to(device, dtype) * 2 - 1
+                ids = torch.stack([template_ids[rng.randrange(len(template_ids))]
+                                   for _ in range(batch_size)]).to(device)
+                with torch.no_grad():
+                    latents = vae.encode(images).latent_dist.sample() * scaling
+                noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+                t = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+                noisy = scheduler.add_noise(latents.float(), noise.float(), t)
+                with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+                    states, pooled = families.encode(components.family, encoders,
+                                                     [ids] * len(encoders))
+                    size = latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+                    added = families.added_conditions(components.family, pooled, size, size,
+                                                      dtype) if pooled is not None else None
+                    pred = unet(noisy.to(dtype), t, states.to(dtype),
+                                added_cond_kwargs=added).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for module, original in zip(embeddings, originals, strict=True):
+                        module.weight[keep] = original[keep]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
     finally:
         with torch.no_grad():
             for module, original in zip(embeddings, originals, strict=True):
@@ -314,7 +320,9 @@ def main() -> None:
         "excluded; the reference: after one warm-up step). On a GPU celebctl runs twice, with "
         "the step captured as a CUDA graph and eagerly; 'graph vs eager' is their ratio. "
         f"celebctl's pool (VAE-encoding {args.pool_size} augmented images once) is shown "
-        "separately. "
+        "separately. Both loops use the convolution kernels celebctl picks for the model "
+        "(`celebctl/models/convolutions.py`: torch's own CPU kernels for a small fp32 UNet such "
+        "as `tiny`, oneDNN otherwise). "
         "`sd15-random` is the real SD 1.5 architecture with random weights (compute cost does "
         "not depend on weight values). Run: `python benchmarks/bench_fit.py`."
     )

@@ -193,6 +193,7 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
 
     from . import fitstep
     from .augment import build_sample_pool
+    from .models.convolutions import fit_convolutions
 
     if not subjects:
         raise FitError("Nothing to fit: no identities given.")
@@ -274,7 +275,9 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         if progress:
             progress("fit", done, settings.steps, {"loss": smoothed[0]})
 
-    with step.hooked():
+    convolutions = fit_convolutions(components.unet, device, dtype,
+                                    int(pool.latent_mean.shape[-1]))
+    with step.hooked(), convolutions as native_convolutions:
         first = 0
         if device.type == "cuda" and settings.capture and scaler is None:
             try:
@@ -317,6 +320,7 @@ def fit_identities(components, mean, basis_components, subjects: Sequence[FitSub
         "pool_time_s": round(pool_time, 3),
         "steps": settings.steps,
         "captured": step.graph is not None,
+        "native_convolutions": native_convolutions,
     }
     return FitResult(coefficients=coefficients, face_embeddings=embeddings, losses=losses,
                      settings=settings, wall_time_s=wall, pool_time_s=pool_time, summary=summary,

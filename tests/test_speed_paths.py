@@ -126,6 +126,47 @@ def test_a_non_finite_loss_names_its_step(tiny_parts, monkeypatch):
                        encoder, FitSettings(steps=6, pool_size=4))
 
 
+def test_small_unets_fit_with_torchs_own_cpu_convolutions(tiny_parts):
+    from celebctl.models import convolutions
+
+    components, loaded, face, encoder = tiny_parts
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert convolutions.prefers_native_convolutions(components.unet, cpu, torch.float32, 8)
+    # Real sizes keep oneDNN: SD 1.5 at 512 px (64x64 latents), and a tiny UNet at 2048 px.
+    sd15 = SimpleNamespace(config=SimpleNamespace(block_out_channels=[320, 640, 1280, 1280]))
+    assert convolutions.largest_conv_work(sd15, 64) == 320 * 320 * 64 * 64
+    assert not convolutions.prefers_native_convolutions(sd15, cpu, torch.float32, 64)
+    assert not convolutions.prefers_native_convolutions(components.unet, cpu, torch.float32, 256)
+    # Only fp32 on a CPU: bf16 needs oneDNN, a GPU never uses it.
+    assert not convolutions.prefers_native_convolutions(components.unet, cpu, torch.bfloat16, 8)
+    assert not convolutions.prefers_native_convolutions(components.unet, cuda, torch.float32, 8)
+
+    before = torch.backends.mkldnn.enabled
+    seen = []
+    real = components.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real(*args, **kwargs)
+
+    components.unet.forward = spy
+    try:
+        result = fit_identities(components, loaded.mean, loaded.components,
+                                [FitSubject("a", face)], encoder,
+                                FitSettings(steps=2, pool_size=2))
+    finally:
+        del components.unet.forward
+    assert seen == [False, False]  # every step of the tiny fit ran without oneDNN
+    assert result.summary["native_convolutions"] is True
+    assert torch.backends.mkldnn.enabled == before  # and the switch is restored
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with convolutions.fit_convolutions(components.unet, cpu, torch.float32, 8) as native:
+            assert native and not torch.backends.mkldnn.enabled
+            raise RuntimeError("boom")
+    assert torch.backends.mkldnn.enabled == before
+
+
 def test_the_report_reads_the_loss_every_few_steps_on_a_gpu():
     from celebctl import fitting
 
