@@ -8,6 +8,7 @@
 - :mod:`.loading`: loading a model's parts on a device, with clear errors.
 - :mod:`.families`: what differs between SD 1.x, SD 2.x and SDXL (text encoders, added
   conditions).
+- :mod:`.convolutions`: which CPU convolution kernels a fit of a given UNet uses.
 
 Everything public is re-exported here, so ``from celebctl import models`` is all a caller needs.
 """
