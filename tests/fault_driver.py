@@ -145,7 +145,7 @@ def fan_out(plan: dict) -> None:
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text("utf-8"))
     os.environ["CELEBCTL_HOME"] = next(iter(plan["variants"].values()))
-    real_write_lock = registry.write_lock
+    real_write_lock = registry.writing.write_lock
     forked = []
 
     @contextlib.contextmanager
@@ -156,7 +156,7 @@ def main() -> None:
         with real_write_lock():
             yield
 
-    registry.write_lock = forking_write_lock
+    registry.writing.write_lock = forking_write_lock  # where the writers look it up
     from celebctl.cli import app
 
     try:

@@ -163,10 +163,10 @@ def test_exception_during_joint_leaves_all_unchanged(tiny_home, photo_path, monk
             raise OSError(28, "No space left on device")
         return real(write, replace, journal)
 
-    monkeypatch.setattr(registry, "_commit_identity", fail_on_second)
+    monkeypatch.setattr(registry.writing, "_commit_identity", fail_on_second)
     with pytest.raises(OSError):
         fitting.refit_jointly(["alice", "bob"], settings=FitSettings(steps=2, pool_size=2))
-    monkeypatch.setattr(registry, "_commit_identity", real)
+    monkeypatch.setattr(registry.writing, "_commit_identity", real)
     for name in ("alice", "bob"):
         np.testing.assert_array_equal(registry.get_identity(name).load_coefficients(),
                                       before[name])

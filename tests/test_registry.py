@@ -209,10 +209,11 @@ def test_joint_style_write_rolls_back_all(monkeypatch):
             raise RuntimeError("boom")
         return real(write, replace, journal)
 
-    monkeypatch.setattr(registry, "_commit_identity", fail_second)
+    # save_identities looks _commit_identity up in registry.writing: replace it there.
+    monkeypatch.setattr(registry.writing, "_commit_identity", fail_second)
     with pytest.raises(RuntimeError):
         registry.save_identities([make_write("alice", 10), make_write("bob", 11)])
-    monkeypatch.setattr(registry, "_commit_identity", real)
+    monkeypatch.setattr(registry.writing, "_commit_identity", real)
     np.testing.assert_array_equal(
         registry.get_identity("alice").load_coefficients(), make_write("a", 1).coefficients
     )

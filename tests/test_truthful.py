@@ -50,7 +50,7 @@ def _interrupt_once(monkeypatch, module, name):
 def test_ctrl_c_after_add_replace_committed_says_so(home, monkeypatch):
     before = registry.get_identity("alice").meta["files"]["coefficients"]["sha256"]
     # forget_in_list_cache runs right after the new identity.toml is in place.
-    _interrupt_once(monkeypatch, registry, "forget_in_list_cache")
+    _interrupt_once(monkeypatch, registry.writing, "forget_in_list_cache")
     result = invoke("add", "alice", PHOTO, "--replace", "--seed", "5", *FIT)
     assert result.exit_code == 130
     assert "identity 'alice' was written in full" in result.stderr, result.stderr
@@ -67,7 +67,7 @@ def test_ctrl_c_before_the_commit_says_nothing_was_written(home, monkeypatch):
 
 
 def test_ctrl_c_after_joint_committed_says_so(home, monkeypatch):
-    _interrupt_once(monkeypatch, registry, "_remove_backups")  # after the journal is gone
+    _interrupt_once(monkeypatch, registry.writing, "_remove_backups")  # after the journal is gone
     result = invoke("joint", "alice", "bob", *FIT)
     assert result.exit_code == 130
     assert "identity 'alice' was written in full" in result.stderr
@@ -86,7 +86,7 @@ def test_ctrl_c_inside_joint_before_its_commit_rolls_back_and_says_so(home, monk
             raise KeyboardInterrupt
         return real(names)
 
-    monkeypatch.setattr(registry, "forget_in_list_cache", second_commit)
+    monkeypatch.setattr(registry.writing, "forget_in_list_cache", second_commit)
     result = invoke("joint", "alice", "bob", *FIT)
     assert result.exit_code == 130 and "Interrupted; nothing was written." in result.stderr
     after = {n: registry.get_identity(n).meta["files"]["coefficients"]["sha256"]
@@ -95,10 +95,10 @@ def test_ctrl_c_inside_joint_before_its_commit_rolls_back_and_says_so(home, monk
 
 
 def test_ctrl_c_during_rename_and_remove_reports_the_commit(home, monkeypatch):
-    _interrupt_once(monkeypatch, registry, "forget_in_list_cache")
+    _interrupt_once(monkeypatch, registry.writing, "forget_in_list_cache")
     result = invoke("rename", "bob", "carol")
     assert result.exit_code == 130 and "'bob' was renamed to 'carol'" in result.stderr
-    _interrupt_once(monkeypatch, registry, "forget_in_list_cache")
+    _interrupt_once(monkeypatch, registry.writing, "forget_in_list_cache")
     result = invoke("remove", "carol", "--yes")
     assert result.exit_code == 130 and "identity 'carol' was removed" in result.stderr
 
@@ -167,14 +167,14 @@ def _journal(pid: int, names: list[str]) -> Path:
 
 
 def test_a_joint_write_in_progress_is_waited_for(home, monkeypatch):
-    monkeypatch.setattr(registry, "JOINT_WAIT_S", 0.3)
+    monkeypatch.setattr(registry.reading, "JOINT_WAIT_S", 0.3)
     journal = _journal(os.getpid(), ["alice", "bob"])  # a live writer
     with pytest.raises(IdentityChanged, match="rewriting alice, bob"):
         rendering.plan_render("alice and bob")
     rendering.plan_render("a cat")  # prompts without those identities are not held up
     timer = threading.Timer(0.2, journal.unlink)
     timer.start()
-    monkeypatch.setattr(registry, "JOINT_WAIT_S", 10)
+    monkeypatch.setattr(registry.reading, "JOINT_WAIT_S", 10)
     plan = rendering.plan_render("alice and bob")
     timer.join()
     assert set(plan.coefficients) == {"alice", "bob"}
@@ -203,9 +203,9 @@ def test_an_identity_replaced_while_it_is_read_is_read_again(home, monkeypatch):
                       if k not in ("files", "name", "schema_version")}), replace=True)
         return ident
 
-    monkeypatch.setattr(registry, "get_identity", racing)
+    monkeypatch.setattr(registry.reading, "get_identity", racing)
     idents = registry.read_identity_set(["alice", "bob"])
-    monkeypatch.setattr(registry, "get_identity", real)
+    monkeypatch.setattr(registry.reading, "get_identity", real)
     np.testing.assert_array_equal(idents[1].load_coefficients(),
                                   real("bob").load_coefficients())
 
