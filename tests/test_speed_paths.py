@@ -228,7 +228,7 @@ def test_render_writes_pngs_on_a_worker_in_order(home, tmp_path, monkeypatch):
         threads.append((threading.current_thread().name, stem))
         return real(folder, stem, suffix, data, **kwargs)
 
-    monkeypatch.setattr(rendering, "write_new_user_file", recording)
+    monkeypatch.setattr(rendering.render, "write_new_user_file", recording)
     result = rendering.render_prompt("alice", num_images=3, steps=1, batch_size=1,
                                      out_dir=tmp_path, device="cpu")
     assert [stem for _, stem in threads] == ["alice-0", "alice-1", "alice-2"]

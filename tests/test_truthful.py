@@ -118,7 +118,7 @@ def test_a_full_disk_during_render_names_what_was_written(home, tmp_path, monkey
 
 
 def test_ctrl_c_during_render_lists_the_images_written(home, tmp_path, monkeypatch):
-    real = rendering.sample_images
+    real = rendering.render.sample_images
     calls = []
 
     def interrupt_on_second(*args, **kwargs):  # Ctrl-C while the second batch denoises
@@ -127,7 +127,7 @@ def test_ctrl_c_during_render_lists_the_images_written(home, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rendering, "sample_images", interrupt_on_second)
+    monkeypatch.setattr(rendering.render, "sample_images", interrupt_on_second)
     out = tmp_path / "r"
     result = invoke("render", "alice", "-n", "3", "--steps", "1", "--quiet", "--out", out,
                     "--batch-size", "1")

@@ -1,0 +1,241 @@
+"""A whole render: plan, load, encode, denoise batch by batch, write each PNG as it is done."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__, filehash
+from ..denoise import UNetCall, sample_images
+from ..errors import InvalidOption, StorageError
+from ..storage import write_new_user_file
+from .encoding import encode_prompt_pair, identity_vectors_for
+from .images import (
+    DEFAULT_OUT_DIR,
+    _prepare_out_dir,
+    contact_sheet,
+    embedding_hashes,
+    model_label,
+    png_bytes,
+    prompt_slug,
+)
+from .plan import SCHEDULERS, check_render_options, default_guidance, plan_render
+from .settings import auto_batch_size, make_scheduler, render_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import Components, ModelSpec
+
+ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
+
+
+@dataclass
+class RenderResult:
+    """What a render wrote, and what it rendered."""
+
+    paths: list[Path]
+    grid: Path | None
+    prompt: str
+    expanded: str
+    negative: str
+    negative_expanded: str
+    identities: list[str]
+    basis_id: str | None
+    model: str
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    notes: list[str]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `celebctl render --json` prints)."""
+        return {
+            "paths": [str(p) for p in self.paths],
+            "grid": str(self.grid) if self.grid else None,
+            "prompt": self.prompt,
+            "expanded": self.expanded,
+            "negative": self.negative,
+            "negative_expanded": self.negative_expanded,
+            "identities": list(self.identities),
+            "basis_id": self.basis_id,
+            "model": self.model,
+            "seeds": list(self.seeds),
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "scheduler": self.scheduler,
+            "notes": list(self.notes),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
+                  guidance: float | None = None, scheduler: str = "ddim", seed: int = 0,
+                  width: int | None = None, height: int | None = None,
+                  batch_size: int | None = None,
+                  model: str | ModelSpec | None = None, device: str = "auto",
+                  dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
+                  grid: bool = False, progress: ProgressCallback | None = None,
+                  components: Components | None = None,
+                  on_file: Callable[[Path], None] | None = None,
+                  person_noun: bool = True, capture: bool = True) -> RenderResult:
+    """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
+
+    Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
+    that can be checked cheaply (options, prompt, identities, basis, token window) is checked
+    before the model loads. ``components`` reuses already loaded model parts (``model``,
+    ``device`` and ``dtype`` are then ignored). ``progress(phase, done, total, info)`` gets
+    "render" with one count per denoising step per image; ``on_file(path)`` is called as each
+    PNG is written, so a caller knows what exists if the render stops early. A failed write
+    raises StorageError that names the images already written. ``guidance`` None means 10
+    when the prompt names identities (the reference's value) and 7.5 otherwise;
+    ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
+    picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
+    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
+    """
+    import torch
+
+    from .. import basis as basis_mod
+    from .. import models
+
+    started = time.perf_counter()
+    check_render_options(num_images=num_images, steps=steps, guidance=guidance,
+                         scheduler=scheduler, seed=seed, width=width, height=height,
+                         batch_size=batch_size)
+    if components is not None:
+        if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
+            raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
+        model = components.spec
+    plan = plan_render(prompt, negative, model,
+                       tokenizer=components.tokenizer if components is not None else None,
+                       person_noun=person_noun)
+    if guidance is None:
+        guidance = default_guidance(bool(plan.identities))
+    if components is None:
+        torch_device = models.resolve_device(device)
+        dtype = render_dtype(dtype, torch_device)
+    out_dir = _prepare_out_dir(Path(out_dir))
+    # A single-file checkpoint's WebUI hash, computed while the model loads (cached after).
+    model_hashing = filehash.BackgroundHash(
+        plan.spec.path if plan.spec.kind == "single_file" else None)
+
+    basis = basis_mod.load_basis(plan.basis_id) if plan.basis_id else None
+    if components is None:
+        components = models.load_pipeline_components(plan.spec, torch_device, dtype,
+                                                     progress=progress)
+    if basis is not None:
+        basis_mod.check_model_matches_basis(basis, components.text_encoders,
+                                            components.tokenizer, model_ref=plan.spec.ref)
+    vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
+    embeds = encode_prompt_pair(components, plan, vectors)
+
+    width = width or components.default_resolution
+    height = height or components.default_resolution
+    sampler = make_scheduler(scheduler, components.scheduler.config)
+    seeds = [seed + i for i in range(num_images)]
+    batch = batch_size or auto_batch_size(components, num_images, width, height)
+    notes = list(plan.notes)
+    unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
+    counter = {"done": 0, "total": num_images * steps}
+
+    settings_base = {
+        "prompt": plan.prompt.text,
+        "negative_prompt": plan.negative.text,
+        "expanded": plan.prompt.expanded(),
+        "negative_expanded": plan.negative.expanded(),
+        "webui_prompt": plan.prompt.expanded("webui"),
+        "webui_negative": plan.negative.expanded("webui"),
+        "steps": steps,
+        "sampler": SCHEDULERS[scheduler][1],
+        "scheduler": scheduler,
+        "cfg_scale": float(guidance),
+        "width": width,
+        "height": height,
+        "model": model_label(plan.spec),
+        "basis_id": plan.basis_id,
+        "identities": list(plan.identities),
+        "person_noun": plan.person_noun,
+        "celebctl_version": __version__,
+    }
+    model_hash = model_hashing.result()
+    if model_hash:
+        settings_base["model_hash"] = model_hash
+    if plan.identities:
+        settings_base["ti_hashes"] = embedding_hashes(plan.identities)
+    paths: list[Path] = []
+    images: list[Any] = []
+    stem = prompt_slug(plan.prompt.plain())
+
+    def save(stem_seed: str, data: bytes, image: bool = True) -> Path:
+        try:
+            path = write_new_user_file(out_dir, stem_seed, ".png", data)
+        except StorageError as exc:
+            if paths:
+                raise StorageError(f"{exc} {len(paths)} image{'s' if len(paths) != 1 else ''} "
+                                   "had been written before: "
+                                   + ", ".join(str(p) for p in paths) + ".") from exc
+            raise StorageError(f"{exc} No image was written.") from exc
+        if image:
+            paths.append(path)
+        if on_file is not None:
+            on_file(path)
+        return path
+
+    def encode_and_save(image: Any, image_seed: int) -> Path:
+        return save(f"{stem}-{image_seed}", png_bytes(image, {**settings_base,
+                                                               "seed": image_seed}))
+
+    # PNGs of one batch are encoded and written by one worker thread, in order, while the next
+    # batch denoises; a failed write stops the render at the next batch.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="celebctl-png") as writer:
+        pending: list[Any] = []
+        for start in range(0, num_images, batch):
+            for future in pending:
+                if future.done():
+                    future.result()  # raises the write's error now
+            batch_seeds = seeds[start:start + batch]
+            done_before = counter["done"]
+
+            def on_step(step: int, done_before: int = done_before,
+                        count: int = len(batch_seeds)) -> None:
+                counter["done"] = done_before + step * count
+                if progress is not None:
+                    progress("render", counter["done"], counter["total"], {})
+
+            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+            with models.quiet_libraries():
+                batch_images = sample_images(
+                    unet_call=unet_call, vae=components.vae, scheduler=sampler,
+                    embeds=embeds, family=components.family,
+                    generators=generators, steps=steps, guidance=guidance, height=height,
+                    width=width, on_step=on_step)
+            images += batch_images
+            pending += [writer.submit(encode_and_save, image, image_seed)
+                        for image_seed, image in zip(batch_seeds, batch_images, strict=True)]
+        for future in pending:
+            future.result()
+
+    grid_path = None
+    if grid:
+        sheet_settings = {**settings_base, "seed": seeds[0], "seeds": seeds,
+                          "files": [p.name for p in paths]}
+        grid_path = save(f"{stem}-{seeds[0]}-grid",
+                         png_bytes(contact_sheet(images), sheet_settings), image=False)
+    if guidance <= 1 and plan.negative.text:
+        notes.append("--guidance <= 1 turns classifier-free guidance off, so the negative "
+                     "prompt has no effect.")
+    return RenderResult(
+        paths=paths, grid=grid_path, prompt=plan.prompt.text, expanded=plan.prompt.expanded(),
+        negative=plan.negative.text, negative_expanded=plan.negative.expanded(),
+        identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
+        seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
+        scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
+    )
