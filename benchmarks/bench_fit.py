@@ -117,10 +117,10 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
     stamps = []
     # The same convolution kernels as celebctl's fit of this model, so that the ratio measures
     # the loops and not the kernel choice (models/convolutions.py).
-    latent_side = pixel_pool[0].shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
-    kernels = fit_convolutions(unet, device, dtype, latent_side)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_side = pixel_pool[0].shape[-1] // vae_scale
     try:
-        with kernels:
+        with fit_convolutions(unet, device, dtype, latent_side):
             for _ in range(steps + 1):
                 picks = [rng.randrange(len(pixel_pool)) for _ in range(batch_size)]
                 images = torch.stack([pixel_pool[i] for i in picks]).to(device, dtype) * 2 - 1
@@ -134,7 +134,7 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
                 with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
                     states, pooled = families.encode(components.family, encoders,
                                                      [ids] * len(encoders))
-                    size = latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+                    size = latents.shape[-1] * vae_scale
                     added = families.added_conditions(components.family, pooled, size, size,
                                                       dtype) if pooled is not None else None
                     pred = unet(noisy.to(dtype), t, states.to(dtype),
