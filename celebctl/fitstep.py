@@ -125,7 +125,14 @@ def build_schedule(*, steps: int, batch_size: int, pool_identity, n_identities: 
 
 @dataclass
 class StepTensors:
-    """The static tensors one step reads (all on the fit's device)."""
+    """The static tensors one step reads (all on the fit's device).
+
+    A step trains ``pack`` independent fits side by side (a packed fit; 1 for `add` and
+    `joint`). They share one schedule (each was drawn from the same seed, as its lone fit
+    would draw it); fit k's pool entries are rows ``k * pool_per_fit ...`` of the pool tensors,
+    its identities are ``k * n ...`` in ``ema`` and the mapping, and its batch slots are
+    ``k * B ... (k + 1) * B - 1`` of the packed batch.
+    """
 
     schedule: FitSchedule
     latent_mean: Any
@@ -136,17 +143,38 @@ class StepTensors:
     template_slots: Any  # (T, 2) long: where the subject's two vectors go
     basis_mean: Any  # (2, hidden) fp32
     basis_components: Any  # (2, p, hidden) fp32
-    loss: Any  # (S,) fp32, written by each step
-    ema: Any  # (n, 2, p) fp32
+    loss: Any  # (S, pack) fp32, written by each step; starts as NaN (a step that never ran)
+    ema: Any  # (pack * n, 2, p) fp32
+    pack: int = 1
+
+    @property
+    def pool_per_fit(self) -> int:
+        return int(self.latent_mean.shape[0]) // self.pack
+
+    @property
+    def identities_per_fit(self) -> int:
+        return int(self.ema.shape[0]) // self.pack
+
+
+def _autocast(device_type: str, dtype, enabled: bool):
+    import torch
+
+    # cache_enabled=False: a weight cast cached by autocast inside a captured region would be
+    # a tensor the graph owns and frees (PyTorch's CUDA-graph notes); it costs nothing here.
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
 class TrainStep:
     """``step(s)`` runs training step ``s``: mapping -> identity vectors -> text encoder (fp32)
-    -> UNet under autocast -> MSE -> backward -> AdamW -> loss buffer and EMA, on the device.
+    -> UNet under autocast -> per-fit MSE -> backward -> AdamW -> loss buffer and EMA, on the
+    device, for every fit of the pack at once.
 
     The step index lives in a 0-dim device tensor, so the same work can be captured once in a
-    CUDA graph and replayed (:meth:`capture`).
+    CUDA graph and replayed (:meth:`capture`). Set ``device_index`` to run the eager steps
+    through that very path too (tests compare it with the integer path on the CPU).
     """
+
+    device_index = False
 
     def __init__(self, components, mapping, optimizer, tensors: StepTensors, prediction_type: str,
                  scaler=None):
@@ -164,8 +192,14 @@ class TrainStep:
         self.family = getattr(components, "family", "sd1")
         self.injector = families.SlotInjector(components.text_encoders)
         batch = tensors.schedule.picks.shape[1]
+        pack = tensors.pack
+        # Fit k's pool rows and identity slots start at these offsets (k * B slots each).
+        self.pool_offsets = (torch.arange(pack, device=self.device)
+                             * tensors.pool_per_fit).repeat_interleave(batch)
+        self.owner_offsets = (torch.arange(pack, device=self.device)
+                              * tensors.identities_per_fit).repeat_interleave(batch)
         resolution = int(tensors.latent_mean.shape[-1]) * _vae_scale(components.vae)
-        self.time_ids = families.time_ids(resolution, resolution, batch, self.device,
+        self.time_ids = families.time_ids(resolution, resolution, batch * pack, self.device,
                                           self.unet_dtype) if self.family == "sdxl" else None
         self.graph = None
         self.warmed = 0  # steps run by capture() before it captured
@@ -176,34 +210,40 @@ class TrainStep:
         with self.injector.attached():
             yield self
 
-    def _forward_backward(self, step: int | None = None) -> None:
-        """One step. ``step`` None reads the step index from the device tensor (what a CUDA
-        graph replays); an int indexes the tables directly (views, no kernels: eager)."""
+    def _slot_tensors(self, vectors, chosen):
+        """The injector's mask and values for the chosen templates' two subject slots."""
         import torch
-        import torch.nn.functional as F
 
-        t, schedule = self.t, self.t.schedule
-        s = self.index.view(1)
-
-        def at(table):  # row s of a per-step table
-            if step is not None:
-                return table[step]
-            return table.index_select(0, s).squeeze(0)  # on the device, no host sync
-
-        picks = at(schedule.picks)
-        latents = (t.latent_mean.index_select(0, picks)
-                   + t.latent_std.index_select(0, picks) * at(schedule.latent_noise)) * t.scaling
-        coeffs = self.mapping(t.features.index_select(0, picks), at(schedule.owners))
-        vectors = t.basis_mean + torch.einsum("btp,tph->bth", coeffs, t.basis_components)
-        chosen = at(schedule.templates)
+        t = self.t
         ids = [table.index_select(0, chosen) for table in t.template_ids]
         slots = t.template_slots.index_select(0, chosen)
         hidden = vectors.shape[-1]
         shape = ids[0].shape
-        self.injector.set(
-            torch.zeros(shape, dtype=torch.bool, device=self.device).scatter(1, slots, True),
-            torch.zeros((*shape, hidden), device=self.device, dtype=vectors.dtype).scatter(
-                1, slots[..., None].expand(-1, -1, hidden), vectors))
+        mask = torch.zeros(shape, dtype=torch.bool, device=self.device).scatter(1, slots, True)
+        values = torch.zeros((*shape, hidden), device=self.device, dtype=vectors.dtype).scatter(
+            1, slots[..., None].expand(-1, -1, hidden), vectors)
+        return ids, mask, values
+
+    def _forward_backward(self, step: int | None = None) -> None:
+        """One step. ``step`` None reads the step index from the device tensor (what a CUDA
+        graph replays); an int indexes the tables directly (views, no kernels: eager)."""
+        import torch
+
+        t, schedule, pack = self.t, self.t.schedule, self.t.pack
+        s = self.index.view(1)
+
+        def at(table, packed: bool = True):  # row s of a per-step table, once per fit
+            row = table[step] if step is not None else table.index_select(0, s).squeeze(0)
+            return row.repeat(pack, *([1] * (row.dim() - 1))) if packed and pack > 1 else row
+
+        picks = at(schedule.picks) + self.pool_offsets
+        latents = (t.latent_mean.index_select(0, picks)
+                   + t.latent_std.index_select(0, picks) * at(schedule.latent_noise)) * t.scaling
+        coeffs = self.mapping(t.features.index_select(0, picks),
+                              at(schedule.owners) + self.owner_offsets)
+        vectors = t.basis_mean + torch.einsum("btp,tph->bth", coeffs, t.basis_components)
+        ids, mask, values = self._slot_tensors(vectors, at(schedule.templates))
+        self.injector.set(mask, values)
         states, pooled = families.encode(self.family, self.components.text_encoders, ids)
         added = None
         if self.time_ids is not None:
@@ -213,12 +253,25 @@ class TrainStep:
         noise = at(schedule.noise)
         noisy = a * latents + b * noise
         target = a * noise - b * latents if self.v_prediction else noise
-        autocast = self.unet_dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.unet_dtype, enabled=autocast):
+        with _autocast(self.device.type, self.unet_dtype, self.unet_dtype != torch.float32):
             prediction = self.components.unet(noisy.to(self.unet_dtype), at(schedule.timesteps),
                                               states.to(self.unet_dtype),
                                               added_cond_kwargs=added).sample
-        loss = F.mse_loss(prediction.float(), target)
+        # Each fit's loss is the mean over its own samples; their sum gives every fit exactly
+        # the gradient of its lone fit (the fits share no parameter).
+        per_fit = (prediction.float() - target).square().view(pack, -1).mean(dim=1)
+        self._apply(per_fit.sum())
+        with torch.no_grad():
+            if step is not None:
+                t.loss[step] = per_fit.detach()
+            else:
+                t.loss.index_copy_(0, s, per_fit.detach().view(1, pack))
+            flat = coeffs.detach().view(pack, -1, coeffs[0].numel())  # (K, B, 2p)
+            ema = t.ema.view(pack, t.identities_per_fit, -1)  # (K, n, 2p)
+            ema.mul_(at(schedule.ema_decay, False)[None, :, None]).add_(
+                at(schedule.ema_weight, False) @ flat)
+
+    def _apply(self, loss) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -226,20 +279,16 @@ class TrainStep:
         else:
             loss.backward()
             self.optimizer.step()
-        with torch.no_grad():
-            if step is not None:
-                t.loss[step] = loss.detach()
-            else:
-                t.loss.index_copy_(0, s, loss.detach().view(1))
-            flat = coeffs.detach().flatten(1)  # (B, 2p)
-            ema = t.ema.view(t.ema.shape[0], -1)
-            ema.mul_(at(schedule.ema_decay)[:, None]).add_(at(schedule.ema_weight) @ flat)
 
     def run(self, step: int) -> None:
         """Run step ``step`` (replaying the graph when one was captured)."""
         if self.graph is not None:
             self.index.fill_(step)
             self.graph.replay()
+        elif self.device_index:
+            self.index.fill_(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self._forward_backward(step)
@@ -248,25 +297,28 @@ class TrainStep:
         """Capture the step in a CUDA graph; returns how many steps were run to warm it up.
 
         The warm-up steps are real steps ``first_step``, ``first_step + 1``, ... (on a side
-        stream, as CUDA requires). Raises whatever capture raises; the caller falls back.
+        stream, as CUDA requires; they also create AdamW's state before capture). Runs under
+        the fit's own device, so a fit on ``cuda:1`` captures on ``cuda:1``'s streams. Raises
+        whatever capture raises; the caller falls back.
         """
         import torch
 
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        warm = min(WARMUP_STEPS, self.t.schedule.steps - first_step)
-        with torch.cuda.stream(stream):
-            for k in range(warm):  # real steps, through the same device-index path
-                self.index.fill_(first_step + k)
-                self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            warm = min(WARMUP_STEPS, self.t.schedule.steps - first_step)
+            with torch.cuda.stream(stream):
+                for k in range(warm):  # real steps, through the same device-index path
+                    self.index.fill_(first_step + k)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._forward_backward()
+                    self.warmed = k + 1
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if first_step + warm >= self.t.schedule.steps:
+                return warm
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
                 self._forward_backward()
-                self.warmed = k + 1
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if first_step + warm >= self.t.schedule.steps:
-            return warm
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._forward_backward()
         self.graph = graph
         return warm

@@ -60,7 +60,7 @@ def _step_setup(components, loaded, face, encoder, steps=3, seed=5):
         template_ids=[torch.tensor([t.input_ids for t in templates])],
         template_slots=torch.tensor([[p for p, _, _ in t.slots] for t in templates]),
         basis_mean=loaded.mean, basis_components=loaded.components,
-        loss=torch.zeros(steps), ema=torch.zeros((1, 2, loaded.p)))
+        loss=torch.zeros((steps, 1)), ema=torch.zeros((1, 2, loaded.p)))
     step = fitstep.TrainStep(components, mapping, optimizer, tensors, "epsilon")
     return step, tensors, templates, pool, mapping
 

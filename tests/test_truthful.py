@@ -60,7 +60,7 @@ def test_ctrl_c_after_add_replace_committed_says_so(home, monkeypatch):
 
 def test_ctrl_c_before_the_commit_says_nothing_was_written(home, monkeypatch):
     before = registry.get_identity("alice").meta["files"]["coefficients"]["sha256"]
-    _interrupt_once(monkeypatch, fitting, "fit_identities")
+    _interrupt_once(monkeypatch, fitting.identities, "fit_identities")
     result = invoke("add", "alice", PHOTO, "--replace", *FIT)
     assert result.exit_code == 130 and "Interrupted; nothing was written." in result.stderr
     assert registry.get_identity("alice").meta["files"]["coefficients"]["sha256"] == before

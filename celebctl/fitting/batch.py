@@ -1,0 +1,369 @@
+"""`celebctl add-many`: fit everyone a folder or manifest lists, K people per training batch, on
+one process or on every GPU a launcher started.
+
+The job is resumable because the registry is: an identity is written whole or not at all, so
+after a crash (or Ctrl-C, or a killed rank) a rerun skips everyone already added with the same
+photos and fits only the rest. One bad person never stops the batch: their row says why.
+With several processes (torchrun, accelerate launch, srun) rank 0 decides who is pending and
+every rank fits its deterministic share (:mod:`celebctl.distributed`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..distributed import Group, Launch, device_for, launch_from_env, shard
+from ..errors import CelebctlError, InvalidOption
+from .people import Person, read_people
+from .settings import FitSettings, FitSubject, ProgressCallback
+
+MAX_PACK = 64
+DEFAULT_PACK_GPU = 8  # halved on an out-of-memory error until it fits
+DEFAULT_PACK_SMALL_CPU = 8
+
+
+@dataclass
+class BatchOptions:
+    """What `add-many` was asked to do (the fit options are those of `add`)."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    settings: FitSettings = field(default_factory=FitSettings)
+    pack: int | None = None  # people per training batch; None: by device
+    replace: bool = False
+    bundles: Path | None = None  # also write NAME.celeb here (for jobs across machines)
+
+    def check(self) -> None:
+        """Refuse options that cannot work, before anything is read or loaded."""
+        self.settings.check()
+        if self.pack is not None and not 1 <= self.pack <= MAX_PACK:
+            raise InvalidOption(f"--pack must be between 1 and {MAX_PACK}.")
+        if self.bundles is not None and self.bundles.exists() and not self.bundles.is_dir():
+            raise InvalidOption(f"--bundles {self.bundles} is not a folder.")
+
+
+@dataclass
+class PersonRow:
+    """One line of the final table."""
+
+    name: str
+    where: str
+    status: str  # "added", "skipped" or "failed"
+    reason: str = ""
+    seconds: float | None = None
+    rank: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "where": self.where, "status": self.status,
+                "reason": self.reason, "seconds": self.seconds, "rank": self.rank}
+
+
+@dataclass
+class BatchResult:
+    """What the job did (every rank's rows, on rank 0)."""
+
+    rows: list[PersonRow]
+    notes: list[str]
+    elapsed_s: float
+    pack: int | None
+    world_size: int
+    is_main: bool = True
+
+    def count(self, status: str) -> int:
+        return sum(1 for row in self.rows if row.status == status)
+
+    @property
+    def failed(self) -> bool:
+        return self.count("failed") > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        added = self.count("added")
+        return {
+            "added": added, "skipped": self.count("skipped"), "failed": self.count("failed"),
+            "people": [row.to_dict() for row in self.rows], "notes": list(self.notes),
+            "elapsed_s": round(self.elapsed_s, 3), "pack": self.pack,
+            "processes": self.world_size,
+            "people_per_hour": round(added * 3600 / self.elapsed_s, 1) if self.elapsed_s else None,
+        }
+
+
+def _bundle_path(options: BatchOptions, name: str) -> Path | None:
+    from ..bundles import BUNDLE_SUFFIX
+
+    return options.bundles / f"{name}{BUNDLE_SUFFIX}" if options.bundles else None
+
+
+def _photo_hashes(person: Person) -> list[str]:
+    from .. import storage
+
+    if not person.sha256:
+        person.sha256 = [storage.sha256_file(photo) for photo in person.photos]
+    return person.sha256
+
+
+def _plan_person(person: Person, options: BatchOptions) -> tuple[str, str]:
+    """("failed" | "skipped" | "export" | "fit", reason), from the registry and bundle folder."""
+    from .. import registry
+
+    if person.problem:
+        return "failed", person.problem
+    if options.replace:
+        return "fit", ""
+    bundle = _bundle_path(options, person.name)
+    if bundle is not None and bundle.exists():
+        return "skipped", f"{bundle.name} exists"
+    if not registry.identity_exists(person.name):
+        return "fit", ""
+    try:
+        ident = registry.get_identity(person.name, verify="coefficients")
+        hashes = _photo_hashes(person)
+    except (CelebctlError, OSError) as exc:
+        return "failed", f"'{person.name}' is registered but cannot be read: {exc}"
+    recorded = [str(s.get("photo_sha256", "")) for s in ident.meta.get("sources", [])]
+    if sorted(recorded) != sorted(hashes):
+        return "failed", (f"Name taken: '{person.name}' is registered from other photos. Use "
+                          "--replace to refit it from these, or give this person another name.")
+    if bundle is not None:
+        return "export", ""
+    return "skipped", "already added with these photos"
+
+
+def resolve_pack(requested: int | None, components, device) -> int:
+    """People per training batch: as asked, else 8 on a GPU (halved on out-of-memory), 8 on a
+    CPU for a small UNet whose kernels a bigger batch amortises, 1 for a real model on a CPU
+    (its convolutions are compute-bound, so packing only adds memory: docs/benchmarks.md)."""
+    from ..models.convolutions import NATIVE_CONV_MAX_WORK, largest_conv_work
+
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return DEFAULT_PACK_GPU
+    scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    side = components.default_resolution // scale
+    small = largest_conv_work(components.unet, side) <= NATIVE_CONV_MAX_WORK
+    return DEFAULT_PACK_SMALL_CPU if small else 1
+
+
+class _Fitter:
+    """One process's share of the job: the model loaded once, people fitted K at a time."""
+
+    def __init__(self, options: BatchOptions, launch: Launch, progress: ProgressCallback | None):
+        self.options, self.launch, self.progress = options, launch, progress
+        self.components: Any = None
+        # Until the model is loaded: the pack asked for, else the most any device uses.
+        self.pack = options.pack or max(DEFAULT_PACK_GPU, DEFAULT_PACK_SMALL_CPU)
+        self.notes: list[str] = []
+
+    def load(self) -> None:
+        """Load the face encoder, the model and its basis, once, when the first person of this
+        share is ready (a rerun with nobody left to fit loads nothing)."""
+        if self.components is not None:
+            return
+        from .. import faces, models
+        from .identities import load_fit_model
+
+        options, progress = self.options, self.progress
+        self.spec = models.resolve_model_spec(options.model)
+        self.device = models.resolve_device(device_for(options.device, self.launch))
+        models.resolve_dtype(options.dtype, self.device)
+        self.encoder = faces.load_face_encoder(self.spec.face_encoder, device=self.device,
+                                               progress=progress)
+        self.components, self.basis = load_fit_model(self.spec, self.device, options.dtype,
+                                                     progress)
+        self.pack = resolve_pack(options.pack, self.components, self.device)
+
+    def _note(self, message: str | None) -> None:
+        if message and message not in self.notes:
+            self.notes.append(message)
+
+    def fit(self, ready: list[tuple[Person, list[Any]]]) -> list[PersonRow]:
+        """Fit ``ready`` (people with their prepared faces) as one pack and register them."""
+        from .phases import PackedFitError, fit_packed
+
+        started = time.perf_counter()
+        groups = [[FitSubject(p.name, [f.aligned for f in prepared])] for p, prepared in ready]
+        try:
+            results = fit_packed(self.components, self.basis.mean, self.basis.components, groups,
+                                 self.encoder, self.options.settings, self.progress)
+        except PackedFitError as exc:
+            bad = ready[exc.fit_index] if len(ready) > 1 else ready[0]
+            rows = [self._row(bad[0], "failed", str(exc))]
+            rest = [pair for pair in ready if pair is not bad]
+            return rows + (self.fit(rest) if rest else [])
+        except Exception as exc:
+            if not _out_of_memory(exc) or len(ready) == 1:
+                raise
+            self.pack = max(1, len(ready) // 2)
+            self._note(f"Out of GPU memory with {len(ready)} people per batch; went on with "
+                       f"{self.pack} (set --pack to choose).")
+            half = len(ready) // 2
+            return self.fit(ready[:half]) + self.fit(ready[half:])
+        seconds = (time.perf_counter() - started) / len(ready)
+        return [self._register(person, prepared, result, seconds)
+                for (person, prepared), result in zip(ready, results, strict=True)]
+
+    def _register(self, person: Person, prepared, result, seconds: float) -> PersonRow:
+        from .. import registry
+        from .identities import new_identity_write, noise_model_note
+
+        for note in result.notes:
+            self._note(note)
+        self._note(noise_model_note(self.spec))
+        try:
+            write = new_identity_write(person.name, person.photos, prepared, result,
+                                       self.components, self.spec, self.basis)
+            registry.save_identity(write, replace=self.options.replace)
+            self.export(person)
+        except CelebctlError as exc:
+            return self._row(person, "failed", str(exc))
+        return self._row(person, "added", "", round(seconds, 3))
+
+    def export(self, person: Person) -> None:
+        """Write the person's bundle when the job writes bundles."""
+        from ..bundles import export_bundle
+
+        bundle = _bundle_path(self.options, person.name)
+        if bundle is not None:
+            export_bundle(person.name, bundle, overwrite=True)
+
+    def _row(self, person: Person, status: str, reason: str = "",
+             seconds: float | None = None) -> PersonRow:
+        return PersonRow(person.name, person.where, status, reason, seconds, self.launch.rank)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _prepare(person: Person) -> list[Any]:
+    from .identities import prepare_photos
+
+    prepared, _ = prepare_photos(person.photos)
+    person.sha256 = [face.sha256 for face in prepared]
+    return prepared
+
+
+class _Progress:
+    """Rank 0's view of the whole job: people done over all ranks, from the group's counters."""
+
+    def __init__(self, group: Group, total: int, settled: int,
+                 progress: ProgressCallback | None):
+        self.group, self.total, self.progress = group, total, progress
+        self.started = time.perf_counter()
+        self.base = settled  # skipped or failed before any fit
+        self.shown = -1
+
+    def settle(self, rows: Sequence[PersonRow]) -> None:
+        """Count this rank's finished people, then redraw (rank 0)."""
+        if rows:
+            self.group.add("settled", len(rows))
+            self.group.add("added", sum(1 for r in rows if r.status == "added"))
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.progress:
+            return
+        settled = self.base + self.group.count("settled")
+        if settled == self.shown:
+            return
+        self.shown = settled
+        hours = (time.perf_counter() - self.started) / 3600
+        added = self.group.count("added")
+        self.progress("people", settled, self.total,
+                      {"rate": f"{added / hours:.0f} people/h" if hours > 0 and added else ""})
+
+
+def _decide(people: list[Person], options: BatchOptions) -> list[tuple[str, str]]:
+    return [_plan_person(person, options) for person in people]
+
+
+def add_many(source: Path | str, options: BatchOptions | None = None, *,
+             launch: Launch | None = None,
+             progress: ProgressCallback | None = None) -> BatchResult:
+    """Fit everyone ``source`` lists who is not registered yet (see the module docstring).
+
+    Names, photos' presence and options are checked before any model loads; failures of one
+    person (no face, unreadable photo, name taken, a diverged fit) become that person's row.
+    Under a launcher, call it in every process: each fits its share, and rank 0 gets every
+    rank's rows (the others get their own).
+    """
+    from .. import registry
+
+    options = options or BatchOptions()
+    options.check()
+    launch = launch or launch_from_env()
+    started = time.perf_counter()
+    people = read_people(source)
+    with Group(launch) as group:
+        plan = group.broadcast(_decide(people, options) if launch.is_main else None)
+        registry.check_writable()
+        if options.bundles is not None:
+            from .. import storage
+
+            storage.ensure_private_dir(options.bundles)
+        rows = [PersonRow(p.name, p.where, status, reason, rank=launch.rank)
+                for p, (status, reason) in zip(people, plan, strict=True)
+                if status in ("failed", "skipped") and launch.is_main]
+        pending = [p for p, (status, _) in zip(people, plan, strict=True)
+                   if status in ("fit", "export")]
+        exports = {p.name for p, (status, _) in zip(people, plan, strict=True)
+                   if status == "export"}
+        view = _Progress(group, len(people), len(people) - len(pending),
+                         progress if launch.is_main else None)
+        view.draw()
+        fitter = _Fitter(options, launch, progress if launch.is_main else None)
+        rows += _run_share(fitter, shard(pending, launch), exports, view)
+        group.add("ranks_done")
+        group.wait_for("ranks_done", launch.world_size, poll=view.draw)
+        gathered = group.gather((rows, fitter.notes))
+    notes = fitter.notes
+    if gathered is not None:
+        rows = [row for part, _ in gathered for row in part]
+        notes = list(dict.fromkeys(n for _, part in gathered for n in part))
+    order = {p.name: i for i, p in enumerate(people)}
+    rows.sort(key=lambda r: (order.get(r.name, len(order)), r.where))
+    return BatchResult(rows=rows, notes=notes, elapsed_s=time.perf_counter() - started,
+                       pack=fitter.pack if fitter.components is not None else options.pack,
+                       world_size=launch.world_size, is_main=launch.is_main)
+
+
+def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],
+               view: _Progress) -> list[PersonRow]:
+    """Fit this process's people, a pack at a time, registering each as it finishes."""
+    rows: list[PersonRow] = []
+    queue = list(mine)
+    while queue:
+        ready: list[tuple[Person, list[Any]]] = []
+        settled: list[PersonRow] = []
+        while queue and len(ready) < fitter.pack:
+            person = queue.pop(0)
+            if person.name in exports:  # registered with these photos; only the bundle is due
+                settled.append(_export_only(fitter, person))
+                continue
+            try:
+                ready.append((person, _prepare(person)))
+            except CelebctlError as exc:
+                settled.append(fitter._row(person, "failed", str(exc)))
+        if ready:
+            fitter.load()
+            queue[:0] = [person for person, _ in ready[fitter.pack:]]  # the pack may shrink
+            settled += fitter.fit(ready[:fitter.pack])
+        rows += settled
+        view.settle(settled)
+    return rows
+
+
+def _export_only(fitter: _Fitter, person: Person) -> PersonRow:
+    try:
+        fitter.export(person)
+    except CelebctlError as exc:
+        return fitter._row(person, "failed", str(exc))
+    return fitter._row(person, "added", "bundle written from the registry")
+
