@@ -30,39 +30,124 @@ def pil_to_tensor(image):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def augment_crop(crop, rng: random.Random):
-    """Flip + colour jitter of one (3, H, W) crop in [0, 1]; returns the augmented crop."""
-    import torch
-    import torchvision.transforms.v2.functional as TF
+@dataclass(frozen=True)
+class Augmentation:
+    """The random draws of one augmented sample (drawn in this order from the fit's RNG)."""
 
-    image = crop
-    if rng.random() < 0.5:
-        image = torch.flip(image, dims=[-1])
-    brightness, contrast, saturation = (rng.uniform(0.8, 1.2) for _ in range(3))
-    hue = rng.uniform(-0.02, 0.02)
-    image = TF.adjust_brightness(image, brightness)
-    image = TF.adjust_contrast(image, contrast)
-    image = TF.adjust_saturation(image, saturation)
-    image = TF.adjust_hue(image, hue)
-    return image.clamp(0, 1)
+    flip: bool
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    height: int
+    width: int
+    top: int
+    left: int
 
 
-def paste_on_black(face, resolution: int, rng: random.Random):
-    """Rescale the face to 10-100 % of the frame height (aspect 0.9-1.1), paste on black."""
-    import torch
-    import torch.nn.functional as F
-
+def _draw_paste(rng: random.Random, resolution: int) -> tuple[int, int, int, int]:
     scale = rng.uniform(0.1, 1.0)
     aspect = rng.uniform(0.9, 1.1)
     height = max(8, min(resolution, round(resolution * scale)))
     width = max(8, min(resolution, round(height * aspect)))
-    resized = F.interpolate(face[None], size=(height, width), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
-    canvas = torch.zeros((3, resolution, resolution), dtype=face.dtype)
     top = rng.randint(0, resolution - height)
     left = rng.randint(0, resolution - width)
-    canvas[:, top:top + height, left:left + width] = resized
+    return height, width, top, left
+
+
+def _draw_jitter(rng: random.Random) -> tuple[bool, float, float, float, float]:
+    flip = rng.random() < 0.5
+    brightness, contrast, saturation = (rng.uniform(0.8, 1.2) for _ in range(3))
+    return flip, brightness, contrast, saturation, rng.uniform(-0.02, 0.02)
+
+
+def draw_augmentation(rng: random.Random, resolution: int) -> Augmentation:
+    """Flip (p 0.5); brightness, contrast, saturation x0.8-1.2; hue +-0.02; the paste's size
+    (10-100 % of the frame height, aspect 0.9-1.1) and place on a ``resolution`` canvas."""
+    return Augmentation(*_draw_jitter(rng), *_draw_paste(rng, resolution))
+
+
+def _grayscale(images):
+    """ITU-R 601 luma of (N, 3, H, W) images, as (N, 1, H, W)."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def shift_hue(images, shifts):
+    """Rotate the hue of (N, 3, H, W) images in [0, 1] by ``shifts`` (N,) turns (HSV)."""
+    import torch
+
+    r, g, b = images.unbind(dim=1)
+    value, _ = images.max(dim=1)
+    low, _ = images.min(dim=1)
+    delta = value - low
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    saturation = torch.where(value > 0, delta / torch.where(value > 0, value, 1.0), 0.0)
+    hue = torch.where(value == r, (g - b) / safe,
+                      torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = torch.where(delta > 0, hue / 6.0, 0.0)
+    hue = torch.remainder(hue + shifts.view(-1, 1, 1), 1.0)
+    sector = hue * 6.0
+    k = torch.floor(sector)
+    f = sector - k
+    k = k.long() % 6
+    p = value * (1 - saturation)
+    q = value * (1 - saturation * f)
+    t = value * (1 - saturation * (1 - f))
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
+               (value, p, q)]
+    out = torch.zeros_like(images)
+    for sector_index, (cr, cg, cb) in enumerate(choices):
+        mask = (k == sector_index).unsqueeze(1)
+        out = torch.where(mask, torch.stack((cr, cg, cb), dim=1), out)
+    return out
+
+
+def jitter(images, draws: Sequence[Augmentation]):
+    """Flip and colour-jitter (N, 3, H, W) crops in [0, 1] on their device, each by its draw:
+    brightness, contrast (towards the mean grey), saturation (towards grey), hue, in that
+    order, clamped to [0, 1] after each."""
+    import torch
+
+    def column(values):
+        return torch.tensor(values, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+
+    flips = torch.tensor([d.flip for d in draws], device=images.device).view(-1, 1, 1, 1)
+    x = torch.where(flips, images.flip(-1), images)
+    x = (x * column([d.brightness for d in draws])).clamp(0, 1)
+    contrast = column([d.contrast for d in draws])
+    mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
+    saturation = column([d.saturation for d in draws])
+    x = (saturation * x + (1 - saturation) * _grayscale(x)).clamp(0, 1)
+    hues = torch.tensor([d.hue for d in draws], dtype=images.dtype, device=images.device)
+    return shift_hue(x, hues).clamp(0, 1)
+
+
+def paste(faces, draws: Sequence[Augmentation], resolution: int):
+    """Each face rescaled to its draw's size and pasted at its place on a black canvas."""
+    import torch
+    import torch.nn.functional as F
+
+    canvas = torch.zeros((len(draws), 3, resolution, resolution), dtype=faces.dtype,
+                         device=faces.device)
+    for i, d in enumerate(draws):
+        resized = F.interpolate(faces[i:i + 1], size=(d.height, d.width), mode="bilinear",
+                                antialias=True, align_corners=False)[0]
+        canvas[i, :, d.top:d.top + d.height, d.left:d.left + d.width] = resized
     return canvas
+
+
+def augment_crop(crop, rng: random.Random):
+    """Flip + colour jitter of one (3, H, W) crop in [0, 1] (draws as the pool makes them)."""
+    draw = Augmentation(*_draw_jitter(rng), 0, 0, 0, 0)
+    return jitter(crop[None], [draw])[0]
+
+
+def paste_on_black(face, resolution: int, rng: random.Random):
+    """One (3, H, W) face rescaled to 10-100 % of the frame height, pasted on black."""
+    draw = Augmentation(False, 1.0, 1.0, 1.0, 0.0, *_draw_paste(rng, resolution))
+    return paste(face[None], [draw], resolution)[0]
 
 
 @dataclass
@@ -90,40 +175,45 @@ def build_sample_pool(vae, subjects: Sequence[Any], face_encoder, pool_size: int
     """Augment each identity's crops ``pool_size`` times (its photos in turn) and VAE-encode
     the pastes in batches of ``encode_batch``.
 
-    ``subjects`` carry ``faces`` (PIL crops, one per photo). Small encode batches keep the
-    pool's peak memory (the VAE encoder's activations at full resolution) below a step's.
+    Every draw is made up front from ``rng``; the flips, jitter and pastes then run on the
+    fit's device, a chunk of samples at a time (a GPU does a whole chunk in milliseconds where
+    a CPU spent 20 ms a sample). ``subjects`` carry ``faces`` (PIL crops, one per photo).
+    Small encode batches keep the pool's peak memory (the VAE encoder's activations at full
+    resolution) below a step's.
     """
     import torch
 
     from . import faces as faces_mod
 
     scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
-    pastes, feature_inputs, owners = [], [], []
-    clean = []
     encoder_device = next(face_encoder.parameters()).device
+    sources, draws, owners, clean = [], [], [], []
     for index, subject in enumerate(subjects):
-        crops = [pil_to_tensor(face) for face in subject.faces]
+        crops = torch.stack([pil_to_tensor(face) for face in subject.faces]).to(device)
         with torch.no_grad():
-            clean.append(faces_mod.embed_faces(face_encoder, torch.stack(crops).to(
-                encoder_device)).float().cpu())
+            clean.append(faces_mod.embed_faces(face_encoder, crops.to(encoder_device))
+                         .float().cpu())
         for k in range(pool_size):
-            augmented = augment_crop(crops[k % len(crops)], rng)
-            feature_inputs.append(augmented)
-            pastes.append(paste_on_black(augmented, resolution, rng))
+            sources.append(crops[k % len(crops)])
+            draws.append(draw_augmentation(rng, resolution))
             owners.append(index)
-    total = len(pastes)
+    total = len(draws)
+    chunk = max(encode_batch, 16)
     means, stds, features = [], [], []
     with torch.no_grad():
-        for start in range(0, total, encode_batch):
-            stop = min(total, start + encode_batch)
-            images = torch.stack(pastes[start:stop]).to(device=device, dtype=dtype) * 2 - 1
-            dist = vae.encode(images).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-            crops = torch.stack(feature_inputs[start:stop]).to(encoder_device)
-            features.append(faces_mod.embed_faces(face_encoder, crops).float())
-            if progress:
-                progress("pool", stop, total, {})
+        for first in range(0, total, chunk):
+            last = min(total, first + chunk)
+            jittered = jitter(torch.stack(sources[first:last]), draws[first:last])
+            features.append(faces_mod.embed_faces(face_encoder, jittered.to(encoder_device))
+                            .float().to(device))
+            pastes = paste(jittered, draws[first:last], resolution)
+            for start in range(0, last - first, encode_batch):
+                images = pastes[start:start + encode_batch].to(dtype=dtype) * 2 - 1
+                dist = vae.encode(images).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+                if progress:
+                    progress("pool", min(total, first + start + encode_batch), total, {})
     return SamplePool(
         latent_mean=torch.cat(means).to(device),
         latent_std=torch.cat(stds).to(device),

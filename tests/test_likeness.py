@@ -241,13 +241,13 @@ def test_the_pool_draws_from_every_photo(tiny_home, second_photo, monkeypatch):
     crops = [faces.prepare_face(p).aligned for p in (PHOTO, second_photo)]
     tensors = [augment.pil_to_tensor(c) for c in crops]
     used = []
-    real = augment.augment_crop
+    real = augment.jitter
 
-    def record(crop, rng):
-        used.append(next(i for i, t in enumerate(tensors) if torch.equal(t, crop)))
-        return real(crop, rng)
+    def record(crops, draws):
+        used.extend(next(i for i, t in enumerate(tensors) if torch.equal(t, c)) for c in crops)
+        return real(crops, draws)
 
-    monkeypatch.setattr(augment, "augment_crop", record)
+    monkeypatch.setattr(augment, "jitter", record)
     encoder = faces.load_face_encoder("random-init")
     pool = augment.build_sample_pool(components.vae, [FitSubject("a", crops)], encoder, 6, 64,
                                      random.Random(0), components.device, torch.float32)
