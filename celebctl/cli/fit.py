@@ -1,4 +1,4 @@
-"""`celebctl add` and `celebctl joint`: fit identities."""
+"""`celebctl add`, `celebctl joint` and `celebctl add-many`: fit identities."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    EXIT_ERROR,
     CelebTyper,
     DeviceOpt,
     DtypeOpt,
@@ -16,6 +17,7 @@ from .common import (
     ModelOpt,
     QuietOpt,
     SeedOpt,
+    cell,
     out,
     print_json,
     warn,
@@ -133,12 +135,92 @@ def joint_cmd(
     _report(outcome, json_out, "Refitted")
 
 
+def add_many_cmd(
+    source: Annotated[Path, typer.Argument(
+        help="A folder of folders (`people/alice/*.jpg` -> identity `alice`) or a .csv/.tsv "
+        "manifest (`name,photo[,photo...]`, paths relative to the manifest).",
+        show_default=False)],
+    model: ModelOpt = None,
+    pack: Annotated[int | None, typer.Option(
+        "--pack", help="People fitted side by side in one training batch, each an independent "
+        "fit (default: 8 on a GPU, fewer if memory runs out; on a CPU 8 for small models, else "
+        "1).", show_default=False)] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Refit people who are already registered.")] = False,
+    bundles: Annotated[Path | None, typer.Option(
+        "--bundles", help="Also write each person as DIR/NAME.celeb (for jobs across machines: "
+        "`celebctl import DIR/*.celeb` merges them).", metavar="DIR",
+        show_default=False)] = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = 1e-2,
+    batch_size: BatchOpt = 2,
+    seed: SeedOpt = 0,
+    resolution: ResolutionOpt = None,
+    direct: DirectOpt = False,
+    pool_size: PoolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit everyone a folder or manifest lists who is not registered yet.
+
+    Resumable: run it again after a crash or Ctrl-C and it fits only who is missing. One bad
+    person (no face, unreadable photo, name taken) never stops the batch; the table at the end
+    says why, and the exit code is 1 when anyone failed. Each person gets the same fit as
+    `celebctl add` with the same options. Under torchrun (`torchrun --nproc-per-node 8 -m
+    celebctl add-many people/`), accelerate launch or srun, each process fits its share on its
+    own GPU.
+    """
+    from ..fitting import batch
+
+    settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                   resolution=resolution, direct=direct, pool_size=pool_size)
+    options = batch.BatchOptions(model=model, device=device, dtype=dtype, settings=settings,
+                                 pack=pack, replace=replace, bundles=bundles)
+    with progress_callback(quiet) as progress:
+        result = batch.add_many(source, options, progress=progress)
+    if not result.is_main:
+        if result.failed:
+            raise typer.Exit(EXIT_ERROR)
+        return
+    _report_batch(result, json_out)
+    if result.failed:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _report_batch(result, json_out: bool) -> None:
+    for note in result.notes:
+        warn(note)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("name", "status", "why", "listed at"):
+        table.add_column(column, overflow="fold")
+    styles = {"added": "green", "skipped": "dim", "failed": "red"}
+    for row in result.rows:
+        status = cell(row.status)
+        status.stylize(styles.get(row.status, ""))
+        table.add_row(cell(row.name), status, cell(row.reason), cell(row.where))
+    out.print(table)
+    summary = result.to_dict()
+    rate = f", {summary['people_per_hour']:.0f} people/h" if summary["added"] else ""
+    out.print(f"Added {summary['added']}, skipped {summary['skipped']}, failed "
+              f"{summary['failed']} in {result.elapsed_s:.1f} s{rate}.")
+
+
 # Fits write nothing until they finish, so an interrupted one leaves the registry as it was.
 add_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
 joint_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
+add_many_cmd.interrupt_message = (  # type: ignore[attr-defined]
+    "Interrupted; everyone added so far is kept. Run the same command again to fit the rest.")
 
 
 def register(app: CelebTyper) -> None:
     """Attach `add` and `joint` to the root app."""
     app.command("add")(add_cmd)
     app.command("joint")(joint_cmd)
+    app.command("add-many")(add_many_cmd)

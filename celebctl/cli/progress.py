@@ -21,6 +21,7 @@ from ..documents import visible
 from .common import err
 
 PHASES = {
+    "people": "People",
     "pool": "Encoding augmented faces",
     "fit": "Fitting",
     "render": "Denoising",
@@ -89,7 +90,7 @@ def progress_callback(quiet: bool = False) -> Iterator[Any]:
             return
         if phase not in tasks:
             tasks[phase] = new_task(PHASES.get(phase, phase), total)
-        extra = f"loss {info['loss']:.4f}" if "loss" in info else ""
+        extra = f"loss {info['loss']:.4f}" if "loss" in info else str(info.get("rate", ""))
         progress.update(tasks[phase], completed=done, total=total, extra=extra)
 
     try:

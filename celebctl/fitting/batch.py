@@ -294,11 +294,13 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     Under a launcher, call it in every process: each fits its share, and rank 0 gets every
     rank's rows (the others get their own).
     """
-    from .. import registry
+    from .. import models, registry
 
     options = options or BatchOptions()
     options.check()
     launch = launch or launch_from_env()
+    models.resolve_model_spec(options.model)  # a model that cannot exist fails now, as in `add`
+    models.resolve_dtype(options.dtype, models.resolve_device(device_for(options.device, launch)))
     started = time.perf_counter()
     people = read_people(source)
     with Group(launch) as group:
@@ -352,9 +354,18 @@ def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],
             except CelebctlError as exc:
                 settled.append(fitter._row(person, "failed", str(exc)))
         if ready:
-            fitter.load()
-            queue[:0] = [person for person, _ in ready[fitter.pack:]]  # the pack may shrink
-            settled += fitter.fit(ready[:fitter.pack])
+            try:
+                fitter.load()
+                queue[:0] = [person for person, _ in ready[fitter.pack:]]  # the pack may shrink
+                ready = ready[:fitter.pack]
+                settled += fitter.fit(ready)
+            except CelebctlError as exc:
+                # The model cannot load or fit here (missing weights, a basis mismatch): every
+                # person this process still has fails with the reason, and the job still ends
+                # with its table on every rank instead of leaving the others waiting.
+                left = [person for person, _ in ready] + queue
+                settled += [fitter._row(person, "failed", str(exc)) for person in left]
+                queue.clear()
         rows += settled
         view.settle(settled)
     return rows

@@ -211,24 +211,13 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
     return FitOutcome([ident], notes, result, basis.id, spec.ref)
 
 
-def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str = "auto",
-                  dtype: str = "auto", settings: FitSettings | None = None,
-                  progress: ProgressCallback | None = None) -> FitOutcome:
-    """Refit registered identities together (one shared mapping) from their stored face crops
-    (every photo of each).
+def _check_joint(names: Sequence[str], settings: FitSettings | None):
+    """Everything `joint` can check before loading a model: names, the identities (read as one
+    consistent set), their face crops, family and basis. Returns (identities, face PNGs)."""
+    from .. import registry
+    from ..errors import InvalidName
+    from ..rendering import check_families, shared_basis
 
-    All are replaced in one all-or-nothing step; on any error every identity stays as it was.
-    """
-    import io
-
-    from PIL import Image
-
-    from .. import __version__, faces, models, registry
-    from .. import basis as basis_mod
-    from ..errors import BasisMismatch, InvalidName
-    from ..models import families
-
-    names = list(names)
     if len(names) < 2:
         raise InvalidName("`joint` needs at least two identities.")
     if len(set(names)) != len(names):
@@ -244,49 +233,22 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
             f"{', '.join(repr(n) for n in faceless)} has no face crop (imported from a bundle "
             "made with --no-face), so it cannot be refitted. Add it again from a photo."
         )
-    from ..rendering import check_families, check_widths
-
     check_families(idents, command="joint")
-    bases = {i.basis_id for i in idents}
-    if len(bases) > 1:
-        detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
-        raise BasisMismatch(
-            f"The identities use different bases ({detail}); `joint` needs one basis. Re-add "
-            "the odd ones out with the others' model (`celebctl add NAME PHOTO --replace "
-            "--model MODEL`)."
-        )
+    shared_basis(idents, command="joint")
     face_pngs = {}
     for ident in idents:
         face_pngs[ident.name] = ident.load_face_pngs()
         for number, png in enumerate(face_pngs[ident.name], start=1):
             registry.check_face_png(png, f"The face crop of '{ident.name}'"
                                     + (f" (photo {number})" if number > 1 else ""), FitError)
-    info = basis_mod.info_for_identities(idents[0].basis_id, names)
-    spec, notes = models.model_for_identities(
-        model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
-    check_families(idents, spec, command="joint")
-    check_widths(idents, info, spec, command="joint")
-    torch_device = models.resolve_device(device)
-    models.resolve_dtype(dtype, torch_device)
-    basis = basis_mod.load_basis(info.id)
-    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device, progress=progress)
-    import torch
+    return idents, face_pngs
 
-    components = models.load_pipeline_components(spec, torch_device, dtype,
-                                                 text_encoder_dtype=torch.float32,
-                                                 progress=progress)
-    basis_mod.check_model_matches_basis(basis, components.text_encoders, components.tokenizer,
-                                        model_ref=spec.ref)
-    subjects = []
-    for ident in idents:
-        crops = []
-        for png in face_pngs[ident.name]:
-            with Image.open(io.BytesIO(png)) as image:
-                crops.append(image.convert("RGB"))
-        subjects.append(FitSubject(ident.name, crops))
-    result = fit_identities(components, basis.mean, basis.components, subjects, encoder,
-                            settings, progress)
-    notes += result.notes
+
+def _joint_writes(idents, face_pngs, names, result: FitResult, components, spec, basis):
+    """One registry write per identity, each refusing to replace an identity that changed."""
+    from .. import __version__, registry
+    from ..models import families
+
     writes = []
     for ident in idents:
         meta = {k: v for k, v in ident.meta.items()
@@ -305,5 +267,52 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
             # Refused if another process changed, renamed or removed it during the fit.
             replaces_sha256=ident.meta["files"]["coefficients"]["sha256"],
         ))
+    return writes
+
+
+def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str = "auto",
+                  dtype: str = "auto", settings: FitSettings | None = None,
+                  progress: ProgressCallback | None = None) -> FitOutcome:
+    """Refit registered identities together (one shared mapping) from their stored face crops
+    (every photo of each).
+
+    All are replaced in one all-or-nothing step; on any error every identity stays as it was.
+    """
+    import io
+
+    import torch
+    from PIL import Image
+
+    from .. import basis as basis_mod
+    from .. import faces, models, registry
+    from ..rendering import check_families, check_widths
+
+    names = list(names)
+    idents, face_pngs = _check_joint(names, settings)
+    info = basis_mod.info_for_identities(idents[0].basis_id, names)
+    spec, notes = models.model_for_identities(
+        model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
+    check_families(idents, spec, command="joint")
+    check_widths(idents, info, spec, command="joint")
+    torch_device = models.resolve_device(device)
+    models.resolve_dtype(dtype, torch_device)
+    basis = basis_mod.load_basis(info.id)
+    encoder = faces.load_face_encoder(spec.face_encoder, device=torch_device, progress=progress)
+    components = models.load_pipeline_components(spec, torch_device, dtype,
+                                                 text_encoder_dtype=torch.float32,
+                                                 progress=progress)
+    basis_mod.check_model_matches_basis(basis, components.text_encoders, components.tokenizer,
+                                        model_ref=spec.ref)
+    subjects = []
+    for ident in idents:
+        crops = []
+        for png in face_pngs[ident.name]:
+            with Image.open(io.BytesIO(png)) as image:
+                crops.append(image.convert("RGB"))
+        subjects.append(FitSubject(ident.name, crops))
+    result = fit_identities(components, basis.mean, basis.components, subjects, encoder,
+                            settings, progress)
+    notes += result.notes
+    writes = _joint_writes(idents, face_pngs, names, result, components, spec, basis)
     written = registry.save_identities(writes, replace=True)
     return FitOutcome(written, notes, result, basis.id, spec.ref)

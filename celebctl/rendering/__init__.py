@@ -64,6 +64,7 @@ from .plan import (
     default_guidance,
     noise_note,
     plan_render,
+    shared_basis,
 )
 from .render import (
     ProgressCallback,
@@ -85,6 +86,7 @@ __all__ = [
     "ProgressCallback", "PromptEmbeds", "RenderPlan", "RenderResult", "SCHEDULERS",
     "SLUG_MAX_CHARS", "_packaged_tokenizer", "_prepare_out_dir", "_quote", "_shared_basis",
     "_source_photo", "_tokenizer_for_plan", "apply_emphasis", "auto_batch_size", "check_families",
+    "shared_basis",
     "check_render_options", "check_widths", "contact_sheet", "default_guidance",
     "embedding_hashes", "encode_prompt_pair", "identity_vectors_for", "image_parameters",
     "make_scheduler", "model_label", "noise_note", "plan_render", "png_bytes", "prompt_slug",

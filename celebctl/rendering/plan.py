@@ -179,17 +179,23 @@ def _source_photo(ident: Any) -> str:
     return name if name and " " not in name and name.isprintable() else "PHOTO"
 
 
-def _shared_basis(idents: Sequence[Any]) -> str | None:
+def shared_basis(idents: Sequence[Any], command: str = "render") -> str | None:
+    """The one basis every identity uses (None for none); BasisMismatch naming each identity's
+    basis when they differ. The one check `render`, `eval` and `joint` make."""
     bases = {ident.basis_id for ident in idents}
     if len(bases) > 1:
         detail = ", ".join(f"{i.name}: {i.basis_id}" for i in idents)
+        together = ("rendered together" if command == "render"
+                    else f"used together by `{command}`")
         raise BasisMismatch(
-            f"The identities in this prompt use different bases ({detail}), so they cannot be "
-            "rendered together: they were fitted with different models. Re-add the odd ones "
-            "out with the others' model (`celebctl add NAME PHOTO --replace --model MODEL`), "
-            "then render again."
+            f"The identities use different bases ({detail}), so they cannot be {together}: "
+            "they were fitted with different models. Re-add the odd ones out with the others' "
+            f"model (`celebctl add NAME PHOTO --replace --model MODEL`), then {command} again."
         )
     return bases.pop() if bases else None
+
+
+_shared_basis = shared_basis  # the name earlier releases exported
 
 
 def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None = None, *,
