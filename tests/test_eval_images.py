@@ -250,3 +250,47 @@ def test_the_webui_jpeg_comment_is_read(tmp_path):
     assert evaluation.prompt_from_parameters(text["parameters"]) == \
         "a photo of alice person, smiling\nat the beach"
     assert folder_mod.image_text(b"not an image") == {}
+
+
+# --------------------------------------------------------------------------------------------
+# the contact sheet
+
+
+def test_a_plain_sheet_is_the_grid_it_was():
+    from celebctl.rendering import contact_sheet
+
+    tiles = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
+    sheet = contact_sheet(tiles, columns=2)
+    assert sheet.size == (16, 16)
+    assert sheet.getpixel((12, 4)) == (60, 0, 0) and sheet.getpixel((12, 12)) == (0, 0, 0)
+
+
+def test_a_labelled_sheet_has_its_text_where_a_person_reads_it():
+    from celebctl.rendering import contact_sheet
+
+    tiles = [Image.new("RGB", (64, 64), (0, 90, 200)), None, Image.new("RGB", (64, 64))]
+    sheet = contact_sheet(tiles, columns=2, title="mean: identity 0.5",
+                          row_labels=["a photo of a person " * 20, "second"],
+                          captions=["id 0.871\nprompt 0.254", None, "no face"])
+    pixels = np.asarray(sheet)
+    label_w = 15 * 12  # 64 px images: the 12 px font, a label column 15 font sizes wide
+    assert sheet.width == label_w + 2 * 108 and sheet.height > 2 * 64
+    title_band = pixels[:14]
+    assert (title_band < 100).any()  # dark text on white
+    assert (pixels[30:100, :label_w] < 100).any()  # the first row's label
+    assert (pixels[:, label_w + 108:][30:100] == 255).all()  # the empty cell stays blank
+
+
+def test_sheet_text_is_wrapped_cut_and_made_drawable():
+    from PIL import ImageDraw
+
+    from celebctl.rendering import images as images_mod
+
+    font = images_mod._sheet_font(12)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = images_mod._wrap(draw, "word " * 40 + "x" * 80, font, 100)
+    assert len(lines) > 5 and all(draw.textlength(line, font=font) <= 100 for line in lines)
+    cut = images_mod._cut(draw, lines, font, 100, 3)
+    assert len(cut) == 3 and cut[-1].endswith("...") and cut[:2] == lines[:2]
+    assert images_mod._cut(draw, lines[:2], font, 100, 3) == lines[:2]
+    assert images_mod._drawable("a\x1b[31mb\u202e", font) == "a?[31mb?"

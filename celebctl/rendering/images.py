@@ -188,7 +188,7 @@ def _labelled_sheet(images: Sequence[Any], columns: int, rows: int, title: str |
     font = _sheet_font(size)
     line_h = size + max(3, size // 3)
     pad = max(4, size // 2)
-    cell_w = max(image_w, 9 * size)  # room for "prompt 0.254" under a small image
+    cell_w = max(image_w + pad, 9 * size)  # a gap, and room for "prompt 0.254"
     label_w = 15 * size if row_labels is not None else 0
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -202,7 +202,7 @@ def _labelled_sheet(images: Sequence[Any], columns: int, rows: int, title: str |
     caption_h = max((len(lines) for lines in caption_lines), default=0) * line_h
     row_h = pad + image_h + (pad + caption_h if caption_h else 0) + pad
     sheet_w = label_w + columns * cell_w
-    title_lines = lines_of(title, sheet_w - 2 * pad, 6) if title else []
+    title_lines = lines_of(title, sheet_w - 2 * pad, 8) if title else []
     top = pad + len(title_lines) * line_h + pad if title_lines else 0
     sheet = Image.new("RGB", (sheet_w, top + rows * row_h), _SHEET_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
