@@ -59,8 +59,8 @@ def test_a_folder_is_scored_against_the_identity(home, batch):
     for name in ("a-with-prompt.png", "b-astronaut.png"):
         assert rows[name].faces == 1 and rows[name].identity["alice"] > 0.99
     assert rows["c-noise.png"].faces == 0 and rows["c-noise.png"].identity == {"alice": None}
-    assert rows["d-notes.txt"].skipped.endswith(
-        "is not an image celebctl can read. Use a JPEG, PNG, WebP, BMP or GIF photo.")
+    assert rows["d-notes.txt"].skipped == (
+        "d-notes.txt is not an image celebctl can read. Use a JPEG, PNG, WebP, BMP or GIF photo.")
     # The prompt comes from the PNG's parameters; CLIP reads it with alice as "a person".
     with_prompt = rows["a-with-prompt.png"]
     assert with_prompt.prompt == "a photo of alice person, smiling\nat the beach"

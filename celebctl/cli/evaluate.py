@@ -82,8 +82,10 @@ def eval_cmd(
         autocompletion=identity_names, show_default=False)],
     images: Annotated[Path | None, typer.Option(
         "--images", help="Score the images in this folder (made anywhere: WebUI, ComfyUI, "
-        "diffusers) instead of rendering the prompt set. Subfolders and hidden files are not "
-        "read; files that are not images are listed as skipped.", show_default=False)] = None,
+        "diffusers) instead of rendering the prompt set; nothing is recorded. Subfolders and "
+        "hidden files are not read; files that are not images are listed as skipped. The "
+        "prompt set's options (--seeds, --steps, --guidance, --baseline, --record, --model, "
+        "--dtype, --out) do not apply.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="With --images: the prompt for prompt similarity. Default: each "
         "image's own prompt from its WebUI parameters (PNG text, or EXIF in JPEG/WebP).",
@@ -208,7 +210,7 @@ def _eval_images(names: list[str], images: Path, *, prompt: str | None, clip: st
 
 
 eval_cmd.interrupt_message = (  # type: ignore[attr-defined]
-    "Interrupted; the images written so far are kept, nothing was recorded."
+    "Interrupted; nothing was recorded (images rendered so far are kept)."
 )
 
 

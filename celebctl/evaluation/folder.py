@@ -276,7 +276,10 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
             image = faces.load_photo(path, max_side=faces.MAX_DETECTION_SIDE)
             data = storage.read_regular_file(path, faces.MAX_PHOTO_BYTES)
         except PhotoError as exc:
-            rows.append(ScoredImage(path.name, path, skipped=str(exc)))
+            reason = str(exc)  # starts with the path; the row names the file already
+            if reason.startswith(str(path)):
+                reason = path.name + reason[len(str(path)):]
+            rows.append(ScoredImage(path.name, path, skipped=reason))
             continue
         except (OSError, storage.FileRefused) as exc:  # changed since it was decoded
             rows.append(ScoredImage(path.name, path, skipped=f"{path}: {exc}"))
