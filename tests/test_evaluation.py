@@ -48,7 +48,11 @@ def test_eval_end_to_end(home, tmp_path):
     for img in data["images"]:
         assert (tmp_path / "ev" / img["path"].split("/")[-1]).is_file()
     sheet = Image.open(data["sheet"])
-    assert sheet.size == (64, 64 * 20)  # one row per prompt, one column per seed
+    # One row per prompt (a label column on the left), one column per seed, a summary on top.
+    assert sheet.size[0] > 64 and sheet.size[1] > 64 * 20
+    assert sheet.info[evaluation.SHEET_MARK].startswith(
+        "celebctl-eval-v1, 1 seed(s) per prompt, 1 steps, tiny. Mean over 20 images: alice: "
+        "identity -, miss rate 1.000; prompt ")
     history = registry.get_identity("alice").meta["evals"]
     assert len(history) == 1 and history[0]["prompt_set"] == evaluation.PROMPT_SET_VERSION
     assert history[0]["miss_rate_alice"] == 1.0 and history[0]["model"] == "tiny"

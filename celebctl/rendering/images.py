@@ -140,17 +140,144 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def contact_sheet(images: Sequence[Any], columns: int | None = None) -> Any:
-    """All images in one picture, row by row (ceil(sqrt(n)) columns), black where empty."""
+# Labelled sheets: dark text on white, a font size that follows the image size.
+_SHEET_BACKGROUND = (255, 255, 255)
+_SHEET_TEXT = (20, 20, 20)
+_SHEET_RULE = (215, 215, 215)
+_SHEET_EMPTY = (235, 235, 235)
+_ELLIPSIS = "..."
+
+
+def contact_sheet(images: Sequence[Any], columns: int | None = None, *,
+                  title: str | None = None, row_labels: Sequence[str | None] | None = None,
+                  captions: Sequence[str | None] | None = None) -> Any:
+    """All images in one picture, row by row (ceil(sqrt(n)) columns), black where empty.
+
+    With ``title``, ``row_labels`` or ``captions`` it is a sheet a person can read: the title
+    (wrapped) on top, each row's label (one per row, e.g. its prompt; wrapped, and cut with
+    "..." when it does not fit) in a column on the left, and each image's caption (one per
+    image; a newline separates its lines) under it. In that form an entry of ``images`` may be None:
+    an empty cell, so a caller can start a new row. Text is drawn with Pillow's built-in font.
+    """
     from PIL import Image
 
-    if not images:
+    if not images or all(image is None for image in images):
         raise InvalidOption("No images for a contact sheet.")
     n = len(images)
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    width, height = images[0].size
-    sheet = Image.new("RGB", (columns * width, rows * height))
+    if title is None and row_labels is None and captions is None:
+        width, height = images[0].size
+        sheet = Image.new("RGB", (columns * width, rows * height))
+        for index, image in enumerate(images):
+            sheet.paste(image.convert("RGB"),
+                        ((index % columns) * width, (index // columns) * height))
+        return sheet
+    return _labelled_sheet(images, columns, rows, title, row_labels, captions)
+
+
+def _labelled_sheet(images: Sequence[Any], columns: int, rows: int, title: str | None,
+                    row_labels: Sequence[str | None] | None,
+                    captions: Sequence[str | None] | None) -> Any:
+    from PIL import Image, ImageDraw
+
+    present = [image for image in images if image is not None]
+    image_w = max(image.width for image in present)
+    image_h = max(image.height for image in present)
+    size = min(24, max(12, round(image_w / 22)))
+    font = _sheet_font(size)
+    line_h = size + max(3, size // 3)
+    pad = max(4, size // 2)
+    cell_w = max(image_w + pad, 9 * size)  # a gap, and room for "prompt 0.254"
+    label_w = 15 * size if row_labels is not None else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def lines_of(text: str | None, width: int, max_lines: int) -> list[str]:
+        out: list[str] = []
+        for part in (text or "").split("\n"):
+            out += _wrap(measure, part, font, width)
+        return _cut(measure, out, font, width, max_lines)
+
+    caption_lines = [lines_of(c, cell_w - 2 * pad, 4) for c in (captions or [None] * len(images))]
+    caption_h = max((len(lines) for lines in caption_lines), default=0) * line_h
+    row_h = pad + image_h + (pad + caption_h if caption_h else 0) + pad
+    sheet_w = label_w + columns * cell_w
+    title_lines = lines_of(title, sheet_w - 2 * pad, 8) if title else []
+    top = pad + len(title_lines) * line_h + pad if title_lines else 0
+    sheet = Image.new("RGB", (sheet_w, top + rows * row_h), _SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for index, line in enumerate(title_lines):
+        draw.text((pad, pad + index * line_h), line, fill=_SHEET_TEXT, font=font)
+    for row in range(rows):
+        y = top + row * row_h
+        draw.line([(0, y), (sheet_w, y)], fill=_SHEET_RULE)
+        label = row_labels[row] if row_labels is not None and row < len(row_labels) else None
+        label_lines = lines_of(label, label_w - 2 * pad, max(1, (row_h - 2 * pad) // line_h))
+        for index, line in enumerate(label_lines if label_w else []):
+            draw.text((pad, y + pad + index * line_h), line, fill=_SHEET_TEXT, font=font)
     for index, image in enumerate(images):
-        sheet.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+        x = label_w + (index % columns) * cell_w
+        y = top + (index // columns) * row_h
+        if image is None:
+            continue
+        image_x = x + (cell_w - image.width) // 2
+        sheet.paste(image.convert("RGB"), (image_x, y + pad))
+        for number, line in enumerate(caption_lines[index]):
+            line_w = measure.textlength(line, font=font)
+            draw.text((x + (cell_w - line_w) / 2, y + pad + image_h + pad + number * line_h),
+                      line, fill=_SHEET_TEXT, font=font)
     return sheet
+
+
+def _sheet_font(size: int) -> Any:
+    """Pillow's built-in font at ``size`` px (Pillow >= 10.1), else its small bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # older Pillow, or no FreeType
+        return ImageFont.load_default()
+
+
+def _drawable(text: str, font: Any) -> str:
+    """``text`` with control and format characters (data from files) shown as "?"; the
+    bitmap fallback font only knows Latin-1."""
+    from PIL import ImageFont
+
+    out = "".join("?" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c
+                  for c in text)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        out = out.encode("latin-1", "replace").decode("latin-1")
+    return out
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """Word-wrap ``text`` to ``width`` px; a word wider than a line is split."""
+    lines: list[str] = []
+    line = ""
+    for word in _drawable(text, font).split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:
+            if line and draw.textlength(line + char, font=font) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _cut(draw: Any, lines: list[str], font: Any, width: int, max_lines: int) -> list[str]:
+    """At most ``max_lines`` lines, the last ending in "..." when something was left out."""
+    if len(lines) <= max_lines:
+        return lines
+    last = lines[max_lines - 1]
+    while last and draw.textlength(last + _ELLIPSIS, font=font) > width:
+        last = last[:-1]
+    return lines[:max_lines - 1] + [last.rstrip() + _ELLIPSIS]

@@ -1,35 +1,23 @@
-"""`celebctl eval`: how much renders of an identity look like the person, and follow the prompt.
-
-The protocol of the Celeb Basis paper and the comparisons after it (docs/method.md,
-"Evaluation"): render a fixed set of prompts for a few seeds, then per image
-
-- identity similarity: detect the faces (MTCNN), align and embed each with the identity's own
-  face encoder, and take the cosine with the identity's stored face embedding(s) (the best of
-  them); an image without a face is a miss;
-- prompt similarity: CLIP text-image cosine between the prompt (with each identity written
-  "a person") and the image.
-
-With several identities each face is matched to at most one identity (the assignment with the
-highest total similarity), and an image "tells them apart" when every identity got a face and
-each assigned face is closer to its own identity than to any other. ``baseline`` renders the
-same prompts and seeds with each identity replaced by "a person": the similarity a prompt
-reaches without the identity.
+"""The prompt-set run of `celebctl eval`: render fixed prompts for a few seeds, then score.
 
 Images go through `render` (:func:`celebctl.rendering.render_prompt`) and are kept, never
-overwritten, in the output folder; the summary is appended to each identity's eval history.
+overwritten, in the output folder, with a labelled contact sheet; the summary is appended to
+each identity's eval history. ``baseline`` renders the same prompts and seeds with each
+identity replaced by "a person": the similarity a prompt reaches without the identity.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidOption
+from ..errors import InvalidOption
+from . import sheets
+from .scoring import check_face_embeddings, load_face_references, mean, score_image
 
 PROMPT_SET_VERSION = "celebctl-eval-v1"
 # celebctl's own prompt set: actions, places, styles, close-ups and full body. "{}" is the
@@ -68,6 +56,9 @@ GENERIC = "a person"
 DEFAULT_SEEDS = 2
 DEFAULT_STEPS = 30
 MAX_SEEDS = 16
+MAX_STEPS = 1000
+# Far above any useful scale (7.5 and 10 are usual); higher only burns the image.
+MAX_GUIDANCE = 100.0
 
 ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
 
@@ -80,72 +71,6 @@ def prompt_set(names: Sequence[str]) -> list[tuple[str, str]]:
              for t in PAIR_PROMPTS]
     singles = [(t.format(name), t.format(GENERIC)) for name in names for t in SINGLE_PROMPTS[:4]]
     return pairs + singles
-
-
-# --------------------------------------------------------------------------------------------
-# identity similarity
-
-
-@dataclass
-class FaceScores:
-    """The faces found in one image and each face's cosine with each identity."""
-
-    faces: int
-    # identity -> the similarity of the face assigned to it (None: no face for it)
-    matched: dict[str, float | None]
-    told_apart: bool | None  # None with one identity
-
-
-def _assign(scores: list[list[float]], names: Sequence[str]) -> dict[str, int | None]:
-    """Each identity to at most one face, maximising the total similarity (brute force: an
-    image holds a few faces and an eval a few identities)."""
-    faces = len(scores)
-    best: tuple[float, dict[str, int | None]] = (-math.inf, {n: None for n in names})
-    slots = list(range(faces)) + [None] * len(names)
-    for choice in itertools.permutations(slots, len(names)):
-        total = sum(scores[f][i] for i, f in enumerate(choice) if f is not None)
-        used = sum(1 for f in choice if f is not None)
-        key = (used, total)
-        if key > (sum(1 for v in best[1].values() if v is not None), best[0]):
-            best = (total, dict(zip(names, choice, strict=True)))
-    return best[1]
-
-
-def score_faces(image: Any, references: dict[str, Any], encoders: dict[str, Any],
-                device: Any = "cpu") -> FaceScores:
-    """Detect, align and embed the faces of ``image``; cosine with each identity's references.
-
-    ``references`` maps identity -> (k, 512) stored embeddings (unit vectors), ``encoders``
-    identity -> its face encoder. A face's similarity to an identity is the best over that
-    identity's embeddings.
-    """
-    import torch
-
-    from . import faces as faces_mod
-    from .augment import pil_to_tensor
-
-    found = faces_mod.detect_faces(image, device=device)
-    names = list(references)
-    if not found:
-        return FaceScores(0, {n: None for n in names}, False if len(names) > 1 else None)
-    crops = torch.stack([pil_to_tensor(faces_mod.align_face(image, f)) for f in found])
-    scores = [[0.0] * len(names) for _ in found]
-    for column, name in enumerate(names):
-        encoder = encoders[name]
-        device_of = next(encoder.parameters()).device
-        embedded = faces_mod.embed_faces(encoder, crops.to(device_of)).cpu()
-        reference = torch.as_tensor(references[name]).float().reshape(-1, embedded.shape[1])
-        cosines = embedded @ torch.nn.functional.normalize(reference, dim=-1).T
-        for row in range(len(found)):
-            scores[row][column] = float(cosines[row].max())
-    assignment = _assign(scores, names)
-    matched = {n: (scores[f][i] if f is not None else None)
-               for i, (n, f) in enumerate(assignment.items())}
-    told_apart = None
-    if len(names) > 1:
-        told_apart = all(f is not None for f in assignment.values()) and all(
-            scores[f][i] >= max(scores[f]) for i, f in enumerate(assignment.values()))
-    return FaceScores(len(found), matched, told_apart)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,20 +108,16 @@ class EvalResult:
     created: str
     notes: list[str] = field(default_factory=list)
 
-    def _mean(self, values: list[float | None]) -> float | None:
-        present = [v for v in values if v is not None]
-        return sum(present) / len(present) if present else None
-
     def summary(self, baseline: bool = False) -> dict[str, Any]:
         """Means over the identity (or baseline) images."""
         rows = [r for r in self.images if r.baseline == baseline]
         out: dict[str, Any] = {"images": len(rows)}
         for name in self.names:
             values = [r.identity.get(name) for r in rows]
-            out[f"identity_similarity.{name}"] = self._mean(values)
+            out[f"identity_similarity.{name}"] = mean(values)
             out[f"miss_rate.{name}"] = (sum(v is None for v in values) / len(values)
                                         if values else None)
-        out["prompt_similarity"] = self._mean([r.prompt_similarity for r in rows])
+        out["prompt_similarity"] = mean([r.prompt_similarity for r in rows])
         if len(self.names) > 1:
             apart = [r.told_apart for r in rows if r.told_apart is not None]
             out["told_apart_rate"] = sum(apart) / len(apart) if apart else None
@@ -210,9 +131,9 @@ class EvalResult:
             row: dict[str, Any] = {"prompt": prompt, "images": len(mine)}
             for name in self.names:
                 values = [r.identity.get(name) for r in mine]
-                row[f"identity.{name}"] = self._mean(values)
+                row[f"identity.{name}"] = mean(values)
                 row[f"misses.{name}"] = sum(v is None for v in values)
-            row["prompt_similarity"] = self._mean([r.prompt_similarity for r in mine])
+            row["prompt_similarity"] = mean([r.prompt_similarity for r in mine])
             rows.append(row)
         return rows
 
@@ -252,57 +173,80 @@ class EvalResult:
         }
 
 
-def check_eval_options(names: Sequence[str], seeds: int, steps: int) -> None:
-    """Raise InvalidOption for settings that cannot work (before anything loads)."""
+def check_names(names: Sequence[str]) -> None:
+    """Raise InvalidOption unless ``names`` are 1 to 4 distinct identities."""
     if not names:
         raise InvalidOption("Name at least one identity to evaluate.")
     if len(set(names)) != len(names):
         raise InvalidOption("An identity is named twice.")
     if len(names) > 4:
         raise InvalidOption("Evaluate at most 4 identities together.")
+
+
+def check_eval_options(names: Sequence[str], seeds: int, steps: int,
+                       guidance: float | None = None) -> None:
+    """Raise InvalidOption for settings that cannot work (before anything loads)."""
+    check_names(names)
     if not 1 <= seeds <= MAX_SEEDS:
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
-    if not 1 <= steps <= 1000:
-        raise InvalidOption("--steps must be between 1 and 1000.")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidOption(f"--steps must be between 1 and {MAX_STEPS}.")
+    if guidance is not None and not (isinstance(guidance, (int, float))
+                                     and math.isfinite(guidance)
+                                     and 0 <= guidance <= MAX_GUIDANCE):
+        raise InvalidOption(f"--guidance must be a number between 0 and {MAX_GUIDANCE:g} "
+                            "(default 10, as `render` uses for identities).")
+
+
+def sheet_caption_rows(result: EvalResult) -> tuple[str, list[str], list[str | None]]:
+    """The sheet's title, row labels (a row per prompt, baseline rows marked) and captions."""
+    title = (f"{result.prompt_set}, {len(result.seeds)} seed(s) per prompt, {result.steps} "
+             f"steps, {result.model}. Mean over {result.summary(False)['images']} images: "
+             + sheets.summary_text(result.names, result.summary(False)))
+    if any(r.baseline for r in result.images):
+        title += (" | baseline ('a person'): "
+                  + sheets.summary_text(result.names, result.summary(True)))
+    labels: list[str] = []
+    for record in result.images[::len(result.seeds)]:
+        labels.append(f"baseline: {record.prompt}" if record.baseline else record.prompt)
+    captions = [sheets.caption(result.names, r.faces, r.identity, r.prompt_similarity)
+                for r in result.images]
+    return title, labels, captions
 
 
 def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "auto",
              dtype: str = "auto", seeds: int = DEFAULT_SEEDS, steps: int = DEFAULT_STEPS,
              guidance: float | None = None, clip: str | None = None, baseline: bool = False,
              out_dir: str | Path = "evals", record: bool = True,
+             sheet: str | Path | None = None,
              progress: ProgressCallback | None = None) -> EvalResult:
     """Render the prompt set for ``names`` and measure identity and prompt similarity.
 
     ``clip`` None skips prompt similarity. Everything that can be checked without a model is
-    checked first (names, identities, basis, options, the CLIP model's availability comes
-    next). The summary is appended to each identity's eval history unless ``record`` is False.
+    checked first (names, options, identities, basis, the sheet's path; the CLIP model's
+    availability comes next). The labelled contact sheet goes to ``sheet`` when given, else
+    into ``out_dir``. The summary is appended to each identity's eval history unless
+    ``record`` is False.
     """
-    import io
-
-    import numpy as np
     from PIL import Image
 
-    from . import faces, models, registry, rendering, storage
-    from .clipscore import load_clip
+    from .. import models, registry, rendering
+    from ..clipscore import load_clip
 
     names = list(names)
-    check_eval_options(names, seeds, steps)
+    check_eval_options(names, seeds, steps, guidance)
     for name in names:
         registry.validate_name(name)
+    sheet_target = sheets.check_sheet_path(sheet) if sheet is not None else None
     idents = registry.read_identity_set(names)
-    missing = [i.name for i in idents if not i.load_face_embeddings()]
-    if missing:
-        raise InvalidOption(f"{', '.join(missing)} has no stored face embedding (imported "
-                            "without its face), so identity similarity cannot be measured.")
+    check_face_embeddings(idents)
     prompts = prompt_set(names)
     # Plan one render up front: options, identities, basis and model are checked here.
     plan = rendering.plan_render(prompts[0][0], model=model)
     spec = plan.spec
     torch_device = models.resolve_device(device)
     scorer = load_clip(clip, torch_device) if clip else None
-    encoders = {i.name: faces.load_face_encoder(i.meta.get("face_encoder", "vggface2"),
-                                                device=torch_device) for i in idents}
-    references = {i.name: np.stack(i.load_face_embeddings()) for i in idents}
+    references = load_face_references(idents, torch_device)
     components = models.load_pipeline_components(
         spec, torch_device, rendering.render_dtype(dtype, torch_device), progress=progress)
     out = Path(out_dir).expanduser()
@@ -320,7 +264,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
             progress("eval", done[0] + count, total, {})
 
     records: list[ImageRecord] = []
-    images: list[Any] = []
+    thumbnails: list[Any] = []
     notes = list(plan.notes)
     for prompt, clip_text, is_baseline in runs:
         result = rendering.render_prompt(
@@ -331,32 +275,29 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
             if note not in notes:
                 notes.append(note)
         rendered = []
-        for path in result.paths:
+        for path in result.paths:  # files this run just wrote
             with Image.open(path) as image:
                 rendered.append(image.convert("RGB"))
         similarities = scorer.similarity([clip_text] * len(rendered), rendered) if scorer \
             else [None] * len(rendered)
         for seed_value, path, image, similarity in zip(seed_list, result.paths, rendered,
                                                       similarities, strict=True):
-            scored = score_faces(image, references, encoders, device="cpu")
+            scored = score_image(image, references)
             records.append(ImageRecord(
                 prompt=prompt, clip_text=clip_text, seed=seed_value, path=path,
                 baseline=is_baseline, faces=scored.faces, identity=scored.matched,
                 told_apart=scored.told_apart, prompt_similarity=similarity))
-            images.append(image)
-    sheet_path = None
-    if images:
-        sheet = rendering.contact_sheet(images, columns=seeds)  # a row per prompt
-        buffer = io.BytesIO()
-        sheet.save(buffer, format="PNG")
-        stem = "eval-" + "-".join(names)
-        sheet_path = storage.write_new_user_file(out, f"{stem}-sheet", ".png",
-                                                 buffer.getvalue())
+            thumbnails.append(sheets.thumbnail(image))
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     evaluation = EvalResult(names=names, model=spec.ref, prompt_set=PROMPT_SET_VERSION,
                             seeds=seed_list, steps=steps, guidance=used_guidance,
                             clip=scorer.ref if scorer else None, images=records,
-                            sheet=sheet_path, created=created, notes=notes)
+                            sheet=None, created=created, notes=notes)
+    if thumbnails:
+        title, labels, captions = sheet_caption_rows(evaluation)
+        data = sheets.sheet_png(thumbnails, seeds, title, labels, captions)  # a row per prompt
+        evaluation.sheet = sheets.write_sheet(data, path=sheet_target, folder=out,
+                                              stem="eval-" + "-".join(names) + "-sheet")
     if record:
         registry.append_history(names, "evals", evaluation.history_record())
     return evaluation
