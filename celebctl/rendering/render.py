@@ -102,8 +102,10 @@ def check_basis_once(components: Components, basis: Any, model_ref: str) -> None
 
 
 def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, width: int,
-                   height: int, model_hash: str | None) -> dict[str, Any]:
-    """What every image of ``plan`` records in its PNG (all but the seed)."""
+                   height: int, model_hash: str | None,
+                   ti_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    """What every image of ``plan`` records in its PNG (all but the seed). ``ti_hashes``:
+    identity -> embedding hash, when already known (a superset is fine)."""
     settings = {
         "prompt": plan.prompt.text,
         "negative_prompt": plan.negative.text,
@@ -126,7 +128,10 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
     if model_hash:
         settings["model_hash"] = model_hash
     if plan.identities:
-        settings["ti_hashes"] = embedding_hashes(plan.identities)
+        known = ti_hashes or {}
+        settings["ti_hashes"] = ({n: known[n] for n in plan.identities}
+                                 if all(n in known for n in plan.identities)
+                                 else embedding_hashes(plan.identities))
     return settings
 
 
