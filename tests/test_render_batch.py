@@ -179,7 +179,11 @@ def test_prompts_of_different_lengths_are_never_padded_together(home, components
                                         out_dir=tmp_path / "job")
     alone = rendering.render_prompt(long, steps=2, guidance=7.5, components=components,
                                     out_dir=tmp_path / "one")
+    short = rendering.render_prompt("alice", steps=2, guidance=7.5, components=components,
+                                    out_dir=tmp_path / "short")
     assert rendering.read_png_metadata(alone.paths[0])["celebctl"]["prompt"] == long
+    # Padding alice's one chunk to two would change her image: the batches kept them apart.
+    assert np.array_equal(pixels(job.written[(0, 0)]), pixels(short.paths[0]))
     assert np.array_equal(pixels(job.written[(1, 0)]), pixels(alone.paths[0]))
 
 
