@@ -3,9 +3,9 @@
 The format is the WebUI's "prompts from file" habit, kept literal: one prompt per line, in
 UTF-8 (a byte-order mark is allowed). Blank lines and lines whose first non-blank character is
 ``#`` are skipped, so a file can carry comments; every other line is a prompt as typed
-(spaces around it dropped), WebUI weighting syntax included (a line starting with ``--`` is a prompt too, not the
-WebUI script's options). Lines are numbered as an editor numbers them (from 1, skipped lines
-counted), and line N's image with seed S is named::
+(spaces around it dropped), WebUI weighting syntax included (a line starting with ``--`` is a
+prompt too, not the WebUI script's options). Lines are numbered as an editor numbers them
+(from 1, skipped lines counted), and line N's image with seed S is named::
 
     L{N:05d}-s{S:07d}-{slug}.png        e.g. L00003-s0000042-alice-riding-a-bike.png
 
