@@ -36,7 +36,7 @@ from .. import filehash
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
-from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes
+from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
 from .plan import (
     RenderPlan,
     _shared_basis,
@@ -367,7 +367,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     written: dict[tuple[int, int], Path] = {}
     counted = {"n": 0}
 
-    def report(final: bool = False) -> None:
+    def report() -> None:
         fresh = len(written) - counted["n"]
         total = (group.add(_DONE_KEY, fresh) if group is not None and fresh
                  else group.count(_DONE_KEY) if group is not None else len(written))
@@ -377,7 +377,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
 
     def write(image: Any, index: int, image_seed: int) -> None:
         name = image_name(job.lines[index], image_seed, job.plans[index].prompt.plain())
-        data = _png(image, {**settings(index), "seed": image_seed})
+        data = png_bytes(image, {**settings(index), "seed": image_seed})
         written[(index, image_seed)] = write_user_file(out / name, data)
 
     if progress is not None and launch.is_main:
@@ -439,12 +439,6 @@ def _batches(items: Sequence[tuple[int, int]], size: int, guidances: Sequence[fl
             group_of = key
         batches[-1].append(item)
     return batches
-
-
-def _png(image: Any, settings: dict[str, Any]) -> bytes:
-    from .images import png_bytes
-
-    return png_bytes(image, settings)
 
 
 def _resume_note(count: int) -> str:
