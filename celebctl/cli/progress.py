@@ -25,6 +25,7 @@ PHASES = {
     "pool": "Encoding augmented faces",
     "fit": "Fitting",
     "render": "Denoising",
+    "images": "Rendering images",
     "eval": "Rendering the prompt set",
     "download": "Downloading the face-recognition weights",
 }

@@ -38,11 +38,21 @@ class SchedulerName(str, Enum):
 
 
 def render_cmd(
-    prompt: Annotated[str, typer.Argument(
+    prompt: Annotated[str | None, typer.Argument(
         help="What to draw. Registered identities are found by name (\"alice shaking hands "
         "with bob\"); `<alice>` names one explicitly, `\\grace` writes the plain word grace "
         "even when an identity has that name. WebUI syntax works: `(alice:1.2)`, `(x)`, `[x]`, "
-        "`\\(`, `BREAK`; long prompts go in 75-token chunks.", show_default=False)],
+        "`\\(`, `BREAK`; long prompts go in 75-token chunks. Leave it out with --prompts.",
+        show_default=False)] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts", help="Render every prompt of this UTF-8 file instead: one per line; blank "
+        "lines and lines starting with # are skipped. Line N's image with seed S is "
+        "L{N:05d}-s{S:07d}-<first words>.png; a rerun skips the images already there. Under "
+        "torchrun (or srun) the images are shared out between the processes.",
+        show_default=False)] = None,
+    seeds: Annotated[int | None, typer.Option(
+        "--seeds", help="With --prompts: images per prompt, with seeds SEED..SEED+N-1 "
+        "(default 1).", show_default=False)] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images to make; image "
                                             "i uses seed SEED+i.")] = 1,
@@ -86,6 +96,29 @@ def render_cmd(
     Each PNG carries its prompt and settings (WebUI-style `parameters` text), so the same seed
     and settings give the same image again.
     """
+    if prompts_file is not None:
+        if prompt is not None:
+            raise typer.BadParameter("give a PROMPT or --prompts FILE, not both.",
+                                     param_hint="--prompts")
+        if num_images != 1:
+            raise typer.BadParameter("with --prompts, use --seeds N for images per prompt.",
+                                     param_hint="--num-images")
+        if grid:
+            raise typer.BadParameter("a contact sheet is for one prompt; it does not go with "
+                                     "--prompts.", param_hint="--grid")
+        _render_prompts_file(
+            prompts_file, seeds=1 if seeds is None else seeds, seed=seed, negative=negative,
+            steps=steps, guidance=guidance, scheduler=scheduler.value, width=width,
+            height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
+            out_dir=out_dir, person_noun=person, dry_run=dry_run, quiet=quiet,
+            json_out=json_out)
+        return
+    if prompt is None:
+        raise typer.BadParameter("give a PROMPT to draw, or --prompts FILE.",
+                                 param_hint="PROMPT")
+    if seeds is not None:
+        raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
+                                 "--num-images.", param_hint="--seeds")
     if dry_run:
         plan = rendering.plan_render(prompt, negative, model, person_noun=person)
         if json_out:
@@ -144,6 +177,54 @@ def render_cmd(
         out.print(str(path))
     if result.grid is not None:
         out.print(str(result.grid))
+
+
+def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bool,
+                         **options) -> None:
+    """`render --prompts FILE`: one process, or one of the processes a launcher started (rank
+    0 draws the progress bar and prints the summary)."""
+    from .. import distributed
+
+    if dry_run:
+        lines = rendering.read_prompts_file(path)
+        plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
+                                           person_noun=options["person_noun"], source=path)
+        if json_out:
+            print_json(plan.to_dict())
+            return
+        out.print(f"Model:      {plan.spec.ref}")
+        out.print(f"Basis:      {plan.basis_id or '(none)'}")
+        out.print(f"Identities: {', '.join(plan.identities) or '(none)'}")
+        out.print(f"Prompts:    {len(lines)} x {options['seeds']} seed"
+                  f"{'s' if options['seeds'] != 1 else ''}")
+        for line, line_plan in zip(lines, plan.plans, strict=True):
+            out.print(f"  line {line.number}: {line_plan.prompt.expanded()}")
+        for note in plan.notes:
+            warn(note)
+        return
+    launch = distributed.launch_from_env()
+    with distributed.Group(launch) as group:
+        try:
+            with progress_callback(quiet or not launch.is_main) as progress:
+                result = rendering.render_prompts_file(path, progress=progress, group=group,
+                                                       **options)
+        except KeyboardInterrupt:
+            err.print("Interrupted; every image written so far is complete. Run the same "
+                      "command again to render the rest.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if not launch.is_main:
+        return
+    for note in result.notes:
+        warn(note)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    for key in sorted(result.written):
+        out.print(str(result.written[key]))
+    err.print(f"Wrote {len(result.written)} image{'s' if len(result.written) != 1 else ''}"
+              f"{f' ({len(result.skipped)} already there, skipped)' if result.skipped else ''}"
+              f" to {result.out_dir}"
+              f"{f' with {result.world_size} processes' if result.world_size > 1 else ''}.")
 
 
 def _weighted_parts(parsed) -> list[tuple[str, float]]:

@@ -16,6 +16,9 @@ JSON. With the same seed and settings on the CPU the PNG bytes are identical.
 - :mod:`.images`: file names, PNG metadata, contact sheets.
 - :mod:`.render`: :func:`render_prompt`, which runs the above and denoises batch by batch
   (:mod:`celebctl.denoise`).
+- :mod:`.promptfile`: a prompts file read safely, and its images' names.
+- :mod:`.batch`: :func:`render_prompts_file`, every line times N seeds, batched across
+  prompts, resumable, shared out between the processes of a launch.
 
 Everything is re-exported here: ``from celebctl import rendering`` is all a caller needs. A test
 that replaces a function must replace it where it is looked up (e.g.
@@ -24,6 +27,12 @@ that replaces a function must replace it where it is looked up (e.g.
 
 from __future__ import annotations
 
+from .batch import (
+    PromptsPlan,
+    PromptsResult,
+    plan_prompt_lines,
+    render_prompts_file,
+)
 from .encoding import (
     PromptEmbeds,
     apply_emphasis,
@@ -66,9 +75,18 @@ from .plan import (
     plan_render,
     shared_basis,
 )
+from .promptfile import (
+    MAX_LINE_CHARS,
+    MAX_LINES,
+    PromptLine,
+    image_name,
+    read_prompts_file,
+)
 from .render import (
     ProgressCallback,
     RenderResult,
+    check_basis_once,
+    image_settings,
     render_prompt,
 )
 from .settings import (
@@ -81,6 +99,9 @@ from .settings import (
 )
 
 __all__ = [
+    "MAX_LINES", "MAX_LINE_CHARS", "PromptLine", "PromptsPlan", "PromptsResult",
+    "check_basis_once", "image_name", "image_settings", "plan_prompt_lines",
+    "read_prompts_file", "render_prompts_file",
     "BYTES_PER_IMAGE_512", "CPU_BATCH", "DEFAULT_OUT_DIR", "IDENTITY_GUIDANCE", "MAX_AUTO_BATCH",
     "MAX_BATCH", "MAX_IMAGES", "MAX_SEED", "MAX_SIZE", "MAX_STEPS", "MIN_SIZE", "PLAIN_GUIDANCE",
     "ProgressCallback", "PromptEmbeds", "RenderPlan", "RenderResult", "SCHEDULERS",

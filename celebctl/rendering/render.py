@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,6 +78,63 @@ class RenderResult:
         }
 
 
+# first text encoder -> (basis id, tokenizer, embedding tables' versions) already checked.
+_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+
+
+def check_basis_once(components: Components, basis: Any, model_ref: str) -> None:
+    """:func:`basis.check_model_matches_basis` for loaded components, once per basis: the
+    embedding table's hash covers all its rows, so it is computed again only when a table
+    changed (its version counter moved), not for every render of a loaded model."""
+    from .. import basis as basis_mod
+    from .. import models
+
+    encoders = list(components.text_encoders)
+    versions = tuple(models.embedding_table(encoder)._version for encoder in encoders)
+    key = (basis.info.id if hasattr(basis, "info") else str(basis), id(components.tokenizer),
+           versions)
+    checked = _CHECKED.setdefault(encoders[0], set())
+    if key in checked:
+        return
+    basis_mod.check_model_matches_basis(basis, components.text_encoders, components.tokenizer,
+                                        model_ref=model_ref)
+    checked.add(key)
+
+
+def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, width: int,
+                   height: int, model_hash: str | None,
+                   ti_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    """What every image of ``plan`` records in its PNG (all but the seed). ``ti_hashes``:
+    identity -> embedding hash, when already known (a superset is fine)."""
+    settings = {
+        "prompt": plan.prompt.text,
+        "negative_prompt": plan.negative.text,
+        "expanded": plan.prompt.expanded(),
+        "negative_expanded": plan.negative.expanded(),
+        "webui_prompt": plan.prompt.expanded("webui"),
+        "webui_negative": plan.negative.expanded("webui"),
+        "steps": steps,
+        "sampler": SCHEDULERS[scheduler][1],
+        "scheduler": scheduler,
+        "cfg_scale": float(guidance),
+        "width": width,
+        "height": height,
+        "model": model_label(plan.spec),
+        "basis_id": plan.basis_id,
+        "identities": list(plan.identities),
+        "person_noun": plan.person_noun,
+        "celebctl_version": __version__,
+    }
+    if model_hash:
+        settings["model_hash"] = model_hash
+    if plan.identities:
+        known = ti_hashes or {}
+        settings["ti_hashes"] = ({n: known[n] for n in plan.identities}
+                                 if all(n in known for n in plan.identities)
+                                 else embedding_hashes(plan.identities))
+    return settings
+
+
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
                   guidance: float | None = None, scheduler: str = "ddim", seed: int = 0,
                   width: int | None = None, height: int | None = None,
@@ -132,8 +190,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         components = models.load_pipeline_components(plan.spec, torch_device, dtype,
                                                      progress=progress)
     if basis is not None:
-        basis_mod.check_model_matches_basis(basis, components.text_encoders,
-                                            components.tokenizer, model_ref=plan.spec.ref)
+        check_basis_once(components, basis, plan.spec.ref)
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     embeds = encode_prompt_pair(components, plan, vectors)
 
@@ -146,30 +203,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
     counter = {"done": 0, "total": num_images * steps}
 
-    settings_base = {
-        "prompt": plan.prompt.text,
-        "negative_prompt": plan.negative.text,
-        "expanded": plan.prompt.expanded(),
-        "negative_expanded": plan.negative.expanded(),
-        "webui_prompt": plan.prompt.expanded("webui"),
-        "webui_negative": plan.negative.expanded("webui"),
-        "steps": steps,
-        "sampler": SCHEDULERS[scheduler][1],
-        "scheduler": scheduler,
-        "cfg_scale": float(guidance),
-        "width": width,
-        "height": height,
-        "model": model_label(plan.spec),
-        "basis_id": plan.basis_id,
-        "identities": list(plan.identities),
-        "person_noun": plan.person_noun,
-        "celebctl_version": __version__,
-    }
-    model_hash = model_hashing.result()
-    if model_hash:
-        settings_base["model_hash"] = model_hash
-    if plan.identities:
-        settings_base["ti_hashes"] = embedding_hashes(plan.identities)
+    settings_base = image_settings(plan, steps=steps, scheduler=scheduler, guidance=guidance,
+                                   width=width, height=height,
+                                   model_hash=model_hashing.result())
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.plain())
@@ -216,7 +252,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                     unet_call=unet_call, vae=components.vae, scheduler=sampler,
                     embeds=embeds, family=components.family,
                     generators=generators, steps=steps, guidance=guidance, height=height,
-                    width=width, on_step=on_step)
+                    width=width, on_step=on_step, pad_to=batch)
             images += batch_images
             pending += [writer.submit(encode_and_save, image, image_seed)
                         for image_seed, image in zip(batch_seeds, batch_images, strict=True)]

@@ -1,0 +1,446 @@
+"""`render --prompts FILE`: every prompt of a file times N seeds, batched across prompts,
+resumable, and shared out between the processes a launcher (torchrun, srun) started.
+
+The job:
+
+1. The file is read and checked (:mod:`.promptfile`) and every line planned: identities
+   found (an unknown one is reported with its line), one model and one basis for the whole
+   file, each line's token count. Nothing loads before this passes.
+2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
+3. Rank 0 lists the images still to make: line N's image with seed S is
+   ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
+   prompt and settings is skipped, one made otherwise stops the job (nothing is replaced).
+   Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
+4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
+   stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
+   one guidance scale only (images are grouped so), so no prompt is padded beyond what a
+   single `render` of it pads: each image is exactly what `celebctl render` makes from its
+   PNG's parameters, which is what makes those parameters a recipe.
+5. PNGs are written crash-safely (a temp file, then a link to the final name), so a PNG is
+   there in full or not at all, and a rerun carries on where a stopped job ended.
+
+Rank 0 reports progress over the whole job (the group's counters) and gathers every rank's
+rows for the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import filehash
+from ..denoise import UNetCall, sample_images
+from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
+from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
+from .plan import (
+    RenderPlan,
+    _shared_basis,
+    _tokenizer_for_plan,
+    check_families,
+    check_render_options,
+    check_widths,
+    default_guidance,
+    noise_note,
+)
+from .promptfile import PromptLine, image_name, read_prompts_file
+from .render import ProgressCallback, check_basis_once, image_settings
+from .settings import auto_batch_size, make_scheduler, render_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..distributed import Group
+    from ..models import Components, ModelSpec
+
+MAX_SEEDS = 1000
+MAX_JOB_IMAGES = 1_000_000
+# The settings an existing PNG must share with this job to count as this job's image.
+SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
+                 "width", "height", "model", "person_noun")
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_DONE_KEY = "prompts/images-done"
+
+
+@dataclass
+class PromptsPlan:
+    """A checked prompts file: each line's plan, and what the lines share."""
+
+    source: Path
+    lines: list[PromptLine]
+    plans: list[RenderPlan]
+    identities: list[str]
+    basis_id: str | None
+    spec: ModelSpec
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `render --prompts FILE --dry-run --json` prints)."""
+        return {
+            "source": str(self.source),
+            "model": self.spec.ref,
+            "basis_id": self.basis_id,
+            "identities": list(self.identities),
+            "lines": [{"line": line.number, "prompt": plan.prompt.text,
+                       "expanded": plan.prompt.expanded(), "identities": list(plan.identities),
+                       "tokens": plan.token_count, "chunks": list(plan.chunks)}
+                      for line, plan in zip(self.lines, self.plans, strict=True)],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class PromptsResult:
+    """What a prompts-file job wrote and skipped (on rank 0: the whole job's)."""
+
+    source: Path
+    out_dir: Path
+    lines: list[PromptLine]
+    seeds: list[int]
+    written: dict[tuple[int, int], Path]  # (line index, seed) -> path
+    skipped: dict[tuple[int, int], Path]
+    model: str
+    steps: int
+    scheduler: str
+    width: int
+    height: int
+    world_size: int
+    notes: list[str]
+    elapsed_s: float
+
+    def paths_of(self, index: int) -> list[Path]:
+        """Line ``index``'s images (written or already there), in seed order."""
+        found = {**self.skipped, **self.written}
+        return [found[(index, s)] for s in self.seeds if (index, s) in found]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `celebctl render --prompts FILE --json` prints)."""
+        return {
+            "source": str(self.source),
+            "out": str(self.out_dir),
+            "images": len(self.lines) * len(self.seeds),
+            "written": len(self.written),
+            "skipped": len(self.skipped),
+            "seeds": list(self.seeds),
+            "model": self.model,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "width": self.width,
+            "height": self.height,
+            "processes": self.world_size,
+            "lines": [{"line": line.number, "prompt": line.text,
+                       "paths": [str(p) for p in self.paths_of(i)],
+                       "written": sum(1 for s in self.seeds if (i, s) in self.written),
+                       "skipped": sum(1 for s in self.seeds if (i, s) in self.skipped)}
+                      for i, line in enumerate(self.lines)],
+            "notes": list(self.notes),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
+                      model: str | ModelSpec | None = None, *, tokenizer: Any = None,
+                      person_noun: bool = True, source: str | Path = "the prompts file"
+                      ) -> PromptsPlan:
+    """Plan every line without loading a model: the whole file renders with one model and the
+    identities it names must share one basis. Errors name the line they come from."""
+    from .. import basis as basis_mod
+    from .. import models, registry
+    from ..documents import visible
+    from ..prompting import CHUNK_TOKENS, parse_prompt, tokenize_chunks, with_person_nouns
+
+    shown = visible(str(source))
+    known = registry.known_names()
+    parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
+    parsed_lines = []
+    for line in lines:
+        try:
+            parsed = parse_prompt(line.text, known)
+        except CelebctlError as exc:
+            exc.args = (f"Line {line.number} of {shown}: {exc}",)
+            raise
+        parsed_lines.append(with_person_nouns(parsed) if person_noun else parsed)
+    if person_noun:
+        parsed_negative = with_person_nouns(parsed_negative)
+    names = list(dict.fromkeys([n for p in parsed_lines for n in p.identities]
+                               + parsed_negative.identities))
+    idents = registry.read_identity_set(names)
+    check_families(idents, command="prompts file")
+    basis_id = _shared_basis(idents)
+    info = basis_mod.info_for_identities(basis_id, names) if basis_id else None
+    spec, notes = models.model_for_identities(
+        model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
+    check_families(idents, spec, command="prompts file")
+    check_widths(idents, info, spec, command="render")
+    given = tokenizer is not None
+    tokenizer, sha = (tokenizer, None) if given else _tokenizer_for_plan(spec)
+    if info is not None and sha is not None and sha != info.tokenizer_sha256:
+        raise BasisMismatch(f"Model {spec.ref}'s tokenizer does not match basis {info.id} of "
+                            f"{', '.join(names)}; render with the model they were fitted with "
+                            "(--model).")
+    coefficients = {i.name: i.load_coefficients() for i in idents}
+    negative_chunks = tokenize_chunks(parsed_negative, tokenizer, label="negative prompt")
+    plans = []
+    for line, parsed in zip(lines, parsed_lines, strict=True):
+        try:
+            chunks = tokenize_chunks(parsed, tokenizer)
+        except CelebctlError as exc:
+            exc.args = (f"Line {line.number} of {shown}: {exc}",)
+            raise
+        plans.append(RenderPlan(
+            prompt=parsed, negative=parsed_negative, identities=list(parsed.identities),
+            basis_id=basis_id, spec=spec, token_count=sum(c.length - 2 for c in chunks),
+            negative_token_count=sum(c.length - 2 for c in negative_chunks),
+            max_tokens=CHUNK_TOKENS * len(chunks), person_noun=person_noun,
+            chunks=[c.length - 2 for c in chunks],
+            negative_chunks=[c.length - 2 for c in negative_chunks],
+            coefficients={n: coefficients[n] for n in parsed.identities}))
+    if spec.is_noise_model:
+        notes.append(noise_note(spec))
+    return PromptsPlan(source=Path(source), lines=list(lines), plans=plans, identities=names,
+                       basis_id=basis_id, spec=spec, notes=notes)
+
+
+def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
+    """None when ``path`` is a complete PNG made with ``expected``'s settings; else why not."""
+    import json
+
+    from PIL import Image
+
+    from ..storage import is_regular_file
+
+    if not is_regular_file(path, follow_symlinks=False):
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            handle.seek(-len(_PNG_END), 2)
+            tail = handle.read()
+        if head != b"\x89PNG\r\n\x1a\n" or tail != _PNG_END:
+            return "is not a complete PNG"
+        with Image.open(path) as image:
+            raw = (getattr(image, "text", None) or {}).get("celebctl")
+        made = json.loads(raw) if raw else None
+    except (OSError, ValueError, SyntaxError):
+        return "is not a complete PNG"
+    if not isinstance(made, dict):
+        return "was not made by celebctl"
+    for key in SAME_SETTINGS:
+        if made.get(key) != expected.get(key):
+            return f"was made with other settings ({key}: {made.get(key)!r}, not " \
+                   f"{expected.get(key)!r})"
+    return None
+
+
+def _todo(job: PromptsPlan, seeds: Sequence[int], out_dir: Path,
+          settings: Callable[[int], dict[str, Any]]
+          ) -> tuple[list[tuple[int, int]], dict[tuple[int, int], Path]]:
+    """The images still to make and those already there; raises StorageError for a name that
+    holds something else."""
+    from ..documents import visible
+
+    present = {p.name for p in out_dir.iterdir()}
+    todo, skipped = [], {}
+    for index, (line, plan) in enumerate(zip(job.lines, job.plans, strict=True)):
+        for seed in seeds:
+            name = image_name(line, seed, plan.prompt.plain())
+            if name not in present:
+                todo.append((index, seed))
+                continue
+            why = _existing_image(out_dir / name, {**settings(index), "seed": seed})
+            if why is not None:
+                raise StorageError(
+                    f"{visible(str(out_dir / name))} {why}, so it is not this job's image "
+                    f"(line {line.number}, seed {seed}). Nothing is replaced: move it away or "
+                    "render into another --out.")
+            skipped[(index, seed)] = out_dir / name
+    return todo, skipped
+
+
+def _stack(embeds: Sequence[PromptEmbeds]) -> PromptEmbeds:
+    """One row per image: the embeddings of a batch's images, stacked."""
+    import torch
+
+    def cat(parts: list[Any]) -> Any:
+        return None if parts[0] is None else torch.cat(parts)
+
+    return PromptEmbeds(prompt=cat([e.prompt for e in embeds]),
+                        negative=cat([e.negative for e in embeds]),
+                        pooled=cat([e.pooled for e in embeds]),
+                        negative_pooled=cat([e.negative_pooled for e in embeds]))
+
+
+def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, negative: str = "",
+                        steps: int = 50, guidance: float | None = None,
+                        scheduler: str = "ddim", width: int | None = None,
+                        height: int | None = None, batch_size: int | None = None,
+                        model: str | ModelSpec | None = None, device: str = "auto",
+                        dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
+                        person_noun: bool = True, capture: bool = True,
+                        progress: ProgressCallback | None = None,
+                        components: Components | None = None,
+                        group: Group | None = None) -> PromptsResult:
+    """Render every prompt of the file ``path`` with seeds ``seed`` .. ``seed + seeds - 1``.
+
+    Options mean what they mean for :func:`render_prompt` (``negative`` and ``guidance`` are
+    the same for every line; ``guidance`` None is 10 for lines that name identities, else 7.5).
+    Images already in ``out_dir`` are skipped (see the module docstring). ``group`` (a joined
+    :class:`distributed.Group`) shares the images out between the processes of a launch; its
+    rank 0 reports ``progress("images", done, total, {})`` over the whole job and gets the
+    whole job's result, the other ranks their own part. Raises before loading a model for a
+    bad file, option or identity.
+    """
+    import torch
+
+    from .. import basis as basis_mod
+    from .. import models
+    from ..distributed import Launch, device_for, shard
+    from ..storage import write_user_file
+
+    started = time.perf_counter()
+    launch = group.launch if group is not None else Launch()
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
+    check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,
+                         seed=seed, width=width, height=height, batch_size=batch_size)
+    lines = read_prompts_file(path)
+    if len(lines) * seeds > MAX_JOB_IMAGES:
+        raise InvalidOption(f"{len(lines):,} prompts x {seeds} seeds is more than "
+                            f"{MAX_JOB_IMAGES:,} images; split the file.")
+    if components is not None:
+        model = components.spec
+    job = plan_prompt_lines(lines, negative, model, person_noun=person_noun, source=path,
+                            tokenizer=components.tokenizer if components is not None else None)
+    out = _prepare_out_dir(Path(out_dir))
+    model_hashing = filehash.BackgroundHash(
+        job.spec.path if job.spec.kind == "single_file" else None)
+    basis = basis_mod.load_basis(job.basis_id) if job.basis_id else None
+    if components is None:
+        torch_device = models.resolve_device(device_for(device, launch))
+        components = models.load_pipeline_components(
+            job.spec, torch_device, render_dtype(dtype, torch_device),
+            progress=progress if launch.is_main else None)
+    if basis is not None:
+        check_basis_once(components, basis, job.spec.ref)
+    width = width or components.default_resolution
+    height = height or components.default_resolution
+    model_hash = model_hashing.result()
+    hashes = embedding_hashes(job.identities) if job.identities else {}
+    guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
+                 for plan in job.plans]
+    settings_cache: dict[int, dict[str, Any]] = {}
+
+    def settings(index: int) -> dict[str, Any]:
+        if index not in settings_cache:
+            plan = job.plans[index]
+            made = image_settings(plan, steps=steps, scheduler=scheduler,
+                                  guidance=guidances[index], width=width, height=height,
+                                  model_hash=model_hash, ti_hashes=hashes)
+            settings_cache.clear()  # one line's images are near each other: keep few
+            settings_cache[index] = made
+        return settings_cache[index]
+
+    seed_list = [seed + i for i in range(seeds)]
+    decided: Any = None
+    if launch.is_main:
+        try:
+            decided = _todo(job, seed_list, out, settings)
+        except CelebctlError as exc:
+            decided = exc
+    decided = group.broadcast(decided) if group is not None else decided
+    if isinstance(decided, BaseException):
+        raise decided
+    todo, skipped = decided
+    mine = shard(todo, launch)
+    # Batches hold one chunk count and one guidance scale (see the module docstring); Python's
+    # sort is stable, so images stay in (line, seed) order within each group.
+    mine.sort(key=lambda item: (guidances[item[0]], _chunk_count(job.plans[item[0]])))
+    batch = batch_size or auto_batch_size(components, max(1, len(mine)), width, height)
+    notes = list(job.notes)
+    unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
+    sampler = make_scheduler(scheduler, components.scheduler.config)
+    vectors = identity_vectors_for(
+        {n: c for plan in job.plans for n, c in plan.coefficients.items()}, basis
+    ) if basis is not None else {}
+    written: dict[tuple[int, int], Path] = {}
+    counted = {"n": 0}
+
+    def report() -> None:
+        fresh = len(written) - counted["n"]
+        total = (group.add(_DONE_KEY, fresh) if group is not None and fresh
+                 else group.count(_DONE_KEY) if group is not None else len(written))
+        counted["n"] += fresh
+        if progress is not None and launch.is_main:
+            progress("images", total, len(todo), {})
+
+    def write(image: Any, index: int, image_seed: int) -> None:
+        name = image_name(job.lines[index], image_seed, job.plans[index].prompt.plain())
+        data = png_bytes(image, {**settings(index), "seed": image_seed})
+        written[(index, image_seed)] = write_user_file(out / name, data)
+
+    if progress is not None and launch.is_main:
+        progress("images", 0, len(todo), {})
+    encoded: dict[int, PromptEmbeds] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="celebctl-png") as writer:
+            pending: list[Any] = []
+            for items in _batches(mine, batch, guidances, job.plans):
+                for future in [f for f in pending if f.done()]:
+                    future.result()  # a failed write stops the job now
+                    pending.remove(future)
+                needed = dict.fromkeys(index for index, _ in items)
+                encoded = {i: encoded[i] if i in encoded
+                           else encode_prompt_pair(components, job.plans[i], vectors)
+                           for i in needed}
+                generators = [torch.Generator("cpu").manual_seed(s) for _, s in items]
+                with models.quiet_libraries():
+                    images = sample_images(
+                        unet_call=unet_call, vae=components.vae,
+                        scheduler=sampler,
+                        embeds=_stack([encoded[i] for i, _ in items]),
+                        family=components.family, generators=generators, steps=steps,
+                        guidance=guidances[items[0][0]], height=height, width=width,
+                        pad_to=batch)
+                pending += [writer.submit(write, image, index, image_seed)
+                            for (index, image_seed), image in zip(items, images, strict=True)]
+                report()
+            for future in pending:
+                future.result()
+    except CelebctlError as exc:
+        exc.args = (f"{exc} {_resume_note(len(written))}",)
+        raise
+    report()
+    if group is not None and launch.is_main:
+        group.wait_for(_DONE_KEY, len(todo), poll=report)
+    gathered = group.gather(written) if group is not None else [written]
+    everything = {k: v for part in (gathered or [written]) for k, v in part.items()}
+    return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
+                         written=everything, skipped=skipped, model=job.spec.ref, steps=steps,
+                         scheduler=scheduler, width=width, height=height,
+                         world_size=launch.world_size, notes=notes,
+                         elapsed_s=time.perf_counter() - started)
+
+
+def _chunk_count(plan: RenderPlan) -> int:
+    return max(len(plan.chunks), len(plan.negative_chunks), 1)
+
+
+def _batches(items: Sequence[tuple[int, int]], size: int, guidances: Sequence[float],
+             plans: Sequence[RenderPlan]) -> list[list[tuple[int, int]]]:
+    """``items`` (already grouped) cut into batches of ``size`` that never mix groups."""
+    batches: list[list[tuple[int, int]]] = []
+    group_of = None
+    for item in items:
+        key = (guidances[item[0]], _chunk_count(plans[item[0]]))
+        if not batches or key != group_of or len(batches[-1]) >= size:
+            batches.append([])
+            group_of = key
+        batches[-1].append(item)
+    return batches
+
+
+def _resume_note(count: int) -> str:
+    done = f"{count} image{'s' if count != 1 else ''} of this process had been written in full"
+    return f"{done}; run the same command again to render the rest (finished ones are skipped)."
