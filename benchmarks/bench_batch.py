@@ -9,6 +9,10 @@ recoloured), so every command fits the same work.
     python benchmarks/bench_batch.py                                   # CPU, tiny, 8 people
     python benchmarks/bench_batch.py --device cuda --model sd15-random --steps 400 --packs 1 4 8
     python benchmarks/bench_batch.py ... --write                       # update docs/benchmarks.md
+
+`--render-steps N` (default 10; 0 skips it) adds images per hour of one `render --prompts`
+process against 8 `render` processes of the same prompts (`bench_batch_render.py`'s
+measurement), in the same run.
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ def prepared_home(template: Path, into: Path) -> Path:
     return into
 
 
+def measure_render(args, tmp: Path) -> list[str]:
+    """Images per hour: one `render --prompts` process against one process per prompt."""
+    from benchmarks.bench_batch_render import PROMPTS, images_per_hour, measure_processes
+
+    work = tmp / "render"
+    work.mkdir()
+    env = dict(os.environ, CELEBCTL_HOME=str(prepared_home(tmp / "template", work / "home")),
+               HF_HUB_OFFLINE="1")
+    batched, separate = measure_processes(args.model, args.render_steps, args.device, work, env)
+    n = len(PROMPTS)
+    return ["", f"`render --prompts` of {n} prompts x 1 seed, {args.render_steps} DDIM steps: "
+            f"{images_per_hour(n, batched):.0f} images/h ({batched:.1f} s) against "
+            f"{images_per_hour(n, separate):.0f} images/h for {n} `render` processes "
+            f"({separate:.1f} s): **{separate / batched:.2f}x**."]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -75,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--render-steps", type=int, default=10)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     fit = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
@@ -95,6 +116,7 @@ def main() -> None:
             wall = celebctl(home, "add-many", str(tmp / "people"), *fit, "--pack", str(pack),
                             timeout=args.timeout)
             rows.append((f"`add-many --pack {pack}`", wall))
+        render_lines = measure_render(args, tmp) if args.render_steps > 0 else []
     per_hour = {label: args.people * 3600 / wall for label, wall in rows}
     pack1 = per_hour.get("`add-many --pack 1`")
     best_label = max((r[0] for r in rows[1:]), key=per_hour.get)
@@ -110,7 +132,7 @@ def main() -> None:
         lines.append(f"`--pack 1` vs {args.people} lone adds: **{summary['pack1_vs_lone']}x**; "
                      f"best pack ({best_label}) vs `--pack 1`: "
                      f"**{summary['best_pack_vs_pack1']}x**.")
-    table = "\n".join(lines)
+    table = "\n".join(lines + render_lines)
     print(table)
     print(json.dumps(summary))
     if args.write:
