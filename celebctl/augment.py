@@ -79,28 +79,20 @@ def shift_hue(images, shifts):
 
     r, g, b = images.unbind(dim=1)
     value, _ = images.max(dim=1)
-    low, _ = images.min(dim=1)
-    delta = value - low
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    saturation = torch.where(value > 0, delta / torch.where(value > 0, value, 1.0), 0.0)
+    delta = value - images.min(dim=1)[0]
+    saturation = delta / value.clamp_min(1e-12)
+    safe = delta.clamp_min(1e-12)
     hue = torch.where(value == r, (g - b) / safe,
                       torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(delta > 0, hue / 6.0, 0.0)
-    hue = torch.remainder(hue + shifts.view(-1, 1, 1), 1.0)
-    sector = hue * 6.0
-    k = torch.floor(sector)
-    f = sector - k
-    k = k.long() % 6
-    p = value * (1 - saturation)
-    q = value * (1 - saturation * f)
-    t = value * (1 - saturation * (1 - f))
-    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
-               (value, p, q)]
-    out = torch.zeros_like(images)
-    for sector_index, (cr, cg, cb) in enumerate(choices):
-        mask = (k == sector_index).unsqueeze(1)
-        out = torch.where(mask, torch.stack((cr, cg, cb), dim=1), out)
-    return out
+    # Back to RGB in sixths of a turn: channel n is v - v s clamp(min(k, 4 - k), 0, 1) with
+    # k = (n + 6 h) mod 6, n = 5, 3, 1 for red, green, blue (grey pixels keep s = 0).
+    sixths = torch.remainder(hue + 6.0 * shifts.view(-1, 1, 1), 6.0)
+    chroma = value * saturation
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(sixths + n, 6.0)
+        channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 def jitter(images, draws: Sequence[Augmentation]):
@@ -198,7 +190,8 @@ def build_sample_pool(vae, subjects: Sequence[Any], face_encoder, pool_size: int
             draws.append(draw_augmentation(rng, resolution))
             owners.append(index)
     total = len(draws)
-    chunk = max(encode_batch, 16)
+    # A GPU jitters many crops per kernel; a CPU is faster a few at a time (they stay in cache).
+    chunk = max(encode_batch, 16) if torch.device(device).type == "cuda" else encode_batch
     means, stds, features = [], [], []
     with torch.no_grad():
         for first in range(0, total, chunk):
