@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celebctl import bundles, paths, registry, storage
+from celebctl import bundles, paths, registry
 from celebctl.errors import BundleError, CelebctlError
+from celebctl.storage import checksums
 from tests.helpers import add_identity
 
 
@@ -120,9 +121,9 @@ def test_duplicate_members(tmp_path, bundle_bytes):
 def _replace_coefficients(members: dict[str, bytes], blob: bytes) -> dict[str, bytes]:
     """Swap the coefficients file and fix the TOML's checksum so only the content is wrong."""
     name = next(n for n in members if n.startswith("coefficients-"))
-    old_sha = storage.sha256_bytes(members[name])
+    old_sha = checksums.sha256_bytes(members[name])
     toml = members[registry.IDENTITY_TOML].decode()
-    toml = toml.replace(old_sha, storage.sha256_bytes(blob))
+    toml = toml.replace(old_sha, checksums.sha256_bytes(blob))
     toml = toml.replace(f"size = {len(members[name])}", f"size = {len(blob)}")
     out = dict(members)
     out[name] = blob

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import documents, paths, storage
+from .. import documents, paths
 from ..errors import (
     BasisInUse,
     BasisNotFound,
@@ -26,6 +26,7 @@ from ..errors import (
     StorageError,
     did_you_mean,
 )
+from ..storage import atomic, checksums, locking, special_files
 from .compute import (
     _ID_RE,
     _SHA_RE,
@@ -279,13 +280,13 @@ def _read_meta(folder: Path) -> BasisInfo:
     path = folder / META_FILE
     where = str(path)
     try:
-        raw = storage.read_regular_file(path, MAX_META_BYTES, follow_symlinks=False)
+        raw = special_files.read_regular_file(path, MAX_META_BYTES, follow_symlinks=False)
         meta = documents.parse_toml(raw)
     except FileNotFoundError as exc:
         raise CorruptEntry(f"Basis folder {folder} has no {META_FILE}: it is incomplete (an "
                            f"interrupted build?). Remove it with `celebctl basis remove "
                            f"{folder.name} --force` and build again.") from exc
-    except storage.FileRefused as exc:
+    except special_files.FileRefused as exc:
         raise CorruptEntry(f"{where} {exc.reason}.") from None
     except documents.UnsafeDocument as exc:
         raise CorruptEntry(f"{where} {exc}.") from None
@@ -409,8 +410,8 @@ def load_basis(basis_id: str, allow_prefix: bool = False) -> Basis:
     info = _read_meta(folder)
     path = folder / TENSORS_FILE
     try:
-        raw = storage.read_regular_file(path, MAX_TENSORS_BYTES, follow_symlinks=False)
-    except storage.FileRefused as exc:
+        raw = special_files.read_regular_file(path, MAX_TENSORS_BYTES, follow_symlinks=False)
+    except special_files.FileRefused as exc:
         raise CorruptEntry(f"{path} {exc.reason}.") from None
     except FileNotFoundError as exc:
         raise CorruptEntry(f"Basis {info.id} is missing {TENSORS_FILE}. Remove it with "
@@ -418,7 +419,7 @@ def load_basis(basis_id: str, allow_prefix: bool = False) -> Basis:
                            "again.") from exc
     except OSError as exc:
         raise CorruptEntry(f"Cannot read {path}: {exc.strerror or exc}.") from exc
-    if storage.sha256_bytes(raw) != info.tensors_sha256:
+    if checksums.sha256_bytes(raw) != info.tensors_sha256:
         raise CorruptEntry(f"Basis {info.id}: {TENSORS_FILE} does not match the checksum in "
                            f"{META_FILE} (damaged file). Remove it with `celebctl basis remove "
                            f"{info.id} --force` and build or fetch it again.")
@@ -449,7 +450,7 @@ def _basis_folders() -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not storage.is_temp_name(p.name) and not p.is_symlink())
+                  if p.is_dir() and not atomic.is_temp_name(p.name) and not p.is_symlink())
 
 
 def list_bases() -> BasisList:
@@ -541,7 +542,7 @@ def basis_users(basis_id: str) -> list[str]:
         return []
     users = []
     for folder in sorted(root.iterdir()):
-        if storage.is_temp_name(folder.name) or folder.is_symlink():
+        if atomic.is_temp_name(folder.name) or folder.is_symlink():
             continue
         meta = registry.read_toml_quietly(folder / "identity.toml")
         if meta is not None and meta.get("basis_id") == basis_id:
@@ -559,7 +560,7 @@ def remove_basis(basis_id: str, force: bool = False, allow_prefix: bool = True) 
     folder = _resolve_folder(basis_id, allow_prefix)
     if not force:
         _read_meta(folder)  # a damaged entry needs --force, so nothing is deleted by accident
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         # Checked under the lock, so an identity committed a moment ago is seen.
         users = basis_users(folder.name)
         if users and not force:
@@ -571,8 +572,8 @@ def remove_basis(basis_id: str, force: bool = False, allow_prefix: bool = True) 
                 "will stop working until it is fetched or built again)."
             )
         # Reverse of the write order: the TOML (commit point) goes first.
-        storage.remove_file(folder / META_FILE)
-        storage.remove_file(folder / TENSORS_FILE)
+        atomic.remove_file(folder / META_FILE)
+        atomic.remove_file(folder / TENSORS_FILE)
         try:
             shutil.rmtree(folder)
         except FileNotFoundError:

@@ -81,13 +81,13 @@ def _read_photo_bytes(path: str | os.PathLike[str]) -> bytes:
             f"{p} is {st.st_size / 2**20:.0f} MB, larger than the "
             f"{MAX_PHOTO_BYTES // 2**20} MB limit for a photo. Use a smaller export of it."
         )
-    from .. import storage
+    from ..storage import special_files
 
     try:
         # Opened without blocking and checked again on the open file: a path swapped for a pipe
         # after the check above is refused, not read.
-        data = storage.read_regular_file(p, MAX_PHOTO_BYTES)
-    except storage.FileRefused as exc:
+        data = special_files.read_regular_file(p, MAX_PHOTO_BYTES)
+    except special_files.FileRefused as exc:
         raise PhotoError(f"{p} {exc.reason}. Give the path of one image file.") from None
     except PermissionError:
         raise PhotoError(f"No permission to read {p}. Check its permissions (chmod u+r).") from None

@@ -79,13 +79,13 @@ def download_face_weights(progress=None, url: str = VGGFACE2_URL,
     import urllib.error
     import urllib.request
 
-    from .. import storage
+    from ..storage import atomic
 
     target = Path(target or face_weights_path())
     if _offline():
         raise FaceEncoderUnavailable(_missing_weights_message(
             "offline: HF_HUB_OFFLINE or CELEBCTL_OFFLINE is set, so nothing is downloaded"))
-    tmp = target.with_name(f".{target.name}{storage.TMP_MARK}{os.getpid()}")
+    tmp = target.with_name(f".{target.name}{atomic.TMP_MARK}{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -127,11 +127,11 @@ def _load_vggface2_weights(encoder: torch.nn.Module) -> None:
     """Load the VGGFace2 state dict into ``encoder`` or raise FaceEncoderUnavailable."""
     import torch
 
-    from .. import storage
+    from ..storage import special_files
 
     candidates = _weights_candidates()
     path = next((c for c in candidates if os.path.exists(c)), None)
-    if path is not None and not storage.is_regular_file(path):
+    if path is not None and not special_files.is_regular_file(path):
         raise FaceEncoderUnavailable(
             f"{path} is not a regular file (a folder, pipe or device), so it cannot be the "
             f"VGGFace2 weights. Put {VGGFACE2_WEIGHTS_NAME} there, or set {FACE_WEIGHTS_ENV} to "
@@ -153,7 +153,7 @@ def _load_vggface2_weights(encoder: torch.nn.Module) -> None:
         f"{VGGFACE2_WEIGHTS_NAME} from {VGGFACE2_URL}"
     )
     try:
-        data = storage.read_regular_file(path, MAX_FACE_WEIGHTS_BYTES)
+        data = special_files.read_regular_file(path, MAX_FACE_WEIGHTS_BYTES)
         # weights_only: these files only hold tensors; never run pickled code from disk.
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged, truncated or non-torch file fails in many ways

@@ -17,8 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import paths, storage
+from .. import paths
 from ..errors import StorageError
+from ..storage import atomic, filemodes, locking
 from .quiet import quiet_libraries
 from .specs import TINY, TINY_CACHE_NAME, TINY_RESOLUTION, TINY_SD2, TINY_XL
 from .tokenizers import CLIP_VOCAB_SIZE, OPENCLIP_PAD_TOKEN, build_clip_tokenizer
@@ -327,21 +328,21 @@ def ensure_tiny_model(name: str = TINY) -> Path:
     builder = _CACHED[name][1]
     if (target / "model_index.json").is_file():
         return target
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         if (target / "model_index.json").is_file():  # another process built it meanwhile
             return target
-        storage.ensure_private_dir(target.parent)
-        storage.clean_temp_files(target.parent)
-        tmp = target.parent / f"{target.name}{storage.TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        atomic.ensure_private_dir(target.parent)
+        atomic.clean_temp_files(target.parent)
+        tmp = target.parent / f"{target.name}{atomic.TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            storage.ensure_private_dir(tmp)
+            atomic.ensure_private_dir(tmp)
             with quiet_libraries():
                 _save_diffusers_folder(builder(), tmp)
-            storage.repair_modes(tmp)  # save_pretrained writes 0644; the data home is private
+            filemodes.repair_modes(tmp)  # save_pretrained writes 0644; the data home is private
             if target.exists():  # a damaged cache without model_index.json
                 shutil.rmtree(target)
             os.replace(tmp, target)
-            storage.fsync_dir(target.parent)
+            atomic.fsync_dir(target.parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"Could not write the tiny model cache {target}: {exc}. "
@@ -354,5 +355,5 @@ def ensure_tiny_model(name: str = TINY) -> Path:
 
 def _discard_tiny_cache(name: str = TINY) -> None:
     target = tiny_model_dir(name)
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         shutil.rmtree(target, ignore_errors=True)

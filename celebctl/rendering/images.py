@@ -44,7 +44,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from ..storage import _storage_error
+        from ..storage.atomic import _storage_error
 
         raise _storage_error(exc, out_dir, user_file=True) from exc
     if not os.access(out_dir, os.W_OK):
