@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import paths
 from ..errors import InvalidOption, ModelUnavailable
 from ..storage import special_files
+from .architectures import TINY_RESOLUTION
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,7 +35,6 @@ TINY_KINDS = (TINY, TINY_SD2, TINY_XL)
 FAMILIES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 768), "sdxl": ("SDXL", 1024)}
 # Bump when the tiny model's architecture or seeds change, so old caches are not reused.
 TINY_CACHE_NAME = "tiny-v2"
-TINY_RESOLUTION = 64
 SD_RESOLUTION = 512
 
 # Files that unpickle on load; we never load them (a checkpoint someone sent can run code).
