@@ -1,7 +1,8 @@
 """The celeb basis, split by concept.
 
 - :mod:`.compute`: names -> token rows -> mean + principal directions (pure tensor code).
-- :mod:`.store`: bases on disk (metadata, tensors, list, lookup, remove).
+- :mod:`.metadata`: ``basis.toml``: the BasisInfo type, its schema, checked reads and writes.
+- :mod:`.store`: bases on disk (tensors, list, lookup, remove).
 - :mod:`.build`: building a basis from a loaded text encoder; matching a model to a basis.
 - :mod:`.fetch`: registering a basis someone else built.
 
@@ -43,18 +44,16 @@ from .compute import (
     unique_names,
 )
 from .fetch import fetch_basis
+from .metadata import BasisInfo, _read_meta, parse_meta
 from .store import (
     Basis,
-    BasisInfo,
     BasisList,
-    _read_meta,
     basis_users,
     get_basis_info,
     info_for_identities,
     is_basis_id,
     list_bases,
     load_basis,
-    parse_meta,
     remove_basis,
 )
 

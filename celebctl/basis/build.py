@@ -29,16 +29,8 @@ from .compute import (
     names_sha256,
     unique_names,
 )
-from .store import (
-    Basis,
-    BasisInfo,
-    _cumulative,
-    _meta_dict,
-    _read_meta,
-    _serialize,
-    list_bases,
-    load_basis,
-)
+from .metadata import BasisInfo, _cumulative, _meta_dict, _read_meta
+from .store import Basis, _serialize, list_bases, load_basis
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSpec, TextModel

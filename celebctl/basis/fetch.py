@@ -13,7 +13,8 @@ from ..errors import CelebctlError, CorruptEntry, FetchError, InvalidOption
 from ..storage import checksums, locking, special_files
 from .build import _existing, _now, _write_entry
 from .compute import _SHA_RE, MAX_META_BYTES, MAX_TENSORS_BYTES, META_FILE, TENSORS_FILE
-from .store import BasisInfo, _check_tensors, _load_tensor_bytes, _meta_dict, _read_meta, parse_meta
+from .metadata import BasisInfo, _meta_dict, _read_meta, parse_meta
+from .store import _check_tensors, _load_tensor_bytes
 
 # --------------------------------------------------------------------------------------------
 # Fetching
