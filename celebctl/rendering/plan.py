@@ -210,7 +210,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
 
     known = registry.known_names()
     parsed = parse_prompt(prompt, known)
-    parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
+    parsed_negative = parse_prompt(negative or "", known, allow_empty=True,
+                                   label="negative prompt")
     if person_noun:
         parsed, parsed_negative = with_person_nouns(parsed), with_person_nouns(parsed_negative)
     names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
