@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import emphasis
 from ..errors import BasisMismatch, InvalidOption
 from ..prompting import (
     CHUNK_TOKENS,
@@ -236,6 +237,7 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
         )
     chunks = tokenize_chunks(parsed, tokenizer)
     negative_chunks = tokenize_chunks(parsed_negative, tokenizer, label="negative prompt")
+    notes += unsupported_syntax_notes(prompt, negative or "")
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
@@ -246,6 +248,18 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
                       notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
                       person_noun=person_noun, chunks=[c.length - 2 for c in chunks],
                       negative_chunks=[c.length - 2 for c in negative_chunks])
+
+
+def unsupported_syntax_notes(prompt: str, negative: str = "") -> list[str]:
+    """A note for each WebUI feature the prompt or negative uses that celebctl reads as plain
+    text (:func:`emphasis.unsupported_syntax`): the render goes on, but not as the WebUI's."""
+    notes = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        for what in emphasis.unsupported_syntax(text):
+            notes.append(f"The {label} uses the WebUI's {what}, which celebctl does not "
+                         "support: it is read as plain text (brackets still weight it), so the "
+                         "image differs from the WebUI's.")
+    return notes
 
 
 def noise_note(spec: ModelSpec) -> str:
