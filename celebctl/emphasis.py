@@ -10,6 +10,9 @@
 - ``BREAK`` (the capitalised word on its own) ends the current 75-token chunk, also inside a
   weighted group. (There the WebUI sends the word "BREAK" to the text encoder instead, a side
   effect of how it marks breaks; a break is what the person typed it for.)
+- A weight is at most ``MAX_WEIGHT`` in size, or PromptError: useful weights lie between about
+  0.5 and 1.5, half-precision encodings overflow a little past 100 times their size, and a weight
+  past float32's range (about 930 nested brackets) made the image black.
 
 WebUI syntax that celebctl does not implement (prompt editing ``[a:b:n]``, alternation
 ``[a|b]``, composable ``AND``, extra networks such as ``<lora:name:1>``) is read by the rules
@@ -22,12 +25,17 @@ the conditioning itself, with no place for identity slots, so celebctl does not 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import PromptError
+
 ROUND = 1.1
 SQUARE = 1 / 1.1
+# The largest weight (in size) a prompt may give; (text:100) or 49 nested brackets.
+MAX_WEIGHT = 100.0
 # Weights are stored and compared rounded to this many decimals (float products of 1.1 differ
 # in their last bits depending on the order they were multiplied in).
 WEIGHT_DECIMALS = 6
@@ -64,11 +72,13 @@ _TOKEN = re.compile(
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
-def parse(text: str, keep_escaped: Iterable[str] = ()) -> list[Fragment | _Break]:
+def parse(text: str, keep_escaped: Iterable[str] = (), label: str = "prompt"
+          ) -> list[Fragment | _Break]:
     """Split ``text`` into weighted fragments and BREAK markers (adjacent equal weights merged).
 
     The rules are the WebUI's, written out in the module docstring. A backslash stays in the
     text only right before one of the words in ``keep_escaped`` (lowercase identity names).
+    Raises PromptError, naming ``label``, for a weight larger than ``MAX_WEIGHT``.
     """
     kept = sorted({name.lower() for name in keep_escaped}, key=len, reverse=True)
     kept_after = (re.compile(rf"(?:{'|'.join(re.escape(n) for n in kept)})(?![\w\-])",
@@ -107,6 +117,8 @@ def parse(text: str, keep_escaped: Iterable[str] = ()) -> list[Fragment | _Break
     for start in square_starts:
         multiply(start, SQUARE)
 
+    _check_weights(pieces, label)
+
     out: list[Fragment | _Break] = []
     for piece_text, raw_weight in pieces:
         weight = round(raw_weight, WEIGHT_DECIMALS)
@@ -122,6 +134,19 @@ def parse(text: str, keep_escaped: Iterable[str] = ()) -> list[Fragment | _Break
     if not any(isinstance(item, Fragment) for item in out):
         return [item for item in out if item is not BREAK] or []
     return out
+
+
+def _check_weights(pieces: list[list], label: str) -> None:
+    for piece_text, weight in pieces:
+        if not piece_text.strip():
+            continue  # a weight on nothing changes nothing
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            shown = f"{weight:.4g}" if math.isfinite(weight) else "too large to hold"
+            raise PromptError(
+                f"The {label} gives {piece_text.strip()[:40]!r} a weight of {shown}; celebctl "
+                f"accepts weights from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (useful ones lie "
+                "between about 0.5 and 1.5). Remove some brackets or lower the (text:weight)."
+            )
 
 
 # WebUI syntax celebctl reads as text. Escaped brackets are taken out before these are tried.

@@ -210,7 +210,7 @@ def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False,
     text = clean_prompt(text, allow_empty=allow_empty, label=label)
     known_set = {k.lower() for k in known}
     parsed = ParsedPrompt(text=text)
-    for item in emphasis.parse(text, keep_escaped=known_set):
+    for item in emphasis.parse(text, keep_escaped=known_set, label=label):
         if item is BREAK:
             parsed.segments.append(BREAK)
             parsed.weights.append(1.0)

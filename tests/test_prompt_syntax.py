@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from celebctl import basis, emphasis, models, rendering
 from celebctl.cli import app
 from celebctl.emphasis import BREAK, Fragment
+from celebctl.errors import PromptError
 from celebctl.models.tokenizers import BOS_TOKEN, EOS_TOKEN, clip_vocab_and_merges
 from celebctl.prompting import (
     IdentityMention,
@@ -138,6 +139,28 @@ def test_break_inside_a_weighted_group_is_a_break():
 ])
 def test_weights_are_written_with_four_decimals(fragments, text):
     assert emphasis.render(fragments) == text
+
+
+@pytest.mark.parametrize("text", [
+    "(" * 1990 + "x",  # past float32: the image was all black
+    "(x:101)",
+    "(x:-101)",
+    "(x:" + "9" * 400 + ")",  # a number too large to hold
+    "(((x:99)))",  # 131.8
+])
+def test_weights_past_the_limit_are_refused(text):
+    assert emphasis.parse("((((((((((x:10))))))))))") == [Fragment("x", round(10 * 1.1**9, 6))]
+    with pytest.raises(PromptError, match=r"^The prompt gives 'x' a weight of .* -100 to 100"):
+        emphasis.parse(text)
+
+
+def test_the_weight_limit_names_the_negative_prompt_and_spares_plain_spaces():
+    with pytest.raises(PromptError, match="^The negative prompt gives 'blurry'"):
+        parse_prompt("(blurry:500)", [], allow_empty=True, label="negative prompt")
+    assert emphasis.parse("(x:100) (y:-100)") == [Fragment("x", 100.0), Fragment(" "),
+                                                  Fragment("y", -100.0)]
+    assert emphasis.parse("a (  :1000) b") == [Fragment("a "), Fragment("  ", 1000.0),
+                                               Fragment(" b")]
 
 
 @pytest.mark.parametrize(("text", "found"), [

@@ -34,6 +34,9 @@ MAX_STEPS = 1000
 MAX_BATCH = 64
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**63 - 1
+# Guidance far past this only burns the image (the WebUI's slider stops at 30); at 1e308 the
+# guided noise overflowed to an all-black picture.
+MAX_GUIDANCE = 100.0
 # Classifier-free guidance when --guidance is not given: the reference samples identities at 10;
 # prompts without an identity keep diffusers' usual 7.5.
 IDENTITY_GUIDANCE = 10.0
@@ -281,10 +284,13 @@ def check_render_options(*, num_images: int, steps: int, guidance: float | None,
         raise InvalidOption(f"--steps must be between 1 and {MAX_STEPS}.")
     if batch_size is not None and (not whole(batch_size) or not 1 <= batch_size <= MAX_BATCH):
         raise InvalidOption(f"--batch-size must be between 1 and {MAX_BATCH}.")
-    if guidance is not None and (not isinstance(guidance, (int, float))
-                                 or not math.isfinite(guidance) or guidance < 0):
-        raise InvalidOption("--guidance must be a number >= 0 (10 for identities, 7.5 for "
-                            "plain prompts by default; <= 1 turns classifier-free guidance off).")
+    if guidance is not None and (isinstance(guidance, bool)
+                                 or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)
+                                 or not 0 <= guidance <= MAX_GUIDANCE):
+        raise InvalidOption(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (10 for "
+                            "identities, 7.5 for plain prompts by default; useful values lie "
+                            "between about 5 and 15; <= 1 turns classifier-free guidance off).")
     if scheduler not in SCHEDULERS:
         raise InvalidOption(f"Unknown scheduler '{scheduler}': use {', '.join(SCHEDULERS)}.")
     if not whole(seed) or not 0 <= seed or seed + num_images - 1 > MAX_SEED:
