@@ -72,6 +72,17 @@ class RenderPlan:
         """The model's stable reference (repo id, absolute path, `tiny`, ...)."""
         return self.spec.ref
 
+    def pads_conds(self, guidance: float) -> bool:
+        """True when the render pads the shorter of prompt and negative with empty chunks (the
+        WebUI writes "Pad conds: True" then): their chunk counts differ and guidance uses the
+        negative. An empty SDXL negative is zeros of the prompt's length, never padded."""
+        from ..models import families
+
+        if guidance <= 1 or len(self.chunks) == len(self.negative_chunks):
+            return False
+        return not (not self.negative.text
+                    and families.zero_empty_negative(self.spec.family or ""))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --dry-run --json` prints)."""
         return {
