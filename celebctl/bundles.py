@@ -276,7 +276,9 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     from . import paths
 
     basis_toml = paths.bases_dir() / meta["basis_id"] / "basis.toml"
-    if not basis_toml.exists():
+    if basis_toml.exists():
+        _check_against_basis(meta)
+    else:
         notes.append(
             f"Basis {meta['basis_id']} is not on this machine, so '{name}' cannot be rendered "
             "yet. Ask the sender for it (`celebctl basis fetch`), or build the basis of the "
@@ -290,6 +292,22 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
         face_embedding=faces[0][1] if faces else None, extra_faces=faces[1:],
     )
     return BundlePlan(write=write, original_name=original, notes=notes)
+
+
+def _check_against_basis(meta: dict[str, Any]) -> None:
+    """Refuse a bundle whose identity cannot belong to the basis it names (on this machine): a
+    bundle edited to point at another family's basis would be imported, then fail to render."""
+    from . import basis
+
+    try:
+        info = basis.get_basis_info(meta["basis_id"])
+    except CelebctlError:
+        return  # a damaged basis is doctor's to report; the identity itself is sound
+    problem = basis.identity_mismatch(info, meta)
+    if problem is not None:
+        raise BundleError(f"The bundle's identity '{meta['name']}' does not match its basis: "
+                          f"{problem}. The bundle was edited or damaged; ask the sender for "
+                          "the file again. Nothing was imported.")
 
 
 def import_bundle(path: Path, new_name: str | None = None, replace: bool = False

@@ -201,7 +201,28 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
             "rendered until you fetch it (`celebctl basis fetch`) or build it with `celebctl "
             "basis build --model MODEL` for the model it was fitted with (its metadata says "
             f"{str(ident.meta.get('model'))!r})."))
+    else:
+        problems += _basis_mismatch(ident, folder)
     return problems
+
+
+def _basis_mismatch(ident: Any, folder: Path) -> list[Problem]:
+    """An identity whose record cannot belong to its basis (another family, other widths or
+    component count): render would refuse it with advice that cannot work."""
+    from . import basis
+
+    try:
+        info = basis.get_basis_info(ident.basis_id)
+    except CelebctlError:
+        return []  # the basis itself is reported by _check_bases
+    problem = basis.identity_mismatch(info, ident.meta)
+    if problem is None:
+        return []
+    return [Problem(
+        "basis-mismatch", folder,
+        f"'{ident.name}' does not match its basis: {problem}. Its identity.toml was edited or "
+        f"came from a damaged bundle; re-import the bundle, or re-add it (`celebctl add "
+        f"{ident.name} PHOTO --replace --model MODEL`).")]
 
 
 def _check_identities(home: Path) -> list[Problem]:

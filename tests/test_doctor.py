@@ -220,6 +220,32 @@ def test_missing_and_damaged_bases(two):
     assert tensors.read_bytes() == bytes(data)
 
 
+def test_an_identity_that_does_not_match_its_basis(two):
+    # identity.toml rewritten to say SDXL while it names the SD 1.x tiny basis: doctor was silent
+    # and render's advice contradicted itself.
+    from celebctl import basis, rendering
+    from celebctl.errors import BasisMismatch
+
+    info = basis.list_bases()[0]
+    add_identity("carol", seed=3, p=info.components, basis_id=info.id)
+    toml = paths.identities_dir() / "carol" / registry.IDENTITY_TOML
+    text = toml.read_text()
+    for old, new in (('family = "sd1"', 'family = "sdxl"'), ("hidden = 32", "hidden = 80"),
+                     ("encoder_widths = [\n    32,\n]", "encoder_widths = [32, 48]")):
+        assert old in text, (old, text)
+        text = text.replace(old, new)
+    toml.write_text(text)
+    code, report = problems_json()
+    assert code == 1 and kinds(report) == [("basis-mismatch", "identities/carol")]
+    message = report["problems"][0]["message"]
+    assert message.startswith(f"'carol' does not match its basis: it is recorded as fitted for "
+                              f"SDXL, but its basis {info.id} is a SD 1.x basis")
+    assert report["problems"][0]["fix"] is None
+    with pytest.raises(BasisMismatch, match="^'carol' does not match its basis: it is recorded"):
+        rendering.plan_render("carol at the beach")
+    assert invoke("doctor", "--fix").exit_code == 1 and toml.read_text() == text
+
+
 def test_future_basis_schema(two):
     from celebctl import basis
 

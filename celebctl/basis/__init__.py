@@ -44,7 +44,7 @@ from .compute import (
     unique_names,
 )
 from .fetch import fetch_basis
-from .metadata import BasisInfo, _read_meta, parse_meta
+from .metadata import BasisInfo, _read_meta, identity_mismatch, parse_meta
 from .store import (
     Basis,
     BasisList,
@@ -64,7 +64,7 @@ __all__ = [
     "TENSORS_FILE", "_read_meta", "basis_id_for", "basis_users", "build_basis",
     "build_basis_for_table", "check_model_matches_basis", "compute_basis",
     "effective_components", "ensure_basis", "fetch_basis", "find_basis_for_model",
-    "get_basis_info", "info_for_identities", "is_basis_id", "list_bases", "load_basis",
-    "load_names", "name_token_ids", "names_sha256", "normalize_name", "parse_meta",
+    "get_basis_info", "identity_mismatch", "info_for_identities", "is_basis_id", "list_bases",
+    "load_basis", "load_names", "name_token_ids", "names_sha256", "normalize_name", "parse_meta",
     "remove_basis", "unique_names",
 ]

@@ -7,7 +7,7 @@ the content hashes it records, so an edited or damaged file is refused, never tr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,3 +270,29 @@ def _read_meta(folder: Path) -> BasisInfo:
     except OSError as exc:
         raise CorruptEntry(f"{where} cannot be read: {exc.strerror or exc}.") from exc
     return parse_meta(meta, folder, where)
+
+
+def identity_mismatch(info: BasisInfo, meta: Mapping[str, Any]) -> str | None:
+    """Why an identity's record (checked ``identity.toml`` data: family, hidden, components,
+    encoder_widths) cannot have been fitted on basis ``info``, or None when it fits.
+
+    A bundle rewritten to point at another family's basis reads as valid on its own; only this
+    comparison shows it, before render gives advice that cannot work."""
+    from ..models.specs import FAMILIES
+
+    def label(family: str) -> str:
+        return FAMILIES.get(family, (family,))[0]
+
+    family = meta.get("family", "sd1")
+    if family != info.family:
+        return (f"it is recorded as fitted for {label(family)}, but its basis {info.id} is a "
+                f"{label(info.family)} basis (built from {info.model!r})")
+    hidden = meta.get("hidden")
+    widths = list(meta.get("encoder_widths") or [hidden])
+    if hidden != info.hidden or widths != list(info.encoder_widths or [info.hidden]):
+        return (f"its text-encoder widths ({'+'.join(map(str, widths))}) are not those of its "
+                f"basis {info.id} ({'+'.join(map(str, info.encoder_widths or [info.hidden]))})")
+    if meta.get("components") != info.components:
+        return (f"it has {meta.get('components')} coefficients per position, but its basis "
+                f"{info.id} has {info.components} components")
+    return None

@@ -160,6 +160,23 @@ def check_families(idents: Sequence[Any], spec: Any = None, command: str = "rend
             f"--replace --model {spec.ref}`).")
 
 
+def check_records_match_basis(idents: Sequence[Any], info: Any) -> None:
+    """Refuse identities whose record cannot belong to their basis (an identity.toml edited to
+    name another family's basis): no model choice could render them, so say what is wrong."""
+    from ..basis import identity_mismatch
+
+    if info is None:
+        return
+    for ident in idents:
+        problem = identity_mismatch(info, ident.meta)
+        if problem is not None:
+            raise BasisMismatch(
+                f"'{ident.name}' does not match its basis: {problem}. Its identity.toml was "
+                "edited or came from a damaged bundle (`celebctl doctor` lists such "
+                f"identities); re-import the bundle, or re-add it (`celebctl add {ident.name} "
+                "PHOTO --replace --model MODEL`).")
+
+
 def check_widths(idents: Sequence[Any], info: Any, spec: Any, command: str = "render"
                  ) -> None:
     """Refuse, before loading, a model whose text encoders are not as wide as the identities'
@@ -235,6 +252,7 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     check_families(idents)
     basis_id = _shared_basis(idents)
     info = basis_mod.info_for_identities(basis_id, names) if basis_id else None
+    check_records_match_basis(idents, info)
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec)
