@@ -20,8 +20,9 @@ from typing import Any
 
 import tomli_w
 
-from . import documents, registry, storage
+from . import documents, registry
 from .errors import BundleError, CelebctlError, CorruptEntry, SchemaError
+from .storage import checksums, special_files, userfiles
 
 BUNDLE_SUFFIX = ".celeb"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
@@ -50,7 +51,7 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
     out = Path(out)
     if out.is_dir():
         raise CelebctlError(f"{out} is a folder; give a file name such as {name}.celeb.")
-    storage.refuse_special_file(out)
+    special_files.refuse_special_file(out)
     if os.path.lexists(out) and not overwrite:
         raise CelebctlError(f"{out} already exists. Pick another path or pass --force.")
     meta = dict(ident.meta)
@@ -69,7 +70,7 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o600) << 16
             archive.writestr(info, data)
-    return storage.write_user_file(out, buffer.getvalue(), overwrite=overwrite,
+    return userfiles.write_user_file(out, buffer.getvalue(), overwrite=overwrite,
                                    mode=BUNDLE_FILE_MODE)
 
 
@@ -232,7 +233,7 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
         )
     for entry in files.values():
         blob = members[entry["path"]]
-        if len(blob) != entry["size"] or storage.sha256_bytes(blob) != entry["sha256"]:
+        if len(blob) != entry["size"] or checksums.sha256_bytes(blob) != entry["sha256"]:
             raise BundleError(f"The bundle member {entry['path']} does not match its checksum.")
     tensors = parse_safetensors(members[files["coefficients"]["path"]], "coefficients")
     if set(tensors) != {"coefficients"}:
@@ -275,7 +276,9 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     from . import paths
 
     basis_toml = paths.bases_dir() / meta["basis_id"] / "basis.toml"
-    if not basis_toml.exists():
+    if basis_toml.exists():
+        _check_against_basis(meta)
+    else:
         notes.append(
             f"Basis {meta['basis_id']} is not on this machine, so '{name}' cannot be rendered "
             "yet. Ask the sender for it (`celebctl basis fetch`), or build the basis of the "
@@ -291,6 +294,22 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     return BundlePlan(write=write, original_name=original, notes=notes)
 
 
+def _check_against_basis(meta: dict[str, Any]) -> None:
+    """Refuse a bundle whose identity cannot belong to the basis it names (on this machine): a
+    bundle edited to point at another family's basis would be imported, then fail to render."""
+    from . import basis
+
+    try:
+        info = basis.get_basis_info(meta["basis_id"])
+    except CelebctlError:
+        return  # a damaged basis is doctor's to report; the identity itself is sound
+    problem = basis.identity_mismatch(info, meta)
+    if problem is not None:
+        raise BundleError(f"The bundle's identity '{meta['name']}' does not match its basis: "
+                          f"{problem}. The bundle was edited or damaged; ask the sender for "
+                          "the file again. Nothing was imported.")
+
+
 def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
                   ) -> tuple[registry.Identity, list[str]]:
     """Check a bundle completely, then register it. A bad bundle leaves the registry as it was."""
@@ -298,8 +317,8 @@ def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
     try:
         if path.is_dir():
             raise BundleError(f"{path} is a folder, not a .celeb bundle.")
-        data = storage.read_regular_file(path, MAX_BUNDLE_BYTES)
-    except storage.FileRefused as exc:
+        data = special_files.read_regular_file(path, MAX_BUNDLE_BYTES)
+    except special_files.FileRefused as exc:
         raise BundleError(f"{path} {exc.reason}; give the path of a .celeb bundle.") from None
     except FileNotFoundError:
         raise BundleError(f"No such file: {path}.") from None

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import documents, paths, registry, storage
+from . import documents, paths, registry
 from .errors import CelebctlError, CorruptEntry, SchemaError
+from .storage import atomic, checksums, filemodes, locking, special_files
 
 # Fixes run in this order: undo or finish interrupted writes before their temp files go.
 FIX_ORDER = (
@@ -94,7 +95,7 @@ def repair_home_modes(quick: bool = False) -> list[tuple[Path, int, int]]:
     ``quick`` checks two levels and walks the whole tree only if it finds something there.
     Returns (path, old mode, new mode) for each change.
     """
-    return storage.repair_home_modes(paths.data_home(), deep=not quick)
+    return filemodes.repair_home_modes(paths.data_home(), deep=not quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _check_modes(home: Path) -> list[Problem]:
                 f"{_rel(path, home)} has mode {mode:04o}: other users may read it (the registry "
                 "holds face crops and face embeddings).",
                 f"chmod {wanted:04o}")
-        for path, mode, wanted in storage.home_loose_modes(home)
+        for path, mode, wanted in filemodes.home_loose_modes(home)
     ]
 
 
@@ -118,14 +119,14 @@ def _leftover_problem(path: Path, home: Path) -> Problem:
         return Problem("interrupted-joint", path,
                        f"{rel}: a `joint` refit was interrupted before it committed.",
                        "roll it back: put its identities back as they were")
-    if in_identities and registry.RENAME_INFIX in name.partition(storage.TMP_MARK)[2]:
-        old, _, rest = name.partition(storage.TMP_MARK)
+    if in_identities and registry.RENAME_INFIX in name.partition(atomic.TMP_MARK)[2]:
+        old, _, rest = name.partition(atomic.TMP_MARK)
         new = rest[len(registry.RENAME_INFIX):]
         return Problem("interrupted-rename", path,
                        f"{rel}: renaming '{old}' to '{new}' was interrupted.",
                        f"finish it: keep '{new}' if it was committed, then retire '{old}'")
-    if in_identities and name.endswith(storage.TMP_MARK + registry.PENDING_SUFFIX):
-        owner = name.partition(storage.TMP_MARK)[0]
+    if in_identities and name.endswith(atomic.TMP_MARK + registry.PENDING_SUFFIX):
+        owner = name.partition(atomic.TMP_MARK)[0]
         return Problem("interrupted-replace", path,
                        f"{rel}: replacing '{owner}' was interrupted; files of the unfinished "
                        "write may be left in its folder.",
@@ -139,18 +140,18 @@ def _check_leftovers(home: Path) -> list[Problem]:
     """Temp files and markers in celebctl's own entries of the home (never elsewhere: the home
     may be a folder that also holds the user's files); a temp folder counts once."""
     found = []
-    for entry in storage.own_entries(home):
-        if storage.is_temp_name(entry.name):
+    for entry in filemodes.own_entries(home):
+        if atomic.is_temp_name(entry.name):
             found.append(entry)
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(entry):
             for name in list(dirnames):
-                if storage.is_temp_name(name):
+                if atomic.is_temp_name(name):
                     found.append(Path(dirpath) / name)
                     dirnames.remove(name)
-            found += [Path(dirpath) / name for name in filenames if storage.is_temp_name(name)]
+            found += [Path(dirpath) / name for name in filenames if atomic.is_temp_name(name)]
     return [_leftover_problem(path, home) for path in sorted(found)]
 
 
@@ -164,7 +165,7 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
                         "are not an identity and nothing uses them).", "delete the folder")]
     unusable = "delete the entry: it is not a usable identity (nothing can read it)"
     try:
-        raw = documents.parse_toml(storage.read_regular_file(
+        raw = documents.parse_toml(special_files.read_regular_file(
             toml_path, registry.MAX_TOML_BYTES, follow_symlinks=False))
     except (OSError, ValueError) as exc:
         return [Problem("invalid", folder,
@@ -187,7 +188,7 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
     problems = []
     keep = {registry.IDENTITY_TOML} | {e["path"] for e in ident.meta["files"].values()}
     for child in sorted(folder.iterdir()):
-        if child.name in keep or storage.is_temp_name(child.name):
+        if child.name in keep or atomic.is_temp_name(child.name):
             continue
         problems.append(Problem("unreferenced", child,
                                 f"{_rel(child, home)} is not named by identity.toml of "
@@ -200,7 +201,28 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
             "rendered until you fetch it (`celebctl basis fetch`) or build it with `celebctl "
             "basis build --model MODEL` for the model it was fitted with (its metadata says "
             f"{str(ident.meta.get('model'))!r})."))
+    else:
+        problems += _basis_mismatch(ident, folder)
     return problems
+
+
+def _basis_mismatch(ident: Any, folder: Path) -> list[Problem]:
+    """An identity whose record cannot belong to its basis (another family, other widths or
+    component count): render would refuse it with advice that cannot work."""
+    from . import basis
+
+    try:
+        info = basis.get_basis_info(ident.basis_id)
+    except CelebctlError:
+        return []  # the basis itself is reported by _check_bases
+    problem = basis.identity_mismatch(info, ident.meta)
+    if problem is None:
+        return []
+    return [Problem(
+        "basis-mismatch", folder,
+        f"'{ident.name}' does not match its basis: {problem}. Its identity.toml was edited or "
+        f"came from a damaged bundle; re-import the bundle, or re-add it (`celebctl add "
+        f"{ident.name} PHOTO --replace --model MODEL`).")]
 
 
 def _check_identities(home: Path) -> list[Problem]:
@@ -209,7 +231,7 @@ def _check_identities(home: Path) -> list[Problem]:
         return []
     problems = []
     for folder in sorted(root.iterdir()):
-        if storage.is_temp_name(folder.name):
+        if atomic.is_temp_name(folder.name):
             continue
         if folder.is_symlink():
             problems.append(Problem("link", folder, registry.symlink_message(folder),
@@ -232,7 +254,7 @@ def _check_bases(home: Path) -> list[Problem]:
         return []
     problems = []
     for folder in sorted(root.iterdir()):
-        if storage.is_temp_name(folder.name):
+        if atomic.is_temp_name(folder.name):
             continue
         hint = (f"Remove it with `celebctl basis remove {folder.name} --force` and build or "
                 "fetch it again.")
@@ -247,7 +269,7 @@ def _check_bases(home: Path) -> list[Problem]:
                                     f"{_rel(folder, home)} is not a basis folder. {hint}"))
             continue
         with contextlib.suppress(OSError, ValueError):
-            version = documents.parse_toml(storage.read_regular_file(
+            version = documents.parse_toml(special_files.read_regular_file(
                 folder / basis.META_FILE, basis.MAX_META_BYTES, follow_symlinks=False)).get(
                 "schema_version")
             if isinstance(version, int) and version > basis.SCHEMA_VERSION:
@@ -258,7 +280,7 @@ def _check_bases(home: Path) -> list[Problem]:
                 continue
         try:
             info = basis._read_meta(folder)
-            digest = storage.sha256_file(folder / basis.TENSORS_FILE)
+            digest = checksums.sha256_file(folder / basis.TENSORS_FILE)
         except CelebctlError as exc:
             problems.append(Problem("invalid", folder, f"{exc}"))
             continue
@@ -301,16 +323,16 @@ def _apply(problem: Problem) -> None:
     elif problem.kind == "interrupted-replace":
         registry.finish_pending_replace(path)
     elif problem.kind in ("temp", "unreferenced"):
-        storage.remove_tree(path)
+        atomic.remove_tree(path)
     elif problem.kind in ("uncommitted", "invalid") and path.parent == paths.identities_dir():
         registry.discard_folder(path)
         registry.forget_in_list_cache([path.name])
     elif problem.kind == "link":
         if path.is_symlink():
-            storage.remove_file(path)
+            atomic.remove_file(path)
     elif problem.kind == "mode":
         if os.path.lexists(path) and not path.is_symlink():
-            os.chmod(path, storage.DIR_MODE if path.is_dir() else storage.FILE_MODE)
+            os.chmod(path, atomic.DIR_MODE if path.is_dir() else atomic.FILE_MODE)
 
 
 def _apply_all(problems: list[Problem], report: DoctorReport) -> None:
@@ -338,7 +360,7 @@ def run_doctor(fix: bool = False) -> DoctorReport:
     if not fix:
         report.remaining = list(report.problems)
         return report
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         # Finishing or undoing an interrupted write changes what else is wrong (a file that
         # looked unreferenced may be named again), so those fixes go first and the rest is
         # checked afresh before it is fixed.

@@ -3,8 +3,20 @@
 - ``(text)`` multiplies the attention to ``text`` by 1.1, ``((text))`` by 1.21, and so on;
   ``[text]`` divides it by 1.1; ``(text:1.3)`` sets the multiplier to 1.3 (nested groups
   multiply). An unclosed bracket applies to the rest of the prompt, a stray closing one is text.
-- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are the literal characters.
-- ``BREAK`` (the capitalised word on its own) ends the current 75-token chunk.
+- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are the literal characters. A backslash before
+  any other character, or at the end, is dropped (``cat \\: dog`` is ``cat : dog``), as the WebUI
+  drops it; only before a registered identity's name does it stay, for the identity finder to
+  read ``\\grace`` as the plain word (``keep_escaped``).
+- ``BREAK`` (the capitalised word on its own) ends the current 75-token chunk, also inside a
+  weighted group. (There the WebUI sends the word "BREAK" to the text encoder instead, a side
+  effect of how it marks breaks; a break is what the person typed it for.)
+- A weight is at most ``MAX_WEIGHT`` in size, or PromptError: useful weights lie between about
+  0.5 and 1.5, half-precision encodings overflow a little past 100 times their size, and a weight
+  past float32's range (about 930 nested brackets) made the image black.
+
+WebUI syntax that celebctl does not implement (prompt editing ``[a:b:n]``, alternation
+``[a|b]``, composable ``AND``, extra networks such as ``<lora:name:1>``) is read by the rules
+above, as text; :func:`unsupported_syntax` names what a prompt uses, so the caller can say so.
 
 The result is a list of :class:`Fragment` (text with its weight) and :data:`BREAK` markers.
 compel (on the package index) parses a different syntax (``word+``, ``(text)1.3``) and builds
@@ -13,11 +25,20 @@ the conditioning itself, with no place for identity slots, so celebctl does not 
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .errors import PromptError
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
+# The largest weight (in size) a prompt may give; (text:100) or 49 nested brackets.
+MAX_WEIGHT = 100.0
+# Weights are stored and compared rounded to this many decimals (float products of 1.1 differ
+# in their last bits depending on the order they were multiplied in).
+WEIGHT_DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -39,7 +60,7 @@ BREAK = _Break()
 
 _TOKEN = re.compile(
     r"\\[()\[\]\\]"  # an escaped bracket or backslash
-    r"|\\"  # a lone backslash is text
+    r"|\\"  # a lone backslash: dropped unless it marks a plain identity word
     r"|\("
     r"|\["
     r"|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)"  # ":1.3)" closes a round group with a weight
@@ -51,11 +72,17 @@ _TOKEN = re.compile(
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
-def parse(text: str) -> list[Fragment | _Break]:
+def parse(text: str, keep_escaped: Iterable[str] = (), label: str = "prompt"
+          ) -> list[Fragment | _Break]:
     """Split ``text`` into weighted fragments and BREAK markers (adjacent equal weights merged).
 
-    The rules are the WebUI's, written out in the module docstring.
+    The rules are the WebUI's, written out in the module docstring. A backslash stays in the
+    text only right before one of the words in ``keep_escaped`` (lowercase identity names).
+    Raises PromptError, naming ``label``, for a weight larger than ``MAX_WEIGHT``.
     """
+    kept = sorted({name.lower() for name in keep_escaped}, key=len, reverse=True)
+    kept_after = (re.compile(rf"(?:{'|'.join(re.escape(n) for n in kept)})(?![\w\-])",
+                             re.IGNORECASE) if kept else None)
     pieces: list[list] = []  # [text, weight] pairs, weights multiplied in place
     round_starts: list[int] = []
     square_starts: list[int] = []
@@ -68,6 +95,11 @@ def parse(text: str) -> list[Fragment | _Break]:
         token = match.group(0)
         if token.startswith("\\") and len(token) == 2:
             pieces.append([token[1], 1.0])
+        elif token == "\\":
+            # The WebUI drops a backslash that escapes nothing; "\grace" keeps it for the
+            # identity finder.
+            if kept_after is not None and kept_after.match(text, match.end()):
+                pieces.append([token, 1.0])
         elif token == "(":
             round_starts.append(len(pieces))
         elif token == "[":
@@ -85,8 +117,11 @@ def parse(text: str) -> list[Fragment | _Break]:
     for start in square_starts:
         multiply(start, SQUARE)
 
+    _check_weights(pieces, label)
+
     out: list[Fragment | _Break] = []
-    for piece_text, weight in pieces:
+    for piece_text, raw_weight in pieces:
+        weight = round(raw_weight, WEIGHT_DECIMALS)
         parts = _BREAK.split(piece_text)
         for index, part in enumerate(parts):
             if index:
@@ -95,10 +130,42 @@ def parse(text: str) -> list[Fragment | _Break]:
                 if out and isinstance(out[-1], Fragment) and out[-1].weight == weight:
                     out[-1] = Fragment(out[-1].text + part, weight)
                 else:
-                    out.append(Fragment(part, round(weight, 6)))
+                    out.append(Fragment(part, weight))
     if not any(isinstance(item, Fragment) for item in out):
         return [item for item in out if item is not BREAK] or []
     return out
+
+
+def _check_weights(pieces: list[list], label: str) -> None:
+    for piece_text, weight in pieces:
+        if not piece_text.strip():
+            continue  # a weight on nothing changes nothing
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            shown = f"{weight:.4g}" if math.isfinite(weight) else "too large to hold"
+            raise PromptError(
+                f"The {label} gives {piece_text.strip()[:40]!r} a weight of {shown}; celebctl "
+                f"accepts weights from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (useful ones lie "
+                "between about 0.5 and 1.5). Remove some brackets or lower the (text:weight)."
+            )
+
+
+# WebUI syntax celebctl reads as text. Escaped brackets are taken out before these are tried.
+_UNSUPPORTED = (
+    (re.compile(r"\[[^\[\]]*:[^\[\]]*:\s*[\d.]+\s*\]|\[[^\[\]]*:\s*[\d.]+\s*\]"),
+     "prompt editing [from:to:when]"),
+    (re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"), "alternation [a|b]"),
+    (re.compile(r"\bAND\b"), "composable prompts (AND)"),
+    (re.compile(r"<(?:lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE),
+     "extra networks (<lora:...>, <hypernet:...>)"),
+)
+_ESCAPED = re.compile(r"\\.")
+
+
+def unsupported_syntax(text: str) -> list[str]:
+    """The WebUI features ``text`` uses that celebctl does not implement (they are read as
+    text by :func:`parse`), each named once, in the order of ``_UNSUPPORTED``."""
+    plain = _ESCAPED.sub("__", text)
+    return [what for pattern, what in _UNSUPPORTED if pattern.search(plain)]
 
 
 _SPECIAL = re.compile(r"([()\[\]\\])")
@@ -109,9 +176,17 @@ def escape(text: str) -> str:
     return _SPECIAL.sub(r"\\\1", text)
 
 
+def format_weight(weight: float) -> str:
+    """A weight as the WebUI prompt writes it: up to 4 decimals, no trailing zeros (1.4641, 1.1,
+    0.9091)."""
+    text = f"{weight:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def render(fragments: list[Fragment | _Break]) -> str:
-    """Fragments back as WebUI text: ``(text:1.21)`` for weighted ones, ``BREAK`` for breaks,
-    literal brackets escaped; :func:`parse` of the result gives the same fragments."""
+    """Fragments back as WebUI text: ``(text:1.21)`` for weighted ones (weights to 4 decimals),
+    ``BREAK`` for breaks, literal brackets escaped; :func:`parse` of the result gives the same
+    fragments, their weights rounded to 4 decimals."""
     parts = []
     for item in fragments:
         if item is BREAK:
@@ -119,5 +194,5 @@ def render(fragments: list[Fragment | _Break]) -> str:
         elif item.weight == 1.0:
             parts.append(escape(item.text))
         else:
-            parts.append(f"({escape(item.text)}:{item.weight:.3g})")
+            parts.append(f"({escape(item.text)}:{format_weight(item.weight)})")
     return "".join(parts)

@@ -209,7 +209,9 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     An existing file is never replaced unless ``overwrite``. Nothing is written on error.
     """
     from . import bundles, registry
-    from .storage import _storage_error, refuse_special_file, write_user_file
+    from .storage.atomic import _storage_error
+    from .storage.special_files import refuse_special_file
+    from .storage.userfiles import write_user_file
 
     if fmt not in FORMATS:
         raise InvalidOption(f"Unknown export format '{fmt}': use {', '.join(FORMATS)}.")

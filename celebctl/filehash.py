@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import paths, storage
+from . import paths
+from .storage import atomic, special_files
 
 MODEL_HASH_CHARS = 10  # the WebUI's "Model hash" (its sha256-based short hash)
 EMBEDDING_HASH_CHARS = 12  # the WebUI's "TI hashes"
@@ -37,7 +38,8 @@ def _stat_key(path: Path) -> list[int]:
 
 def _load() -> dict[str, Any]:
     try:
-        raw = storage.read_regular_file(_cache_path(), _MAX_CACHE_BYTES, follow_symlinks=False)
+        raw = special_files.read_regular_file(_cache_path(), _MAX_CACHE_BYTES,
+                                              follow_symlinks=False)
         data = json.loads(raw)
     except (OSError, ValueError, RecursionError):
         return {}
@@ -46,8 +48,8 @@ def _load() -> dict[str, Any]:
 
 def _save(entries: dict[str, Any]) -> None:
     try:
-        storage.ensure_private_dir(_cache_path().parent)
-        storage.atomic_write_text(_cache_path(), json.dumps(entries))
+        atomic.ensure_private_dir(_cache_path().parent)
+        atomic.atomic_write_text(_cache_path(), json.dumps(entries))
     except Exception:  # noqa: BLE001 - a read-only data home must not break a render
         pass
 

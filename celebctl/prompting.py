@@ -150,23 +150,27 @@ def with_person_nouns(parsed: ParsedPrompt) -> ParsedPrompt:
                         weights=weights if parsed.weights else [])
 
 
-def clean_prompt(text: str, allow_empty: bool = False) -> str:
+def clean_prompt(text: str, allow_empty: bool = False, label: str = "prompt") -> str:
     """Normalise a prompt: NFC, whitespace runs to one space; refuse what cannot be rendered.
 
     An empty prompt is an error unless ``allow_empty`` (negative prompts may be empty).
+    ``label`` names the text in messages ("negative prompt").
     """
     if not isinstance(text, str):
-        raise PromptError("The prompt must be text.")
+        raise PromptError(f"The {label} must be text.")
     if len(text) > MAX_PROMPT_CHARS:
         raise PromptError(
-            f"The prompt is {len(text):,} characters long; the model reads at most 77 tokens "
-            "(a few hundred characters). Shorten it."
+            f"The {label} is {len(text):,} characters long; celebctl takes at most "
+            f"{MAX_PROMPT_CHARS:,}. It encodes at most {MAX_CHUNKS} chunks of {CHUNK_TOKENS} "
+            f"tokens ({MAX_CHUNKS * CHUNK_TOKENS} tokens, about {MAX_PROMPT_CHARS:,} characters "
+            "of English): the text encoder reads 75 tokens at a time, and each chunk is one more "
+            "pass of it and a longer cross-attention in every denoising step. Shorten it."
         )
     text = unicodedata.normalize("NFC", text)
     bad = [c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"]
     if bad:
         raise PromptError(
-            "The prompt contains control characters "
+            f"The {label} contains control characters "
             f"({', '.join(sorted({repr(c) for c in bad})[:8])}); remove them."
         )
     text = " ".join(text.split())
@@ -193,19 +197,20 @@ def word_name_note(name: str) -> str | None:
 
 
 def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False,
-                 explicit_only: bool = False) -> ParsedPrompt:
+                 explicit_only: bool = False, label: str = "prompt") -> ParsedPrompt:
     """Find registered identities in ``text``, which may use the WebUI's weighting syntax.
 
     Bare words match case-insensitively at word boundaries ("Alice's" finds alice, "malice"
     does not); `<name>` is the explicit form and must name a registered identity. ``\\grace``
     is the plain word "grace" even when an identity has that name, and with ``explicit_only``
     only `<name>` names identities. An identity inside a weighted group gets its weight. An
-    empty ``text`` raises PromptError unless ``allow_empty`` (for negative prompts).
+    empty ``text`` raises PromptError unless ``allow_empty`` (for negative prompts); ``label``
+    names the text in messages ("negative prompt").
     """
-    text = clean_prompt(text, allow_empty=allow_empty)
+    text = clean_prompt(text, allow_empty=allow_empty, label=label)
     known_set = {k.lower() for k in known}
     parsed = ParsedPrompt(text=text)
-    for item in emphasis.parse(text):
+    for item in emphasis.parse(text, keep_escaped=known_set, label=label):
         if item is BREAK:
             parsed.segments.append(BREAK)
             parsed.weights.append(1.0)

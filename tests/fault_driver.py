@@ -31,7 +31,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from celebctl import registry, storage
+from celebctl import registry
+from celebctl.storage import faults
 
 SKIP_IN_COPIES = ("models", "cache")  # big or irrelevant to the write path; never touched there
 
@@ -54,13 +55,13 @@ def read_trace(path: Path) -> list[dict]:
     return rows
 
 
-def expand_faults(faults: list[str], trace: list[dict], seed: int, max_points: int | None
+def expand_faults(wanted: list[str], trace: list[dict], seed: int, max_points: int | None
                   ) -> list[str]:
     """Turn "kill@*" / "ENOSPC@*" into concrete specs for this write path."""
     rng = random.Random(seed)
-    allocating = sum(1 for row in trace if row["kind"] in storage.ALLOCATING_KINDS)
+    allocating = sum(1 for row in trace if row["kind"] in faults.ALLOCATING_KINDS)
     specs: list[str] = []
-    for fault in faults:
+    for fault in wanted:
         action, _, at = fault.partition("@")
         if at != "*":
             specs.append(fault)
@@ -82,13 +83,13 @@ def _wait(pid: int) -> dict:
 def _become_case(home: Path, fault: str | None, trace: Path | None, outputs: Path) -> None:
     """In a freshly forked child: point everything at the case and carry on."""
     os.environ["CELEBCTL_HOME"] = str(home)
-    os.environ.pop(storage.FAULT_ENV, None)
-    os.environ.pop(storage.FAULT_TRACE_ENV, None)
+    os.environ.pop(faults.FAULT_ENV, None)
+    os.environ.pop(faults.FAULT_TRACE_ENV, None)
     if fault:
-        os.environ[storage.FAULT_ENV] = fault
+        os.environ[faults.FAULT_ENV] = fault
     if trace:
-        os.environ[storage.FAULT_TRACE_ENV] = str(trace)
-    storage.reset_fault_counter()
+        os.environ[faults.FAULT_TRACE_ENV] = str(trace)
+    faults.reset_fault_counter()
     for fd, suffix in ((1, ".out"), (2, ".err")):
         target = os.open(str(outputs) + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)

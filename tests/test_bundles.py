@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celebctl import bundles, paths, registry, storage
+from celebctl import bundles, paths, registry
 from celebctl.errors import BundleError, CelebctlError
+from celebctl.storage import checksums
 from tests.helpers import add_identity
 
 
@@ -120,9 +121,9 @@ def test_duplicate_members(tmp_path, bundle_bytes):
 def _replace_coefficients(members: dict[str, bytes], blob: bytes) -> dict[str, bytes]:
     """Swap the coefficients file and fix the TOML's checksum so only the content is wrong."""
     name = next(n for n in members if n.startswith("coefficients-"))
-    old_sha = storage.sha256_bytes(members[name])
+    old_sha = checksums.sha256_bytes(members[name])
     toml = members[registry.IDENTITY_TOML].decode()
-    toml = toml.replace(old_sha, storage.sha256_bytes(blob))
+    toml = toml.replace(old_sha, checksums.sha256_bytes(blob))
     toml = toml.replace(f"size = {len(members[name])}", f"size = {len(blob)}")
     out = dict(members)
     out[name] = blob
@@ -231,3 +232,29 @@ def test_mutated_bundles_only_raise_celebctl_errors(tmp_path, bundle_bytes, posi
         # A mutation that left the bundle valid (e.g. in zip padding) imports whole.
         ident.load_coefficients()
         registry.remove_identity(ident.name)
+
+
+def test_a_bundle_must_match_the_family_of_its_basis(tiny_home, tmp_path):
+    # An SDXL identity rewritten to name the SD 1.x tiny basis was imported, and then render
+    # gave advice that could not work; it is refused on import now.
+    from celebctl import basis
+    from tests.helpers import craft_bundle
+
+    info = basis.list_bases()[0]
+    assert info.family == "sd1"
+    sdxl = {"schema_version": 3, "family": "sdxl", "hidden": 80, "encoder_widths": [32, 48],
+            "components": info.components}
+    before = _snapshot_home()
+    bundle = craft_bundle(tmp_path / "xena.celeb", "xena", meta=sdxl, basis_id=info.id)
+    with pytest.raises(BundleError, match=(
+            f"^The bundle's identity 'xena' does not match its basis: it is recorded as fitted "
+            f"for SDXL, but its basis {info.id} is a SD 1.x basis .*Nothing was imported")):
+        bundles.import_bundle(bundle)
+    fewer = craft_bundle(tmp_path / "few.celeb", "few", basis_id=info.id,
+                         meta={"components": 16},
+                         coefficients=np.full((2, 16), 0.25, dtype=np.float32))
+    with pytest.raises(BundleError, match="has 16 coefficients per position, but its basis"):
+        bundles.import_bundle(fewer)
+    assert _snapshot_home() == before
+    ident, _ = bundles.import_bundle(craft_bundle(tmp_path / "ok.celeb", "ok", basis_id=info.id))
+    assert ident.basis_id == info.id

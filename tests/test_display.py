@@ -126,7 +126,7 @@ def test_an_identity_folder_with_escape_codes_in_its_name(home):
 
 @pytest.mark.parametrize(("text", "shown"), [
     # [text] is WebUI's de-emphasis, so it is shown as the weight it means, never as markup.
-    ("[bold]alice", "(bold:0.909)<alice> person"),
+    ("[bold]alice", "(bold:0.9091)<alice> person"),
     ("\\[bold\\]alice", "\\[bold\\]<alice> person"),
     (":warning: alice", ":warning: <alice> person"),
     ("alice \u202eevil", "<alice> person \u202eevil"),

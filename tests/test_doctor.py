@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from celebctl import doctor, paths, registry, storage
+from celebctl import doctor, paths, registry
 from celebctl.cli import app
+from celebctl.storage import atomic, filemodes, locking
 from tests.helpers import add_identity, make_write
 
 runner = CliRunner()
-TMP = storage.TMP_MARK
+TMP = atomic.TMP_MARK
 
 
 def invoke(*args):
@@ -92,12 +93,12 @@ def test_temp_files_anywhere_are_deleted(two):
     for path in leftovers[1:]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
-    storage.repair_modes(two)
+    filemodes.repair_modes(two)
     code, report = problems_json()
     assert code == 1
     assert kinds(report) == sorted(("temp", str(p.relative_to(two))) for p in leftovers)
     assert invoke("doctor", "--fix").exit_code == 0
-    assert storage.find_temp_files(two) == []
+    assert atomic.find_temp_files(two) == []
     assert [i.name for i in registry.list_identities().identities] == ["alice", "bob"]
 
 
@@ -125,7 +126,7 @@ def test_interrupted_rename_is_rolled_forward(two):
     toml.write_text(toml.read_text().replace('name = "bob"', 'name = "carol"'))
     marker = ids / f"bob{TMP}{registry.RENAME_INFIX}carol"  # ... the old one not yet retired
     marker.write_bytes(b"")
-    storage.repair_modes(two)
+    filemodes.repair_modes(two)
     code, report = problems_json()
     assert code == 1 and kinds(report) == [("interrupted-rename", f"identities/{marker.name}")]
     # Until it is fixed, both names list (nothing is lost) ...
@@ -149,9 +150,9 @@ def test_interrupted_joint_is_rolled_back(two):
     # What a `joint` killed after committing alice, before bob, leaves behind.
     backups = {n: registry._snapshot(n) for n in ("alice", "bob")}
     journal = registry._journal_path()
-    storage.atomic_write_text(journal, json.dumps(
+    atomic.atomic_write_text(journal, json.dumps(
         {"identities": {n: b.name for n, b in backups.items()}}))
-    with storage.writer_lock(paths.lock_path()):  # the lock without the sweep of write_lock
+    with locking.writer_lock(paths.lock_path()):  # the lock without the sweep of write_lock
         registry._commit_identity(make_write("alice", seed=50, basis_id=registry.get_identity(
             "alice").basis_id), replace=True)
     assert not np.array_equal(coefficients("alice"), before["alice"])
@@ -163,7 +164,7 @@ def test_interrupted_joint_is_rolled_back(two):
     assert result.exit_code == 0, result.output
     for name in ("alice", "bob"):
         np.testing.assert_array_equal(coefficients(name), before[name])
-    assert storage.find_temp_files(two) == []
+    assert atomic.find_temp_files(two) == []
 
 
 def test_uncommitted_folder_is_deleted(two):
@@ -219,6 +220,32 @@ def test_missing_and_damaged_bases(two):
     assert tensors.read_bytes() == bytes(data)
 
 
+def test_an_identity_that_does_not_match_its_basis(two):
+    # identity.toml rewritten to say SDXL while it names the SD 1.x tiny basis: doctor was silent
+    # and render's advice contradicted itself.
+    from celebctl import basis, rendering
+    from celebctl.errors import BasisMismatch
+
+    info = basis.list_bases()[0]
+    add_identity("carol", seed=3, p=info.components, basis_id=info.id)
+    toml = paths.identities_dir() / "carol" / registry.IDENTITY_TOML
+    text = toml.read_text()
+    for old, new in (('family = "sd1"', 'family = "sdxl"'), ("hidden = 32", "hidden = 80"),
+                     ("encoder_widths = [\n    32,\n]", "encoder_widths = [32, 48]")):
+        assert old in text, (old, text)
+        text = text.replace(old, new)
+    toml.write_text(text)
+    code, report = problems_json()
+    assert code == 1 and kinds(report) == [("basis-mismatch", "identities/carol")]
+    message = report["problems"][0]["message"]
+    assert message.startswith(f"'carol' does not match its basis: it is recorded as fitted for "
+                              f"SDXL, but its basis {info.id} is a SD 1.x basis")
+    assert report["problems"][0]["fix"] is None
+    with pytest.raises(BasisMismatch, match="^'carol' does not match its basis: it is recorded"):
+        rendering.plan_render("carol at the beach")
+    assert invoke("doctor", "--fix").exit_code == 1 and toml.read_text() == text
+
+
 def test_future_basis_schema(two):
     from celebctl import basis
 
@@ -272,4 +299,4 @@ def test_the_next_write_cleans_up_like_doctor_fix(two):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
     registry.remove_identity("bob")  # any write
-    assert storage.find_temp_files(two) == []
+    assert atomic.find_temp_files(two) == []

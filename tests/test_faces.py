@@ -124,7 +124,7 @@ def test_umeyama_recovers_a_known_similarity():
     angle, scale, shift = 0.3, 1.7, np.array([12.0, -4.0])
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     dst = src @ (scale * rot).T + shift
-    matrix = faces._umeyama(src, dst)
+    matrix = faces.alignment._umeyama(src, dst)
     assert np.allclose(matrix[:, :2], scale * rot) and np.allclose(matrix[:, 2], shift)
 
 
@@ -311,9 +311,9 @@ def test_transparent_palette_index_becomes_white(tmp_path):
 
 def test_pa_and_float_modes_in_memory():
     pa = Image.new("PA", (4, 4))
-    assert faces._to_rgb8(pa).mode == "RGB"
+    assert faces.photos._to_rgb8(pa).mode == "RGB"
     ramp = Image.fromarray(np.linspace(0, 255, 16, dtype=np.float32).reshape(4, 4), mode="F")
-    assert np.asarray(faces._to_rgb8(ramp))[3, 3, 0] == 255
+    assert np.asarray(faces.photos._to_rgb8(ramp))[3, 3, 0] == 255
 
 
 def test_palette_photo_still_has_its_face(tmp_path, astronaut):

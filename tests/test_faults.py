@@ -1,6 +1,6 @@
 """Crashes, full disks, read-only homes and races, run through the real code in subprocesses.
 
-Every change celebctl makes to the disk passes a checkpoint (``storage.fault_point``) first;
+Every change celebctl makes to the disk passes a checkpoint (``faults.fault_point``) first;
 ``CELEBCTL_FAULT`` kills the process there (kill@N), makes that write fail with ENOSPC or EROFS,
 or holds it until a file appears (wait@N:PATH, to order two processes). A kill before every
 checkpoint reaches every state a crash can leave on disk, so the kill schedule below is
@@ -33,8 +33,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from celebctl import paths, registry, storage
+from celebctl import paths, registry
 from celebctl.cli import app
+from celebctl.storage import atomic, faults, filemodes
 from tests.helpers import unit_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def _max_points() -> int | None:
 
 def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in (storage.FAULT_ENV, storage.FAULT_TRACE_ENV, "CELEBCTL_DEBUG")}
+           if k not in (faults.FAULT_ENV, faults.FAULT_TRACE_ENV, "CELEBCTL_DEBUG")}
     # One thread per process: OpenMP spin-waits make parallel runs on 2 cores crawl.
     env.update({"CELEBCTL_HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", **extra})
@@ -104,7 +105,7 @@ def identity_state(home: Path) -> dict[str, str]:
 
 
 def temp_files(home: Path) -> set[str]:
-    return {str(p.relative_to(home)) for p in storage.find_temp_files(home)}
+    return {str(p.relative_to(home)) for p in atomic.find_temp_files(home)}
 
 
 def wait_for_line(trace: Path, number: int, proc: subprocess.Popen, kind: str | None = None,
@@ -141,14 +142,14 @@ def _make_debris(home: Path) -> None:
     """What crashed writers leave behind: a staging folder, a half-written temp file, a pending
     replace (marker + an orphaned new-generation file) and an interrupted rename's marker."""
     ids = home / "identities"
-    staging = ids / f"dave{storage.TMP_MARK}4242-new"
+    staging = ids / f"dave{atomic.TMP_MARK}4242-new"
     staging.mkdir(mode=0o700)
     shutil.copy(next((ids / "alice").glob("coefficients-*")), staging / "coefficients-x.bin")
-    (staging / f"identity.toml{storage.TMP_MARK}4242-0001").write_bytes(b"schema_vers")
-    (ids / "alice" / f"identity.toml{storage.TMP_MARK}4242-0002").write_bytes(b"")
-    (ids / f"alice{storage.TMP_MARK}{registry.PENDING_SUFFIX}").write_bytes(b"")
+    (staging / f"identity.toml{atomic.TMP_MARK}4242-0001").write_bytes(b"schema_vers")
+    (ids / "alice" / f"identity.toml{atomic.TMP_MARK}4242-0002").write_bytes(b"")
+    (ids / f"alice{atomic.TMP_MARK}{registry.PENDING_SUFFIX}").write_bytes(b"")
     (ids / "alice" / "coefficients-000000000000.safetensors").write_bytes(b"\0" * 64)
-    (ids / f"zoe{storage.TMP_MARK}{registry.RENAME_INFIX}zed").write_bytes(b"")
+    (ids / f"zoe{atomic.TMP_MARK}{registry.RENAME_INFIX}zed").write_bytes(b"")
     for path in [staging, *home.rglob("*")]:
         path.chmod(0o700 if path.is_dir() else 0o600)
 
@@ -177,7 +178,7 @@ def template(_tiny_template, tmp_path_factory) -> Template:
         bundles.export_bundle("carol", bundle)
         registry.remove_identity("carol")
         shutil.rmtree(base / "cache", ignore_errors=True)
-    storage.repair_modes(base)
+    filemodes.repair_modes(base)
     without_bob = root / "without-bob"
     shutil.copytree(base, without_bob, symlinks=True)
     shutil.rmtree(without_bob / "identities" / "bob")

@@ -9,8 +9,9 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from celebctl import bundles, paths, registry, storage
+from celebctl import bundles, paths, registry
 from celebctl.cli import app
+from celebctl.storage import atomic, checksums, filemodes
 from tests.helpers import add_identity
 
 runner = CliRunner()
@@ -29,7 +30,7 @@ def all_modes(root):
 
 def test_everything_written_is_private(tiny_home, _tiny_template, tmp_path):
     # The tiny model (written by diffusers' save_pretrained) and the basis ...
-    assert storage.loose_modes(_tiny_template) == []
+    assert filemodes.loose_modes(_tiny_template) == []
     # ... and what the registry commands write.
     add_identity("alice", seed=1)
     assert invoke("export", "alice", "-o", tmp_path / "a.celeb").exit_code == 0
@@ -52,7 +53,7 @@ def test_loose_home_is_repaired_with_a_warning(celebctl_home):
     assert re.search(r"Warning: Tightened the modes of \d+ entries in the data home that other "
                      r"users could read: \. \(0755 -> 0700\)", result.stderr), result.stderr
     assert "face crops and face embeddings" in result.stderr
-    assert storage.loose_modes(celebctl_home) == []  # the whole tree, not just the top
+    assert filemodes.loose_modes(celebctl_home) == []  # the whole tree, not just the top
     assert invoke("list").stderr == ""  # repaired once, quiet afterwards
 
 
@@ -83,10 +84,10 @@ def test_remove_deletes_face_crop_and_embedding(celebctl_home):
     add_identity("bob", seed=2)
     secrets = {ident.meta["files"][role]["sha256"] for role in ("face", "face_embedding")}
     assert invoke("remove", "alice", "--yes").exit_code == 0
-    left = {storage.sha256_file(p) for p in celebctl_home.rglob("*") if p.is_file()}
+    left = {checksums.sha256_file(p) for p in celebctl_home.rglob("*") if p.is_file()}
     assert not secrets & left
     assert not registry.identity_dir("alice").exists()
-    assert storage.find_temp_files(celebctl_home) == []
+    assert atomic.find_temp_files(celebctl_home) == []
     assert "--keep-face" not in invoke("remove", "--help").output
 
 

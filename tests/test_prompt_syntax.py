@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from celebctl import basis, emphasis, models, rendering
 from celebctl.cli import app
 from celebctl.emphasis import BREAK, Fragment
+from celebctl.errors import PromptError
 from celebctl.models.tokenizers import BOS_TOKEN, EOS_TOKEN, clip_vocab_and_merges
 from celebctl.prompting import (
     IdentityMention,
@@ -66,6 +67,134 @@ def test_render_is_parsed_back_to_the_same_weights(text):
     again = emphasis.parse(emphasis.render(fragments))
     assert [(f.text.strip(), round(f.weight, 2)) if f is not BREAK else f for f in again] == [
         (f.text.strip(), round(f.weight, 2)) if f is not BREAK else f for f in fragments]
+
+
+# The examples in the docstring of the WebUI's own parser (AUTOMATIC1111 stable-diffusion-webui,
+# modules/prompt_parser.py, parse_prompt_attention), with the weights rounded as celebctl keeps
+# them (6 decimals: the WebUI's 1.5730000000000004 is 1.573 here).
+WEBUI_EXAMPLES = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), WEBUI_EXAMPLES)
+def test_the_webui_parsers_documented_examples(text, expected):
+    assert emphasis.parse(text) == [Fragment(t, w) for t, w in expected]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A backslash that escapes nothing is dropped, as the WebUI drops it.
+    ("cat \\: dog", "cat : dog"),
+    ("a \\hat", "a hat"),
+    ("the end \\", "the end "),
+    ("\\\\hat", "\\hat"),  # an escaped backslash stays one backslash
+])
+def test_a_backslash_before_an_ordinary_character_is_dropped(text, expected):
+    assert emphasis.parse(text) == [Fragment(expected)]
+
+
+def test_a_dropped_backslash_is_not_sent_to_the_text_encoder(tokenizer):
+    # "cat \: dog" is 3 tokens in the WebUI; the backslash was a 4th here.
+    [window] = tokenize_chunks(parse_prompt("cat \\: dog", []), tokenizer)
+    assert ids_of(window) == [BOS, tok("cat"), tok(":"), tok("dog"), EOS]
+    [window] = tokenize_chunks(parse_prompt("a \\hat \\", []), tokenizer)
+    assert ids_of(window) == [BOS, tok("a"), tok("hat"), EOS]
+
+
+def test_the_backslash_before_an_identity_name_still_writes_the_plain_word():
+    assert emphasis.parse("with \\grace", keep_escaped={"grace"}) == [Fragment("with \\grace")]
+    assert emphasis.parse("with \\graceful", keep_escaped={"grace"}) == [
+        Fragment("with graceful")]
+    parsed = parse_prompt("(dancing with \\Grace:1.2) \\hat", ["grace"])
+    assert parsed.identities == [] and parsed.segments == ["dancing with Grace", " hat"]
+
+
+def test_neighbours_of_equal_weight_are_one_fragment_whatever_the_weight(tokenizer):
+    # 1.1 * 1.1 is 1.2100000000000002: the stored weight is rounded, the comparison must be too.
+    assert emphasis.parse("((red)(dress))") == [Fragment("reddress", 1.21)]
+    assert emphasis.parse("(red)(dress)") == [Fragment("reddress", 1.1)]
+    assert emphasis.parse("[[red][dress]]") == [Fragment("reddress", round(1 / 1.21, 6))]
+    [window] = tokenize_chunks(parse_prompt("((red)(dress))", []), tokenizer)
+    [same] = tokenize_chunks(parse_prompt("((reddress))", []), tokenizer)
+    assert ids_of(window) == ids_of(same)
+
+
+def test_break_inside_a_weighted_group_is_a_break():
+    # The WebUI sends the word "BREAK" to the encoder there; celebctl keeps the break.
+    assert emphasis.parse("((a BREAK b))") == [Fragment("a", 1.21), BREAK, Fragment("b", 1.21)]
+
+
+@pytest.mark.parametrize(("fragments", "text"), [
+    ([Fragment("sharp", 1.4641)], "(sharp:1.4641)"),
+    ([Fragment("soft", round(1 / 1.1, 6))], "(soft:0.9091)"),
+    ([Fragment("a", 1.1), Fragment(" b", 1.21)], "(a:1.1)( b:1.21)"),
+    ([Fragment("x", 2.0), Fragment(" y", -0.5)], "(x:2)( y:-0.5)"),
+])
+def test_weights_are_written_with_four_decimals(fragments, text):
+    assert emphasis.render(fragments) == text
+
+
+@pytest.mark.parametrize("text", [
+    "(" * 1990 + "x",  # past float32: the image was all black
+    "(x:101)",
+    "(x:-101)",
+    "(x:" + "9" * 400 + ")",  # a number too large to hold
+    "(((x:99)))",  # 131.8
+])
+def test_weights_past_the_limit_are_refused(text):
+    assert emphasis.parse("((((((((((x:10))))))))))") == [Fragment("x", round(10 * 1.1**9, 6))]
+    with pytest.raises(PromptError, match=r"^The prompt gives 'x' a weight of .* -100 to 100"):
+        emphasis.parse(text)
+
+
+def test_the_weight_limit_names_the_negative_prompt_and_spares_plain_spaces():
+    with pytest.raises(PromptError, match="^The negative prompt gives 'blurry'"):
+        parse_prompt("(blurry:500)", [], allow_empty=True, label="negative prompt")
+    assert emphasis.parse("(x:100) (y:-100)") == [Fragment("x", 100.0), Fragment(" "),
+                                                  Fragment("y", -100.0)]
+    assert emphasis.parse("a (  :1000) b") == [Fragment("a "), Fragment("  ", 1000.0),
+                                               Fragment(" b")]
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("a [cat:dog:0.5] photo", ["prompt editing [from:to:when]"]),
+    ("a [dog:10] photo", ["prompt editing [from:to:when]"]),
+    ("a [cat|dog] photo", ["alternation [a|b]"]),
+    ("a cat AND a dog", ["composable prompts (AND)"]),
+    ("a cat <lora:film_grain:0.8>", ["extra networks (<lora:...>, <hypernet:...>)"]),
+    ("[a|b] AND <hypernet:x:1>", ["alternation [a|b]", "composable prompts (AND)",
+                                  "extra networks (<lora:...>, <hypernet:...>)"]),
+    ("a cat and a dog, [soft], 16:9, <alice>", []),
+    ("\\[cat:dog:0.5\\] \\[a|b\\]", []),  # escaped brackets: text in the WebUI too
+])
+def test_unsupported_webui_syntax_is_named(text, found):
+    assert emphasis.unsupported_syntax(text) == found
+
+
+def test_unsupported_webui_syntax_is_a_note_of_the_render_plan():
+    plan = rendering.plan_render("a [cat:dog:0.5] photo <lora:x:1>", "blurry AND ugly",
+                                 model="tiny")
+    notes = [n for n in plan.notes if "celebctl does not support" in n]
+    assert notes == [
+        "The prompt uses the WebUI's prompt editing [from:to:when], which celebctl does not "
+        "support: it is read as plain text (brackets still weight it), so the image differs "
+        "from the WebUI's.",
+        "The prompt uses the WebUI's extra networks (<lora:...>, <hypernet:...>), which "
+        "celebctl does not support: it is read as plain text (brackets still weight it), so "
+        "the image differs from the WebUI's.",
+        "The negative prompt uses the WebUI's composable prompts (AND), which celebctl does "
+        "not support: it is read as plain text (brackets still weight it), so the image "
+        "differs from the WebUI's.",
+    ]
+    assert not [n for n in rendering.plan_render("a (cat:1.2)", model="tiny").notes
+                if "does not support" in n]
 
 
 def test_an_identity_inside_a_weighted_group_gets_its_weight():

@@ -118,6 +118,19 @@ def test_huge_prompt_is_refused_early():
         parse_prompt("a" * 10_000, KNOWN)
 
 
+def test_the_length_limit_message_says_the_real_limit_and_names_the_negative():
+    # The limit is 12 chunks of 75 tokens, not one 77-token window: 2,000 characters render.
+    with pytest.raises(PromptError) as caught:
+        parse_prompt("a" * 6_005, KNOWN)
+    message = str(caught.value)
+    assert message.startswith("The prompt is 6,005 characters long; celebctl takes at most 4,000")
+    assert "12 chunks of 75 tokens (900 tokens" in message and "77 tokens" not in message
+    with pytest.raises(PromptError, match="^The negative prompt is 6,005 characters long"):
+        parse_prompt("a" * 6_005, KNOWN, allow_empty=True, label="negative prompt")
+    with pytest.raises(PromptError, match="^The negative prompt contains control characters"):
+        parse_prompt("a\x00", KNOWN, allow_empty=True, label="negative prompt")
+
+
 @pytest.mark.parametrize("bad", ["\x00", "\x1b[31m", "\x07", "\x7f"])
 def test_control_characters_are_refused(bad):
     with pytest.raises(PromptError, match="control characters"):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from celebctl import paths, registry, storage
+from celebctl import paths, registry
 from celebctl.errors import (
     CelebctlError,
     IdentityExists,
@@ -18,6 +18,7 @@ from celebctl.errors import (
     InvalidName,
     StorageError,
 )
+from celebctl.storage import atomic, checksums
 from tests.helpers import add_identity, make_write
 
 
@@ -41,7 +42,7 @@ def test_save_and_load_round_trip():
     assert loaded.meta["components"] == 32
     assert loaded.meta["fit"] == {"steps": 3, "seed": 1}
     for entry in loaded.meta["files"].values():
-        assert storage.sha256_file(loaded.path / entry["path"]) == entry["sha256"]
+        assert checksums.sha256_file(loaded.path / entry["path"]) == entry["sha256"]
 
 
 def test_existing_name_refused_then_replaced():
@@ -147,17 +148,17 @@ def test_wrong_types_in_toml_are_explained():
 
 def test_interrupted_new_write_leaves_nothing(monkeypatch):
     add_identity("alice", seed=1)
-    real = storage.atomic_write_text
+    real = atomic.atomic_write_text
 
     def crash_on_toml(path, text):
         if path.name == registry.IDENTITY_TOML:
             raise KeyboardInterrupt  # as if the process died between tensors and TOML
         return real(path, text)
 
-    monkeypatch.setattr(storage, "atomic_write_text", crash_on_toml)
+    monkeypatch.setattr(atomic, "atomic_write_text", crash_on_toml)
     with pytest.raises(KeyboardInterrupt):
         add_identity("bob", seed=2)
-    monkeypatch.setattr(storage, "atomic_write_text", real)
+    monkeypatch.setattr(atomic, "atomic_write_text", real)
     scan = registry.list_identities()
     assert [i.name for i in scan.identities] == ["alice"] and scan.warnings == []
     assert not registry.identity_dir("bob").exists()
@@ -165,17 +166,17 @@ def test_interrupted_new_write_leaves_nothing(monkeypatch):
 
 def test_interrupted_replace_keeps_old_identity(monkeypatch):
     add_identity("alice", seed=1)
-    real = storage.atomic_write_text
+    real = atomic.atomic_write_text
 
     def crash_on_toml(path, text):
         if path.name == registry.IDENTITY_TOML:
             raise OSError(28, "No space left on device")
         return real(path, text)
 
-    monkeypatch.setattr(storage, "atomic_write_text", crash_on_toml)
+    monkeypatch.setattr(atomic, "atomic_write_text", crash_on_toml)
     with pytest.raises(OSError):
         registry.save_identity(make_write("alice", seed=2), replace=True)
-    monkeypatch.setattr(storage, "atomic_write_text", real)
+    monkeypatch.setattr(atomic, "atomic_write_text", real)
     ident = registry.get_identity("alice")  # verifies every checksum
     np.testing.assert_array_equal(ident.load_coefficients(), make_write("a", 1).coefficients)
     # The next write sweeps the orphaned new-generation files.
@@ -194,7 +195,7 @@ def test_disk_full_is_a_clear_error(monkeypatch):
         add_identity("alice")
     monkeypatch.setattr(os, "write", real)
     assert registry.list_identities().identities == []
-    assert storage.find_temp_files(paths.data_home()) == []
+    assert atomic.find_temp_files(paths.data_home()) == []
 
 
 def test_joint_style_write_rolls_back_all(monkeypatch):

@@ -311,6 +311,18 @@ def test_too_long_prompt_fails_before_loading(home, no_models, tmp_path):
     assert no_models == [] and not (tmp_path / "r").exists()
 
 
+def test_weights_past_the_limit_fail_before_loading(home, no_models, tmp_path):
+    # 1,990 nested brackets made a weight past float32 and wrote an all-black PNG.
+    with pytest.raises(PromptError, match=r"^The prompt gives 'alice' a weight of .*-100 to 100"):
+        rendering.render_prompt("(" * 1990 + "alice", out_dir=tmp_path / "r")
+    with pytest.raises(PromptError, match=r"^The negative prompt gives 'blurry' a weight of 1e"):
+        rendering.render_prompt("alice", negative="(blurry:100000)", out_dir=tmp_path / "r")
+    result = invoke("render", "(alice:101)", "--dry-run")
+    assert result.exit_code == 1 and "a weight of 101" in result.stderr
+    assert invoke("render", "(alice:100) [[bob]]", "--dry-run").exit_code == 0
+    assert no_models == [] and not (tmp_path / "r").exists()
+
+
 def test_unknown_explicit_identity(home):
     with pytest.raises(IdentityNotFound, match="Did you mean 'alice'"):
         rendering.plan_render("<alise> at the beach")
@@ -325,6 +337,9 @@ def test_unknown_explicit_identity(home):
     ({"steps": 0}, "--steps must be between"),
     ({"num_images": 0}, "--num-images must be between"),
     ({"guidance": float("nan")}, "--guidance must be"),
+    ({"guidance": 1e308}, "--guidance must be a number from 0 to 100"),  # was a black PNG
+    ({"guidance": float("inf")}, "--guidance must be"),
+    ({"guidance": -1.0}, "--guidance must be"),
     ({"scheduler": "plms"}, "Unknown scheduler 'plms'"),
     ({"seed": -1}, "--seed must be between"),
     ({"batch_size": 0}, "--batch-size must be between"),

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from celebctl import paths, registry, storage
+from celebctl import paths, registry
 from celebctl.errors import CorruptEntry
+from celebctl.storage import special_files
 from tests.helpers import PHOTO
 
 runner = CliRunner()
@@ -253,13 +254,13 @@ def test_linked_data_files_are_a_damaged_entry(home, tmp_path):
 def test_read_regular_file_caps_what_it_reads(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(b"x" * 100)
-    assert storage.read_regular_file(path, 100) == b"x" * 100
-    with pytest.raises(storage.FileRefused, match="larger than"):
-        storage.read_regular_file(path, 99)
-    with pytest.raises(storage.FileRefused, match="device"):
-        storage.read_regular_file("/dev/zero", 10)
+    assert special_files.read_regular_file(path, 100) == b"x" * 100
+    with pytest.raises(special_files.FileRefused, match="larger than"):
+        special_files.read_regular_file(path, 99)
+    with pytest.raises(special_files.FileRefused, match="device"):
+        special_files.read_regular_file("/dev/zero", 10)
     link = tmp_path / "link"
     link.symlink_to(path)
-    assert storage.read_regular_file(link, 100) == b"x" * 100
-    with pytest.raises(storage.FileRefused, match="symbolic link"):
-        storage.read_regular_file(link, 100, follow_symlinks=False)
+    assert special_files.read_regular_file(link, 100) == b"x" * 100
+    with pytest.raises(special_files.FileRefused, match="symbolic link"):
+        special_files.read_regular_file(link, 100, follow_symlinks=False)

@@ -219,10 +219,10 @@ def test_auto_batch_size(monkeypatch):
 
 
 def test_render_writes_pngs_on_a_worker_in_order(home, tmp_path, monkeypatch):
-    from celebctl import storage
+    from celebctl.storage import userfiles
 
     threads = []
-    real = storage.write_new_user_file
+    real = userfiles.write_new_user_file
 
     def recording(folder, stem, suffix, data, **kwargs):
         threads.append((threading.current_thread().name, stem))

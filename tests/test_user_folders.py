@@ -14,8 +14,9 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from celebctl import rendering, storage
+from celebctl import rendering
 from celebctl.cli import app
+from celebctl.storage import atomic, filemodes
 from tests.helpers import add_identity
 
 runner = CliRunner()
@@ -83,7 +84,7 @@ def users_folder(tmp_path, monkeypatch):
     (notes / "todo.txt").write_text("buy milk\n")
     (notes / "todo.txt").chmod(0o644)
     # A name that looks like a celebctl temp file, but in the user's own folder.
-    (notes / f"draft{storage.TMP_MARK}1").write_text("keep me\n")
+    (notes / f"draft{atomic.TMP_MARK}1").write_text("keep me\n")
     monkeypatch.setenv("CELEBCTL_HOME", str(folder))
     return folder
 
@@ -105,7 +106,7 @@ def test_a_home_that_existed_keeps_the_users_modes(users_folder, tmp_path):
     assert invoke("rename", "bob", "carol").exit_code == 0
     assert invoke("doctor", "--fix").exit_code in (0, 1)
     assert user_modes(users_folder) == before
-    assert (users_folder / "notes" / f"draft{storage.TMP_MARK}1").read_text() == "keep me\n"
+    assert (users_folder / "notes" / f"draft{atomic.TMP_MARK}1").read_text() == "keep me\n"
     # celebctl's own entries there are private, and loosening them is repaired.
     identities = users_folder / "identities"
     assert mode(identities) == 0o700
@@ -121,7 +122,7 @@ def test_a_home_that_existed_keeps_the_users_modes(users_folder, tmp_path):
 
 def test_a_home_celebctl_creates_is_marked_and_kept_private(celebctl_home):
     add_identity("alice", seed=1)
-    assert storage.home_is_ours(celebctl_home)
+    assert filemodes.home_is_ours(celebctl_home)
     assert mode(celebctl_home) == 0o700
     celebctl_home.chmod(0o755)
     assert "Tightened" in invoke("list").stderr
@@ -135,7 +136,7 @@ def test_missing_parents_of_the_home_are_created_private(tmp_path, monkeypatch):
     add_identity("alice", seed=1)
     assert {mode(home), mode(home.parent), mode(home.parent.parent)} == {0o700}
     assert mode(tmp_path) == before  # the folder that existed is untouched
-    assert storage.home_is_ours(home) and not storage.home_is_ours(home.parent)
+    assert filemodes.home_is_ours(home) and not filemodes.home_is_ours(home.parent)
 
 
 def test_one_atomic_writer_for_user_files():

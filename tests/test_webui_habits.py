@@ -65,6 +65,26 @@ def test_png_metadata_works_for_comfyui_drops_without_a_negative(home, component
     assert comfyui_import(params) == {"positive": "alice person smiling", "negative": ""}
 
 
+def test_pad_conds_is_written_when_prompt_and_negative_were_padded():
+    # The shorter of prompt and negative is padded with empty chunks, as the WebUI's
+    # "Pad prompt/negative prompt" option does; the WebUI writes "Pad conds: True" then.
+    long = ", ".join(["a red house"] * 30)  # 2 chunks
+    plan = rendering.plan_render(long, "blurry", model="tiny")
+    assert len(plan.chunks) == 2 and len(plan.negative_chunks) == 1
+    assert plan.pads_conds(7.5) and not plan.pads_conds(1.0)  # no negative without guidance
+    assert not rendering.plan_render("a red house", "blurry", model="tiny").pads_conds(7.5)
+    assert rendering.plan_render("a red house", long, model="tiny").pads_conds(7.5)
+    # An empty SDXL negative is zeros as long as the prompt: nothing is padded.
+    assert not rendering.plan_render(long, "", model="tiny-xl").pads_conds(7.5)
+    assert rendering.plan_render(long, "", model="tiny").pads_conds(7.5)
+    settings = {"prompt": long, "negative_prompt": "blurry", "steps": 1, "sampler": "DDIM",
+                "cfg_scale": 7.5, "seed": 1, "width": 64, "height": 64, "model": "tiny",
+                "celebctl_version": "0.1.0"}
+    assert "Pad conds" not in webui_fields(rendering.image_parameters(settings))
+    fields = webui_fields(rendering.image_parameters({**settings, "pad_conds": True}))
+    assert fields["Pad conds"] == "True" and list(fields)[-2:] == ["Pad conds", "celebctl"]
+
+
 def test_single_file_models_get_the_webui_model_hash(home, components, tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -159,3 +179,16 @@ def test_the_plain_word_renders_as_a_word(home):
     assert plan.identities == ["alice"] and plan.prompt.expanded() == (
         "<alice> person dancing with grace")
     assert rendering.plan_render("alice dancing with grace").identities == ["alice", "grace"]
+
+
+def test_a_render_whose_prompt_and_negative_were_padded_says_pad_conds(home, components,
+                                                                        tmp_path):
+    long = "alice " + ", ".join(["a red brick wall in the sun"] * 14)  # two 75-token chunks
+    padded = rendering.render_prompt(long, steps=1, components=components,
+                                     out_dir=tmp_path / "a")
+    fields = webui_fields(rendering.read_png_metadata(padded.paths[0])["parameters"])
+    assert fields.get("Pad conds") == "True"
+    short = rendering.render_prompt("alice smiling", steps=1, components=components,
+                                    out_dir=tmp_path / "b")
+    fields = webui_fields(rendering.read_png_metadata(short.paths[0])["parameters"])
+    assert "Pad conds" not in fields

@@ -1,7 +1,8 @@
 """The celeb basis, split by concept.
 
 - :mod:`.compute`: names -> token rows -> mean + principal directions (pure tensor code).
-- :mod:`.store`: bases on disk (metadata, tensors, list, lookup, remove).
+- :mod:`.metadata`: ``basis.toml``: the BasisInfo type, its schema, checked reads and writes.
+- :mod:`.store`: bases on disk (tensors, list, lookup, remove).
 - :mod:`.build`: building a basis from a loaded text encoder; matching a model to a basis.
 - :mod:`.fetch`: registering a basis someone else built.
 
@@ -43,18 +44,16 @@ from .compute import (
     unique_names,
 )
 from .fetch import fetch_basis
+from .metadata import BasisInfo, _read_meta, identity_mismatch, parse_meta
 from .store import (
     Basis,
-    BasisInfo,
     BasisList,
-    _read_meta,
     basis_users,
     get_basis_info,
     info_for_identities,
     is_basis_id,
     list_bases,
     load_basis,
-    parse_meta,
     remove_basis,
 )
 
@@ -65,7 +64,7 @@ __all__ = [
     "TENSORS_FILE", "_read_meta", "basis_id_for", "basis_users", "build_basis",
     "build_basis_for_table", "check_model_matches_basis", "compute_basis",
     "effective_components", "ensure_basis", "fetch_basis", "find_basis_for_model",
-    "get_basis_info", "info_for_identities", "is_basis_id", "list_bases", "load_basis",
-    "load_names", "name_token_ids", "names_sha256", "normalize_name", "parse_meta",
+    "get_basis_info", "identity_mismatch", "info_for_identities", "is_basis_id", "list_bases",
+    "load_basis", "load_names", "name_token_ids", "names_sha256", "normalize_name", "parse_meta",
     "remove_basis", "unique_names",
 ]

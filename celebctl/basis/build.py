@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__, paths, storage
+from .. import __version__, paths
 from ..errors import BasisMismatch, CelebctlError
+from ..storage import atomic, checksums, locking
 from .compute import (
     DEFAULT_COMPONENTS,
     MATCH_RTOL,
@@ -28,16 +29,8 @@ from .compute import (
     names_sha256,
     unique_names,
 )
-from .store import (
-    Basis,
-    BasisInfo,
-    _cumulative,
-    _meta_dict,
-    _read_meta,
-    _serialize,
-    list_bases,
-    load_basis,
-)
+from .metadata import BasisInfo, _cumulative, _meta_dict, _read_meta
+from .store import Basis, _serialize, list_bases, load_basis
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSpec, TextModel
@@ -58,7 +51,7 @@ def _existing(basis_id: str) -> BasisInfo | None:
         info = _read_meta(folder)
     except CelebctlError:
         return None
-    if storage.sha256_file(folder / TENSORS_FILE) != info.tensors_sha256:
+    if checksums.sha256_file(folder / TENSORS_FILE) != info.tensors_sha256:
         return None
     return info
 
@@ -68,13 +61,13 @@ def _write_entry(basis_id: str, tensor_bytes: bytes, meta: dict[str, Any]) -> Pa
     import tomli_w
 
     folder = paths.bases_dir() / basis_id
-    storage.ensure_private_dir(paths.bases_dir())
+    atomic.ensure_private_dir(paths.bases_dir())
     # Readers must never see a TOML that points at other tensors: un-commit first.
-    storage.remove_file(folder / META_FILE)
-    storage.ensure_private_dir(folder)
-    storage.clean_temp_files(folder)
-    storage.atomic_write_bytes(folder / TENSORS_FILE, tensor_bytes)
-    storage.atomic_write_text(folder / META_FILE, tomli_w.dumps(meta))
+    atomic.remove_file(folder / META_FILE)
+    atomic.ensure_private_dir(folder)
+    atomic.clean_temp_files(folder)
+    atomic.atomic_write_bytes(folder / TENSORS_FILE, tensor_bytes)
+    atomic.atomic_write_text(folder / META_FILE, tomli_w.dumps(meta))
     return folder
 
 
@@ -117,13 +110,13 @@ def build_basis_for_table(table: Any, tokenizer: Any, model_ref: str,
         components=data.p, requested_components=components, num_names=data.num_names,
         single_token_names=data.single_token_names, unique_rows=data.unique_rows,
         rank=data.rank, embedding_sha256=emb_sha, tokenizer_sha256=tok_sha, names_sha256=nm_sha,
-        names_source=names_source or "", tensors_sha256=storage.sha256_bytes(tensor_bytes),
+        names_source=names_source or "", tensors_sha256=checksums.sha256_bytes(tensor_bytes),
         created=_now(), celebctl_version=__version__, explained_variance_ratio=ratios,
         explained_variance_cumulative=_cumulative(ratios), family=family,
         encoder_widths=[int(w) for w in (encoder_widths or [data.hidden])],
     )
     _note(progress, f"Writing basis {basis_id}")
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         if not force:
             existing = _existing(basis_id)  # another process may have built it meanwhile
             if existing is not None:

@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import storage
 from ..errors import BasisMismatch, InvalidOption
+from ..storage import special_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -85,8 +85,8 @@ def load_names(path: str | Path | None = None) -> list[str]:
         return _parse_names(text, "The packaged names list")
     file = Path(path).expanduser()
     try:
-        text = storage.read_regular_file(file, MAX_NAMES_BYTES).decode("utf-8")
-    except storage.FileRefused as exc:
+        text = special_files.read_regular_file(file, MAX_NAMES_BYTES).decode("utf-8")
+    except special_files.FileRefused as exc:
         raise InvalidOption(f"Names file {file} {exc.reason}; pass a text file with one name "
                             "per line.") from None
     except FileNotFoundError as exc:

@@ -8,11 +8,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from .. import __version__, documents, paths, storage
+from .. import __version__, documents, paths
 from ..errors import CelebctlError, CorruptEntry, FetchError, InvalidOption
+from ..storage import checksums, locking, special_files
 from .build import _existing, _now, _write_entry
 from .compute import _SHA_RE, MAX_META_BYTES, MAX_TENSORS_BYTES, META_FILE, TENSORS_FILE
-from .store import BasisInfo, _check_tensors, _load_tensor_bytes, _meta_dict, _read_meta, parse_meta
+from .metadata import BasisInfo, _meta_dict, _read_meta, parse_meta
+from .store import _check_tensors, _load_tensor_bytes
 
 # --------------------------------------------------------------------------------------------
 # Fetching
@@ -92,7 +94,7 @@ def _fetch_pair_hf(source: str) -> tuple[Path, Path]:
 
 def _local_pair(source: str) -> tuple[Path, Path]:
     path = Path(source).expanduser()
-    if os.path.exists(path) and not path.is_dir() and not storage.is_regular_file(path):
+    if os.path.exists(path) and not path.is_dir() and not special_files.is_regular_file(path):
         raise FetchError(f"{path} is not a regular file (a pipe, device or socket); pass a "
                          "basis folder or its basis.safetensors file.")
     if path.is_dir():
@@ -115,7 +117,7 @@ def _local_pair(source: str) -> tuple[Path, Path]:
         raise FetchError(f"{source} does not exist. Pass a local basis folder or file, an "
                          "https:// URL or hf://OWNER/REPO/PATH.")
     for needed in (tensors, meta):
-        if os.path.lexists(needed) and not storage.is_regular_file(needed):
+        if os.path.lexists(needed) and not special_files.is_regular_file(needed):
             raise FetchError(f"{needed} is not a regular file (a pipe, device, socket or "
                              "broken link); nothing was read.")
         if not needed.is_file():
@@ -152,15 +154,15 @@ def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
     blobs = []
     for path, limit in ((tensors_path, MAX_TENSORS_BYTES), (meta_path, MAX_META_BYTES)):
         try:
-            blobs.append(storage.read_regular_file(path, limit))
-        except storage.FileRefused as exc:
+            blobs.append(special_files.read_regular_file(path, limit))
+        except special_files.FileRefused as exc:
             raise FetchError(f"{path} {exc.reason}; that is not a basis. Nothing was "
                              "written.") from None
         except OSError as exc:
             raise FetchError(f"Cannot read {path}: {exc.strerror or exc}. Nothing was "
                              "written.") from None
     raw, raw_meta = blobs
-    actual = storage.sha256_bytes(raw)
+    actual = checksums.sha256_bytes(raw)
     if sha256 is not None and actual != sha256:
         raise FetchError(f"Checksum mismatch for {source}: expected sha256 {sha256}, got "
                          f"{actual}. Nothing was written.")
@@ -185,7 +187,7 @@ def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
     meta = _meta_dict(info)
     meta["fetched_from"] = source
     meta["fetched"] = _now()
-    with storage.writer_lock(paths.lock_path()):
+    with locking.writer_lock(paths.lock_path()):
         existing = _existing(info.id)
         if existing is not None:
             return existing, False

@@ -3,6 +3,8 @@
 - :mod:`.specs`: what the user typed -> a ModelSpec; devices and dtypes; which model identities
   use.
 - :mod:`.tokenizers`: the CLIP tokenizer from the packaged vocabulary; token-embedding tables.
+- :mod:`.architectures`: the architecture configs of each family (real and tiny), shared by
+  the built-in models and single-file loading; imports nothing else from the package.
 - :mod:`.builtin`: the built-in models with seeded random weights.
 - :mod:`.singlefile`: single-file checkpoints.
 - :mod:`.loading`: loading a model's parts on a device, with clear errors.
@@ -15,19 +17,9 @@ Everything public is re-exported here, so ``from celebctl import models`` is all
 
 from __future__ import annotations
 
-from .builtin import (
-    TINY_CROSS_ATTENTION_GAIN,
-    TINY_OUTPUT_GAIN,
-    _build_text_encoder,
-    _build_unet,
-    _build_vae,
-    _model_index,
-    _save_diffusers_folder,
+from .architectures import (
+    TINY_RESOLUTION,
     _sd_scheduler_config,
-    build_tiny_model,
-    build_tiny_sd2_model,
-    build_tiny_xl_model,
-    ensure_tiny_model,
     sd15_text_config,
     sd15_unet_config,
     sd15_vae_config,
@@ -37,6 +29,19 @@ from .builtin import (
     sdxl_text_config,
     sdxl_unet_config,
     sdxl_vae_config,
+)
+from .builtin import (
+    TINY_CROSS_ATTENTION_GAIN,
+    TINY_OUTPUT_GAIN,
+    _build_text_encoder,
+    _build_unet,
+    _build_vae,
+    _model_index,
+    _save_diffusers_folder,
+    build_tiny_model,
+    build_tiny_sd2_model,
+    build_tiny_xl_model,
+    ensure_tiny_model,
     tiny_model_dir,
 )
 from .loading import (
@@ -66,7 +71,6 @@ from .specs import (
     TINY,
     TINY_CACHE_NAME,
     TINY_KINDS,
-    TINY_RESOLUTION,
     TINY_SD2,
     TINY_XL,
     ModelSpec,

@@ -11,6 +11,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CelebctlError, InvalidOption, ModelUnavailable
+from .architectures import (
+    TINY_RESOLUTION,
+    sd15_text_config,
+    sd15_unet_config,
+    sd15_vae_config,
+    sdxl_text2_config,
+    sdxl_text_config,
+    sdxl_unet_config,
+    sdxl_vae_config,
+)
 from .builtin import (
     _SEED_TEXT_2,
     _build_scheduler,
@@ -19,9 +29,6 @@ from .builtin import (
     _build_vae,
     _discard_tiny_cache,
     ensure_tiny_model,
-    sd15_text_config,
-    sd15_unet_config,
-    sd15_vae_config,
 )
 from .quiet import quiet_libraries
 from .singlefile import (
@@ -34,7 +41,6 @@ from .specs import (
     SD_RESOLUTION,
     SDXL_RANDOM,
     TINY_KINDS,
-    TINY_RESOLUTION,
     ModelSpec,
     resolve_device,
     resolve_dtype,
@@ -254,7 +260,6 @@ def _load_tiny(name: str, text_only: bool, dtypes: dict[str, Any] | None = None,
 
 def _build_random(kind: str, text_only: bool, note: Any) -> dict[str, Any]:
     """The real SD 1.5 / SDXL architectures with seeded random weights, built on the CPU."""
-    from .builtin import sdxl_text2_config, sdxl_text_config, sdxl_unet_config, sdxl_vae_config
     from .tokenizers import OPENCLIP_PAD_TOKEN
 
     xl = kind == SDXL_RANDOM

@@ -12,7 +12,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .builtin import _sd_scheduler_config, sd15_text_config, sd15_unet_config, sd15_vae_config
+from .architectures import (
+    _sd_scheduler_config,
+    sd15_text_config,
+    sd15_unet_config,
+    sd15_vae_config,
+    sd21_text_config,
+    sd21_unet_config,
+    sdxl_text2_config,
+    sdxl_text_config,
+    sdxl_unet_config,
+    sdxl_vae_config,
+)
 from .tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 _SD1_TEXT_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
@@ -84,14 +95,6 @@ def write_config_folder(folder: Path, family: str) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from .builtin import (
-        sd21_text_config,
-        sd21_unet_config,
-        sdxl_text2_config,
-        sdxl_text_config,
-        sdxl_unet_config,
-        sdxl_vae_config,
-    )
     from .tokenizers import OPENCLIP_PAD_TOKEN
 
     folder.mkdir(parents=True, exist_ok=True)

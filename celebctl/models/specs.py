@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import paths, storage
+from .. import paths
 from ..errors import InvalidOption, ModelUnavailable
+from ..storage import special_files
+from .architectures import TINY_RESOLUTION
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,7 +35,6 @@ TINY_KINDS = (TINY, TINY_SD2, TINY_XL)
 FAMILIES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 768), "sdxl": ("SDXL", 1024)}
 # Bump when the tiny model's architecture or seeds change, so old caches are not reused.
 TINY_CACHE_NAME = "tiny-v2"
-TINY_RESOLUTION = 64
 SD_RESOLUTION = 512
 
 # Files that unpickle on load; we never load them (a checkpoint someone sent can run code).
@@ -100,7 +101,7 @@ def configured_model() -> str | None:
     if not os.path.lexists(config):
         return None
     try:
-        data = documents.parse_toml(storage.read_regular_file(config, MAX_CONFIG_BYTES))
+        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
     except (OSError, ValueError) as exc:
         raise InvalidOption(
             f"Could not read the config file {config}: {exc}. Fix or delete it."
@@ -171,11 +172,11 @@ def family_on_disk(spec: ModelSpec) -> str | None:
 
     try:
         if spec.kind == "folder" and spec.path is not None:
-            index = json.loads(storage.read_regular_file(spec.path / "model_index.json",
+            index = json.loads(special_files.read_regular_file(spec.path / "model_index.json",
                                                          1 << 20))
             if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
                 return "sdxl"
-            config = json.loads(storage.read_regular_file(
+            config = json.loads(special_files.read_regular_file(
                 spec.path / "text_encoder" / "config.json", 1 << 20))
             return "sd2" if int(config.get("hidden_size", 768)) == 1024 else "sd1"
         if spec.kind == "single_file" and spec.path is not None:
@@ -222,7 +223,7 @@ def text_widths(spec: ModelSpec) -> list[int] | None:
     import json
 
     def config_width(path: Path) -> int:
-        return int(json.loads(storage.read_regular_file(path, 1 << 20))["hidden_size"])
+        return int(json.loads(special_files.read_regular_file(path, 1 << 20))["hidden_size"])
 
     try:
         if spec.kind in BUILTIN_WIDTHS:
@@ -278,7 +279,7 @@ def resolve_model_spec(spec: str | ModelSpec | None) -> ModelSpec:
         if path.is_dir():
             return ModelSpec(kind="folder", source=text, ref=str(path), path=path)
         suffix = path.suffix.lower()
-        if not storage.is_regular_file(path):
+        if not special_files.is_regular_file(path):
             raise ModelUnavailable(f"{path} is not a regular file (a pipe, device or socket); "
                                    "pass a diffusers folder or a .safetensors checkpoint.")
         if suffix in SAFE_SUFFIXES:

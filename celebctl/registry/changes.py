@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import storage
+from ..storage import checksums, special_files
 from .reading import identity_dir
 from .schema import IDENTITY_TOML, MAX_TOML_BYTES
 
@@ -34,7 +34,7 @@ def changes_since(mark: int) -> list[str]:
 
 def _toml_sha(path: Path) -> str | None:
     try:
-        return storage.sha256_bytes(storage.read_regular_file(path, MAX_TOML_BYTES,
+        return checksums.sha256_bytes(special_files.read_regular_file(path, MAX_TOML_BYTES,
                                                               follow_symlinks=False))
     except (OSError, ValueError):
         return None

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import paths, storage
+from .. import paths
 from ..errors import CorruptEntry, SchemaError
+from ..storage import atomic, special_files
 from .reading import Identity, _load_identity_dir, _stat_key
 from .schema import IDENTITY_TOML, JOURNAL_SUFFIX, SCHEMA_VERSION
 
@@ -32,7 +33,7 @@ MAX_LIST_CACHE_BYTES = 256 * 1024 * 1024
 
 def _load_list_cache() -> dict[str, Any]:
     try:
-        raw = storage.read_regular_file(_list_cache_path(), MAX_LIST_CACHE_BYTES,
+        raw = special_files.read_regular_file(_list_cache_path(), MAX_LIST_CACHE_BYTES,
                                         follow_symlinks=False)
         data = json.loads(raw)
     except (OSError, ValueError, RecursionError):
@@ -83,9 +84,9 @@ def forget_in_list_cache(names: Iterable[str]) -> None:
 
 def _save_list_cache(entries: dict[str, Any]) -> None:
     try:
-        storage.ensure_private_dir(_list_cache_path().parent)
+        atomic.ensure_private_dir(_list_cache_path().parent)
         payload = {"schema_version": SCHEMA_VERSION, "entries": entries}
-        storage.atomic_write_text(_list_cache_path(), json.dumps(payload))
+        atomic.atomic_write_text(_list_cache_path(), json.dumps(payload))
     except Exception:  # a read-only data home must not break `list`
         pass
 
@@ -99,7 +100,7 @@ def list_identities() -> ScanResult:
     cache = _load_list_cache()
     fresh: dict[str, Any] = {}
     for folder in sorted(root.iterdir(), key=lambda p: p.name):
-        if storage.is_temp_name(folder.name):
+        if atomic.is_temp_name(folder.name):
             if folder.name.endswith(JOURNAL_SUFFIX):
                 result.warnings.append(
                     "A `joint` refit is being written or was interrupted; if it was interrupted, "

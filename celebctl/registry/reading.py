@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import documents, paths, storage
+from .. import documents, paths
 from ..errors import CorruptEntry, IdentityChanged, IdentityNotFound
+from ..storage import atomic, checksums, special_files
 from .schema import (
     IDENTITY_TOML,
     JOURNAL_SUFFIX,
@@ -132,7 +133,7 @@ def _parse_toml(raw: bytes, where: str) -> dict[str, Any]:
 def read_toml_quietly(path: Path) -> dict[str, Any] | None:
     """A registry TOML parsed within the limits, or None when it cannot be (never raises)."""
     try:
-        return documents.parse_toml(storage.read_regular_file(path, MAX_TOML_BYTES,
+        return documents.parse_toml(special_files.read_regular_file(path, MAX_TOML_BYTES,
                                                               follow_symlinks=False))
     except (OSError, ValueError):
         return None
@@ -140,10 +141,10 @@ def read_toml_quietly(path: Path) -> dict[str, Any] | None:
 
 def _read_toml_file(path: Path, where: str) -> dict[str, Any]:
     try:
-        raw = storage.read_regular_file(path, MAX_TOML_BYTES, follow_symlinks=False)
+        raw = special_files.read_regular_file(path, MAX_TOML_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         raise CorruptEntry(f"{where} is missing.") from None
-    except storage.FileRefused as exc:
+    except special_files.FileRefused as exc:
         raise CorruptEntry(f"{where} {exc.reason}.") from None
     except OSError as exc:
         raise CorruptEntry(f"{where} cannot be read ({exc.strerror}).") from exc
@@ -179,7 +180,7 @@ def _load_identity_dir(folder: Path, verify: str = "coefficients") -> Identity:
         if size != entry["size"]:
             raise CorruptEntry(f"identities/{name}/{entry['path']} has the wrong size.")
         if verify == "all" or (verify == "coefficients" and role == "coefficients"):
-            if storage.sha256_file(file) != entry["sha256"]:
+            if checksums.sha256_file(file) != entry["sha256"]:
                 raise CorruptEntry(
                     f"identities/{name}/{entry['path']} does not match its checksum."
                 )
@@ -203,14 +204,14 @@ def _read_verified(ident: Identity, role: str) -> bytes:
     limit = MAX_FACE_FILE_BYTES if (role_kind(role) or ("",))[0] == "face" \
         else MAX_TENSOR_FILE_BYTES
     try:
-        data = storage.read_regular_file(ident.path / entry["path"], limit,
+        data = special_files.read_regular_file(ident.path / entry["path"], limit,
                                          follow_symlinks=False)
-    except storage.FileRefused as exc:
+    except special_files.FileRefused as exc:
         raise CorruptEntry(f"identities/{ident.name}/{entry['path']} {exc.reason}.") from None
     except OSError as exc:
         raise CorruptEntry(f"identities/{ident.name}/{entry['path']} cannot be read "
                            f"({exc.strerror or exc}).") from None
-    if storage.sha256_bytes(data) != entry["sha256"]:
+    if checksums.sha256_bytes(data) != entry["sha256"]:
         raise CorruptEntry(f"identities/{ident.name}/{entry['path']} does not match its checksum.")
     return data
 
@@ -235,7 +236,7 @@ def known_names() -> list[str]:
     root = paths.identities_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if not storage.is_temp_name(p.name))
+    return sorted(p.name for p in root.iterdir() if not atomic.is_temp_name(p.name))
 
 
 def get_identity(name: str, verify: str = "all") -> Identity:
@@ -269,9 +270,9 @@ def _joint_journals() -> list[tuple[Path, set[str]]]:
     root = paths.identities_dir()
     found = []
     with contextlib.suppress(OSError):
-        for journal in root.glob(f"*{storage.TMP_MARK}*{JOURNAL_SUFFIX}"):
+        for journal in root.glob(f"*{atomic.TMP_MARK}*{JOURNAL_SUFFIX}"):
             try:
-                plan = documents.parse_json(storage.read_regular_file(
+                plan = documents.parse_json(special_files.read_regular_file(
                     journal, MAX_TOML_BYTES, follow_symlinks=False))
                 names = {str(n) for n in plan["identities"]}
             except (OSError, ValueError, KeyError, TypeError):
@@ -282,7 +283,7 @@ def _joint_journals() -> list[tuple[Path, set[str]]]:
 
 def _journal_writer_alive(journal: Path) -> bool:
     """Whether the process that wrote a journal still runs (its pid is in the file name)."""
-    match = re.search(rf"{re.escape(storage.TMP_MARK)}(\d+)-", journal.name)
+    match = re.search(rf"{re.escape(atomic.TMP_MARK)}(\d+)-", journal.name)
     if not match:
         return False
     try:

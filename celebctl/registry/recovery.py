@@ -7,23 +7,24 @@ import json
 import os
 from pathlib import Path
 
-from .. import paths, storage
+from .. import paths
 from ..errors import StorageError
+from ..storage import atomic
 from .listing import _list_cache_path
 from .reading import identity_dir, read_toml_quietly
 from .schema import IDENTITY_TOML, JOURNAL_SUFFIX, NAME_RE, PENDING_SUFFIX, RENAME_INFIX
 
 
 def _pending_marker(name: str) -> Path:
-    return paths.identities_dir() / f"{name}{storage.TMP_MARK}{PENDING_SUFFIX}"
+    return paths.identities_dir() / f"{name}{atomic.TMP_MARK}{PENDING_SUFFIX}"
 
 
 def _rename_marker(old: str, new: str) -> Path:
-    return paths.identities_dir() / f"{old}{storage.TMP_MARK}{RENAME_INFIX}{new}"
+    return paths.identities_dir() / f"{old}{atomic.TMP_MARK}{RENAME_INFIX}{new}"
 
 
 def _journal_path() -> Path:
-    return paths.identities_dir() / f"joint{storage.TMP_MARK}{os.getpid()}-{JOURNAL_SUFFIX}"
+    return paths.identities_dir() / f"joint{atomic.TMP_MARK}{os.getpid()}-{JOURNAL_SUFFIX}"
 
 
 def discard_folder(folder: Path) -> None:
@@ -35,12 +36,12 @@ def discard_folder(folder: Path) -> None:
     if not os.path.lexists(folder):
         return
     if folder.is_symlink():  # only the link itself is ours; what it points to is not
-        storage.remove_file(folder)
+        atomic.remove_file(folder)
         return
-    trash = storage.temp_path_for(folder)
-    storage.rename(folder, trash)
-    storage.remove_file(trash / IDENTITY_TOML)
-    storage.remove_tree(trash, ignore_errors=True)
+    trash = atomic.temp_path_for(folder)
+    atomic.rename(folder, trash)
+    atomic.remove_file(trash / IDENTITY_TOML)
+    atomic.remove_tree(trash, ignore_errors=True)
 
 
 def _coefficients_sha(folder: Path) -> str | None:
@@ -65,7 +66,7 @@ def _prune_unreferenced(folder: Path) -> None:
     for child in folder.iterdir():
         if child.name not in keep and child.is_file():
             with contextlib.suppress(OSError, StorageError):
-                storage.remove_file(child)
+                atomic.remove_file(child)
 
 
 def _snapshot(name: str) -> Path | None:
@@ -73,12 +74,12 @@ def _snapshot(name: str) -> Path | None:
     folder = identity_dir(name)
     if not (folder / IDENTITY_TOML).exists():
         return None
-    backup = paths.identities_dir() / f"{name}{storage.TMP_MARK}{os.getpid()}-backup"
-    storage.remove_tree(backup)
-    storage.ensure_private_dir(backup)
+    backup = paths.identities_dir() / f"{name}{atomic.TMP_MARK}{os.getpid()}-backup"
+    atomic.remove_tree(backup)
+    atomic.ensure_private_dir(backup)
     for child in folder.iterdir():
-        if child.is_file() and not child.is_symlink() and not storage.is_temp_name(child.name):
-            storage.link_or_copy(child, backup / child.name)
+        if child.is_file() and not child.is_symlink() and not atomic.is_temp_name(child.name):
+            atomic.link_or_copy(child, backup / child.name)
     return backup
 
 
@@ -92,31 +93,31 @@ def _restore(name: str, backup: Path | None) -> None:
         discard_folder(folder)
         return
     # Restore files first, then the TOML (commit point), exactly like a normal write.
-    storage.ensure_private_dir(folder)
+    atomic.ensure_private_dir(folder)
     for child in backup.iterdir():
         if child.name != IDENTITY_TOML and not (folder / child.name).exists():
-            storage.link_or_copy(child, folder / child.name)
-    storage.install_file(backup / IDENTITY_TOML, folder / IDENTITY_TOML)
+            atomic.link_or_copy(child, folder / child.name)
+    atomic.install_file(backup / IDENTITY_TOML, folder / IDENTITY_TOML)
     _prune_unreferenced(folder)
 
 
 def _remove_backups(backups: dict[str, Path | None]) -> None:
     for backup in backups.values():
         if backup is not None:
-            storage.remove_tree(backup, ignore_errors=True)
+            atomic.remove_tree(backup, ignore_errors=True)
 
 
 def finish_pending_replace(marker: Path) -> None:
     """A replace of that identity may have left new files its TOML never came to name: prune."""
-    folder = paths.identities_dir() / marker.name.split(storage.TMP_MARK)[0]
+    folder = paths.identities_dir() / marker.name.split(atomic.TMP_MARK)[0]
     if (folder / IDENTITY_TOML).exists():
         _prune_unreferenced(folder)
-    storage.remove_file(marker)
+    atomic.remove_file(marker)
 
 
 def finish_rename(marker: Path) -> None:
     """Roll an interrupted rename forward: once the new entry is committed, retire the old one."""
-    old, _, rest = marker.name.partition(storage.TMP_MARK)
+    old, _, rest = marker.name.partition(atomic.TMP_MARK)
     new = rest[len(RENAME_INFIX):]
     root = paths.identities_dir()
     if NAME_RE.fullmatch(old) and NAME_RE.fullmatch(new) and old != new:
@@ -125,7 +126,7 @@ def finish_rename(marker: Path) -> None:
         # Retire the old entry only when it is the renamed one (same coefficients) or debris.
         if new_sha not in (None, "unreadable") and old_sha in (new_sha, None):
             discard_folder(root / old)
-    storage.remove_file(marker)
+    atomic.remove_file(marker)
 
 
 def roll_back_joint(journal: Path) -> None:
@@ -141,10 +142,10 @@ def roll_back_joint(journal: Path) -> None:
             continue
         if backup is None:
             _restore(name, None)
-        elif isinstance(backup, str) and storage.is_temp_name(backup) and "/" not in backup \
+        elif isinstance(backup, str) and atomic.is_temp_name(backup) and "/" not in backup \
                 and (root / backup / IDENTITY_TOML).is_file():
             _restore(name, root / backup)
-    storage.remove_file(journal)
+    atomic.remove_file(journal)
 
 
 def recover_leftovers() -> list[Path]:
@@ -156,13 +157,13 @@ def recover_leftovers() -> list[Path]:
     without the lock: a temp file it is writing at this moment only costs it its cache update).
     """
     root = paths.identities_dir()
-    removed = storage.clean_temp_files(_list_cache_path().parent)
+    removed = atomic.clean_temp_files(_list_cache_path().parent)
     if not root.is_dir():
         return removed
-    for journal in sorted(root.glob(f"*{storage.TMP_MARK}*{JOURNAL_SUFFIX}")):
+    for journal in sorted(root.glob(f"*{atomic.TMP_MARK}*{JOURNAL_SUFFIX}")):
         roll_back_joint(journal)
-    for marker in sorted(root.glob(f"*{storage.TMP_MARK}{RENAME_INFIX}*")):
+    for marker in sorted(root.glob(f"*{atomic.TMP_MARK}{RENAME_INFIX}*")):
         finish_rename(marker)
-    for marker in sorted(root.glob(f"*{storage.TMP_MARK}{PENDING_SUFFIX}")):
+    for marker in sorted(root.glob(f"*{atomic.TMP_MARK}{PENDING_SUFFIX}")):
         finish_pending_replace(marker)
-    return removed + storage.clean_temp_files(root)
+    return removed + atomic.clean_temp_files(root)

@@ -13,7 +13,7 @@ from typing import Any
 
 import tomli_w
 
-from .. import paths, storage
+from .. import paths
 from ..errors import (
     CelebctlError,
     CorruptEntry,
@@ -23,6 +23,7 @@ from ..errors import (
     InvalidName,
     StorageError,
 )
+from ..storage import atomic, checksums, locking
 from .changes import _CHANGES, _expect_toml, _toml_sha
 from .listing import forget_in_list_cache
 from .reading import (
@@ -95,7 +96,7 @@ def _tensor_bytes(array, key: str) -> bytes:
 
 def _role_file(role: str, data: bytes) -> tuple[str, str]:
     kind = (role_kind(role) or (role,))[0]
-    sha = storage.sha256_bytes(data)
+    sha = checksums.sha256_bytes(data)
     return f"{kind}-{sha[:12]}{ROLE_SUFFIX[kind]}", sha
 
 
@@ -162,35 +163,35 @@ def _prepare_files(write: IdentityWrite) -> dict[str, bytes]:
 def _write_into(folder: Path, write: IdentityWrite, previous: dict[str, Any] | None,
                 journal: Path | None = None) -> None:
     """Write the data files then the TOML (the commit point) into ``folder``."""
-    storage.ensure_private_dir(folder)
+    atomic.ensure_private_dir(folder)
     files: dict[str, dict[str, Any]] = {}
     for role, data in _prepare_files(write).items():
         filename, sha = _role_file(role, data)
         target = folder / filename
-        if not (target.exists() and storage.sha256_file(target) == sha):
-            storage.atomic_write_bytes(target, data)
+        if not (target.exists() and checksums.sha256_file(target) == sha):
+            atomic.atomic_write_bytes(target, data)
         files[role] = {"path": filename, "sha256": sha, "size": len(data)}
     meta = _render_meta(write, files, previous)
     validate_meta(dict(meta), f"identity '{write.name}'", write.name)
     text = tomli_w.dumps(meta)
     _expect_toml(f"identity '{write.name}' was written in full", write.name,
-                 storage.sha256_bytes(text.encode("utf-8")), journal)
-    storage.atomic_write_text(folder / IDENTITY_TOML, text)
-    storage.fsync_dir(folder)
+                 checksums.sha256_bytes(text.encode("utf-8")), journal)
+    atomic.atomic_write_text(folder / IDENTITY_TOML, text)
+    atomic.fsync_dir(folder)
 
 
 def check_writable() -> None:
     """Fail early (before a long fit) when the data home cannot be written."""
     home = paths.data_home()
-    storage.ensure_private_dir(home)
-    storage.check_writable(home)
+    atomic.ensure_private_dir(home)
+    atomic.check_writable(home)
 
 
 @contextlib.contextmanager
 def write_lock() -> Iterator[None]:
     """The data home's writer lock; also sweeps leftovers of earlier crashed writers."""
-    storage.ensure_private_dir(paths.data_home())
-    with storage.writer_lock(paths.lock_path()):
+    atomic.ensure_private_dir(paths.data_home())
+    with locking.writer_lock(paths.lock_path()):
         recover_leftovers()
         yield
 
@@ -211,23 +212,23 @@ def _commit_identity(write: IdentityWrite, replace: bool,
     if existing:
         previous = read_toml_quietly(folder / IDENTITY_TOML)
         marker = _pending_marker(write.name)
-        storage.atomic_write_bytes(marker, b"")
+        atomic.atomic_write_bytes(marker, b"")
         try:
             _write_into(folder, write, previous, journal)
         finally:
             _prune_unreferenced(folder)
-            storage.remove_file(marker)
+            atomic.remove_file(marker)
     else:
-        root = storage.ensure_private_dir(paths.identities_dir())
+        root = atomic.ensure_private_dir(paths.identities_dir())
         if os.path.lexists(folder):  # a folder with no TOML: debris of an interrupted write
             discard_folder(folder)
-        staging = root / f"{write.name}{storage.TMP_MARK}{os.getpid()}-new"
-        storage.remove_tree(staging)
+        staging = root / f"{write.name}{atomic.TMP_MARK}{os.getpid()}-new"
+        atomic.remove_tree(staging)
         try:
             _write_into(staging, write, None, journal)
-            storage.rename(staging, folder)
+            atomic.rename(staging, folder)
         except BaseException:
-            storage.remove_tree(staging, ignore_errors=True)
+            atomic.remove_tree(staging, ignore_errors=True)
             raise
     forget_in_list_cache([write.name])
     return _load_identity_dir(folder, verify="all")
@@ -267,7 +268,7 @@ def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> li
             # The journal names the snapshots: until it is deleted (the commit point of the
             # whole write), a crash is undone by the next writer (recover_leftovers).
             plan = {"identities": {n: b.name if b else None for n, b in backups.items()}}
-            storage.atomic_write_text(journal, json.dumps(plan))
+            atomic.atomic_write_text(journal, json.dumps(plan))
             for write in writes:
                 done.append(_commit_identity(write, replace=True, journal=journal))
         except BaseException:
@@ -276,11 +277,11 @@ def save_identities(writes: Iterable[IdentityWrite], replace: bool = True) -> li
             with contextlib.suppress(OSError, CelebctlError):
                 for name, backup in backups.items():
                     _restore(name, backup)
-                storage.remove_file(journal)
+                atomic.remove_file(journal)
             if not journal.exists():
                 _remove_backups(backups)
             raise
-        storage.remove_file(journal)
+        atomic.remove_file(journal)
         _remove_backups(backups)
         return done
 
@@ -352,35 +353,35 @@ def rename_identity(old: str, new: str) -> Identity:
             )
         ident = _load_identity_dir(source, verify="all")
         root = paths.identities_dir()
-        staging = root / f"{new}{storage.TMP_MARK}{os.getpid()}-rename"
+        staging = root / f"{new}{atomic.TMP_MARK}{os.getpid()}-rename"
         marker = _rename_marker(old, new)
-        storage.remove_tree(staging)
+        atomic.remove_tree(staging)
         try:
-            storage.ensure_private_dir(staging)
+            atomic.ensure_private_dir(staging)
             for entry in ident.meta["files"].values():
-                storage.link_or_copy(source / entry["path"], staging / entry["path"])
+                atomic.link_or_copy(source / entry["path"], staging / entry["path"])
             meta = dict(ident.meta)
             meta["name"] = new
             meta["updated"] = now_iso()
-            storage.atomic_write_text(staging / IDENTITY_TOML, tomli_w.dumps(meta))
+            atomic.atomic_write_text(staging / IDENTITY_TOML, tomli_w.dumps(meta))
             if os.path.lexists(identity_dir(new)):  # debris without a TOML
                 discard_folder(identity_dir(new))
             # From here a crash is rolled forward by the next writer (finish_rename).
-            storage.atomic_write_bytes(marker, b"")
-            toml_sha = storage.sha256_file(staging / IDENTITY_TOML)
+            atomic.atomic_write_bytes(marker, b"")
+            toml_sha = checksums.sha256_file(staging / IDENTITY_TOML)
             _CHANGES.append((f"identity '{old}' was renamed to '{new}'",
                              lambda: _toml_sha(identity_dir(new) / IDENTITY_TOML) == toml_sha))
-            storage.rename(staging, identity_dir(new))
+            atomic.rename(staging, identity_dir(new))
         except BaseException:
             # The marker is written after the staging folder is complete, so with the staging
             # folder gone the rename was committed and the marker must stay to roll it forward.
             if os.path.lexists(staging):
-                storage.remove_tree(staging, ignore_errors=True)
+                atomic.remove_tree(staging, ignore_errors=True)
                 with contextlib.suppress(StorageError):
-                    storage.remove_file(marker)
+                    atomic.remove_file(marker)
             raise
         # The new entry is committed; now retire the old one.
         discard_folder(source)
-        storage.remove_file(marker)
+        atomic.remove_file(marker)
         forget_in_list_cache([old, new])
         return _load_identity_dir(identity_dir(new), verify="all")

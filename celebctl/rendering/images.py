@@ -44,7 +44,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from ..storage import _storage_error
+        from ..storage.atomic import _storage_error
 
         raise _storage_error(exc, out_dir, user_file=True) from exc
     if not os.access(out_dir, os.W_OK):
@@ -79,7 +79,8 @@ def image_parameters(settings: dict[str, Any]) -> str:
     The prompt lines are what to type in the WebUI with each identity's `export --format a1111`
     file in its embeddings folder: identities by name, with the "person" celebctl added. The
     "Negative prompt:" line is always there, even empty: ComfyUI's import of dropped PNGs
-    reads these parameters only when it finds that line.
+    reads these parameters only when it finds that line. ``pad_conds`` true adds
+    "Pad conds: True".
     """
     lines = [settings.get("webui_prompt", settings["prompt"]),
              f"Negative prompt: {settings.get('webui_negative', settings['negative_prompt'])}"]
@@ -92,10 +93,12 @@ def image_parameters(settings: dict[str, Any]) -> str:
     ]
     if settings.get("model_hash"):
         fields.append(("Model hash", settings["model_hash"]))
-    fields += [
-        ("Model", settings["model"]),
-        ("celebctl", settings["celebctl_version"]),
-    ]
+    fields.append(("Model", settings["model"]))
+    if settings.get("pad_conds"):
+        # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
+        # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).
+        fields.append(("Pad conds", "True"))
+    fields.append(("celebctl", settings["celebctl_version"]))
     if settings.get("basis_id"):
         fields.append(("Basis", settings["basis_id"]))
     if settings.get("identities"):

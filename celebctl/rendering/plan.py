@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import emphasis
 from ..errors import BasisMismatch, InvalidOption
 from ..prompting import (
     CHUNK_TOKENS,
@@ -33,6 +34,9 @@ MAX_STEPS = 1000
 MAX_BATCH = 64
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEED = 2**63 - 1
+# Guidance far past this only burns the image (the WebUI's slider stops at 30); at 1e308 the
+# guided noise overflowed to an all-black picture.
+MAX_GUIDANCE = 100.0
 # Classifier-free guidance when --guidance is not given: the reference samples identities at 10;
 # prompts without an identity keep diffusers' usual 7.5.
 IDENTITY_GUIDANCE = 10.0
@@ -67,6 +71,17 @@ class RenderPlan:
     def model(self) -> str:
         """The model's stable reference (repo id, absolute path, `tiny`, ...)."""
         return self.spec.ref
+
+    def pads_conds(self, guidance: float) -> bool:
+        """True when the render pads the shorter of prompt and negative with empty chunks (the
+        WebUI writes "Pad conds: True" then): their chunk counts differ and guidance uses the
+        negative. An empty SDXL negative is zeros of the prompt's length, never padded."""
+        from ..models import families
+
+        if guidance <= 1 or len(self.chunks) == len(self.negative_chunks):
+            return False
+        return not (not self.negative.text
+                    and families.zero_empty_negative(self.spec.family or ""))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --dry-run --json` prints)."""
@@ -145,6 +160,23 @@ def check_families(idents: Sequence[Any], spec: Any = None, command: str = "rend
             f"--replace --model {spec.ref}`).")
 
 
+def check_records_match_basis(idents: Sequence[Any], info: Any) -> None:
+    """Refuse identities whose record cannot belong to their basis (an identity.toml edited to
+    name another family's basis): no model choice could render them, so say what is wrong."""
+    from ..basis import identity_mismatch
+
+    if info is None:
+        return
+    for ident in idents:
+        problem = identity_mismatch(info, ident.meta)
+        if problem is not None:
+            raise BasisMismatch(
+                f"'{ident.name}' does not match its basis: {problem}. Its identity.toml was "
+                "edited or came from a damaged bundle (`celebctl doctor` lists such "
+                f"identities); re-import the bundle, or re-add it (`celebctl add {ident.name} "
+                "PHOTO --replace --model MODEL`).")
+
+
 def check_widths(idents: Sequence[Any], info: Any, spec: Any, command: str = "render"
                  ) -> None:
     """Refuse, before loading, a model whose text encoders are not as wide as the identities'
@@ -216,7 +248,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
 
     known = registry.known_names()
     parsed = parse_prompt(prompt, known)
-    parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
+    parsed_negative = parse_prompt(negative or "", known, allow_empty=True,
+                                   label="negative prompt")
     if person_noun:
         parsed, parsed_negative = with_person_nouns(parsed), with_person_nouns(parsed_negative)
     names = list(dict.fromkeys(parsed.identities + parsed_negative.identities))
@@ -225,6 +258,7 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     check_families(idents)
     basis_id = _shared_basis(idents)
     info = basis_mod.info_for_identities(basis_id, names) if basis_id else None
+    check_records_match_basis(idents, info)
     spec, notes = models.model_for_identities(
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec)
@@ -241,6 +275,7 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
         )
     chunks = tokenize_chunks(parsed, tokenizer)
     negative_chunks = tokenize_chunks(parsed_negative, tokenizer, label="negative prompt")
+    notes += unsupported_syntax_notes(prompt, negative or "")
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
@@ -251,6 +286,18 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
                       notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
                       person_noun=person_noun, chunks=[c.length - 2 for c in chunks],
                       negative_chunks=[c.length - 2 for c in negative_chunks])
+
+
+def unsupported_syntax_notes(prompt: str, negative: str = "") -> list[str]:
+    """A note for each WebUI feature the prompt or negative uses that celebctl reads as plain
+    text (:func:`emphasis.unsupported_syntax`): the render goes on, but not as the WebUI's."""
+    notes = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        for what in emphasis.unsupported_syntax(text):
+            notes.append(f"The {label} uses the WebUI's {what}, which celebctl does not "
+                         "support: it is read as plain text (brackets still weight it), so the "
+                         "image differs from the WebUI's.")
+    return notes
 
 
 def noise_note(spec: ModelSpec) -> str:
@@ -272,10 +319,13 @@ def check_render_options(*, num_images: int, steps: int, guidance: float | None,
         raise InvalidOption(f"--steps must be between 1 and {MAX_STEPS}.")
     if batch_size is not None and (not whole(batch_size) or not 1 <= batch_size <= MAX_BATCH):
         raise InvalidOption(f"--batch-size must be between 1 and {MAX_BATCH}.")
-    if guidance is not None and (not isinstance(guidance, (int, float))
-                                 or not math.isfinite(guidance) or guidance < 0):
-        raise InvalidOption("--guidance must be a number >= 0 (10 for identities, 7.5 for "
-                            "plain prompts by default; <= 1 turns classifier-free guidance off).")
+    if guidance is not None and (isinstance(guidance, bool)
+                                 or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)
+                                 or not 0 <= guidance <= MAX_GUIDANCE):
+        raise InvalidOption(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (10 for "
+                            "identities, 7.5 for plain prompts by default; useful values lie "
+                            "between about 5 and 15; <= 1 turns classifier-free guidance off).")
     if scheduler not in SCHEDULERS:
         raise InvalidOption(f"Unknown scheduler '{scheduler}': use {', '.join(SCHEDULERS)}.")
     if not whole(seed) or not 0 <= seed or seed + num_images - 1 > MAX_SEED:

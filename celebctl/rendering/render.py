@@ -123,6 +123,7 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
         "basis_id": plan.basis_id,
         "identities": list(plan.identities),
         "person_noun": plan.person_noun,
+        "pad_conds": plan.pads_conds(guidance),
         "celebctl_version": __version__,
     }
     if model_hash:
