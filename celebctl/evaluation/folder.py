@@ -249,8 +249,9 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
     prompt similarity (``prompt``, else each image's own WebUI parameters; ``clip`` None skips
     it). Writes a labelled contact sheet to ``sheet`` when given. Names, identities, the
     prompt, the folder and the sheet path are checked before any model loads."""
-    from .. import faces, models, prompting, registry, storage
+    from .. import faces, models, prompting, registry
     from ..clipscore import load_clip
+    from ..storage import special_files
     from .promptset import check_names
 
     names = list(names)
@@ -274,14 +275,14 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
             progress("score", index, len(files), {})
         try:
             image = faces.load_photo(path, max_side=faces.MAX_DETECTION_SIDE)
-            data = storage.read_regular_file(path, faces.MAX_PHOTO_BYTES)
+            data = special_files.read_regular_file(path, faces.MAX_PHOTO_BYTES)
         except PhotoError as exc:
             reason = str(exc)  # starts with the path; the row names the file already
             if reason.startswith(str(path)):
                 reason = path.name + reason[len(str(path)):]
             rows.append(ScoredImage(path.name, path, skipped=reason))
             continue
-        except (OSError, storage.FileRefused) as exc:  # changed since it was decoded
+        except (OSError, special_files.FileRefused) as exc:  # changed since it was decoded
             rows.append(ScoredImage(path.name, path, skipped=f"{path}: {exc}"))
             continue
         text = image_text(data)

@@ -107,10 +107,10 @@ def write_sheet(data: bytes, path: Path | None = None, folder: Path | None = Non
                 stem: str = "eval-sheet") -> Path:
     """Write the sheet to ``path`` (checked by :func:`check_sheet_path`) or as a new file
     ``stem.png`` in ``folder``; never replaces a file (a name taken meanwhile gets "-1")."""
-    from .. import storage
+    from ..storage import userfiles
 
     if path is not None:
-        return storage.write_new_user_file(path.parent, path.stem, path.suffix, data)
+        return userfiles.write_new_user_file(path.parent, path.stem, path.suffix, data)
     if folder is None:
         raise ValueError("write_sheet needs a path or a folder")
-    return storage.write_new_user_file(folder, stem, ".png", data)
+    return userfiles.write_new_user_file(folder, stem, ".png", data)

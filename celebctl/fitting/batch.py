@@ -99,10 +99,10 @@ def _bundle_path(options: BatchOptions, name: str) -> Path | None:
 
 
 def _photo_hashes(person: Person) -> list[str]:
-    from .. import storage
+    from ..storage.checksums import sha256_file
 
     if not person.sha256:
-        person.sha256 = [storage.sha256_file(photo) for photo in person.photos]
+        person.sha256 = [sha256_file(photo) for photo in person.photos]
     return person.sha256
 
 
@@ -307,9 +307,9 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
         plan = group.broadcast(_decide(people, options) if launch.is_main else None)
         registry.check_writable()
         if options.bundles is not None:
-            from .. import storage
+            from ..storage.atomic import ensure_private_dir
 
-            storage.ensure_private_dir(options.bundles)
+            ensure_private_dir(options.bundles)
         rows = [PersonRow(p.name, p.where, status, reason, rank=launch.rank)
                 for p, (status, reason) in zip(people, plan, strict=True)
                 if status in ("failed", "skipped") and launch.is_main]

@@ -64,9 +64,9 @@ def _read_folder(source: Path) -> list[Person]:
 
 
 def _manifest_rows(source: Path) -> list[tuple[int, list[str]]]:
-    from .. import storage
+    from ..storage.special_files import read_regular_file
 
-    data = storage.read_regular_file(source, MAX_MANIFEST_BYTES)
+    data = read_regular_file(source, MAX_MANIFEST_BYTES)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -209,7 +209,7 @@ def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
 
     from PIL import Image
 
-    from ..storage import is_regular_file
+    from ..storage.special_files import is_regular_file
 
     if not is_regular_file(path, follow_symlinks=False):
         return "is not a regular file"
@@ -297,7 +297,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     from .. import basis as basis_mod
     from .. import models
     from ..distributed import Launch, device_for, shard
-    from ..storage import write_user_file
+    from ..storage.userfiles import write_user_file
 
     started = time.perf_counter()
     launch = group.launch if group is not None else Launch()

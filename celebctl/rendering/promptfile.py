@@ -51,7 +51,7 @@ def image_name(line: PromptLine, seed: int, plain_text: str | None = None) -> st
 def read_prompts_file(path: str | Path) -> list[PromptLine]:
     """The prompts of ``path``, checked (see the module docstring). Raises InvalidOption."""
     from ..documents import visible
-    from ..storage import FileRefused, read_regular_file
+    from ..storage.special_files import FileRefused, read_regular_file
 
     path = Path(path).expanduser()
     shown = visible(str(path))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__, filehash
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
-from ..storage import write_new_user_file
+from ..storage.userfiles import write_new_user_file
 from .encoding import encode_prompt_pair, identity_vectors_for
 from .images import (
     DEFAULT_OUT_DIR,
