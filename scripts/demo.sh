@@ -2,7 +2,8 @@
 # The celebctl demo on the built-in offline `tiny` model. Run it with `make demo`.
 #
 # It builds the basis, adds two people from photos, refits them together, renders a prompt that
-# names both, and exports one of them for other tools. The tiny model has random weights: it
+# names both, exports one of them for other tools, fits a small cast with add-many and renders a
+# prompts file. The tiny model has random weights: it
 # exercises every step of the real pipeline, but its pictures are noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,23 @@ step "celebctl export alice (WebUI/ComfyUI, diffusers, and a .celeb bundle)"
 "${CELEBCTL[@]}" export alice --format diffusers -o "$OUT/alice-diffusers" --force
 "${CELEBCTL[@]}" export alice --format celeb -o "$OUT/alice.celeb" --force
 
+step "Batch: celebctl add-many $OUT/cast ${MODEL[*]}  (a folder per person; resumable)"
+.venv/bin/python - "$OUT/cast" <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image, ImageEnhance, ImageOps
+image = Image.open("tests/data/astronaut.png").convert("RGB")
+cast = {"carol": ImageEnhance.Color(image).enhance(0.4), "dave": ImageOps.mirror(image).rotate(4)}
+for name, photo in cast.items():
+    (Path(sys.argv[1]) / name).mkdir(parents=True, exist_ok=True)
+    photo.save(Path(sys.argv[1]) / name / "photo.png")
+PY
+"${CELEBCTL[@]}" add-many "$OUT/cast" "${MODEL[@]}" --steps 40
+printf 'carol at the beach\ndave shaking hands with carol\n' > "$OUT/prompts.txt"
+
+step "celebctl render --prompts $OUT/prompts.txt --seeds 2  (one prompt a line, batched, resumable)"
+"${CELEBCTL[@]}" render --prompts "$OUT/prompts.txt" --seeds 2 "${MODEL[@]}" --out "$OUT/renders/batch"
+
 step "SDXL: celebctl add xena tests/data/astronaut.png --model tiny-xl, then render"
 "${CELEBCTL[@]}" add xena tests/data/astronaut.png --model tiny-xl --replace --steps 40
 "${CELEBCTL[@]}" render "xena riding a bike" --model tiny-xl -n 2 --out "$OUT/renders"
@@ -63,6 +81,7 @@ elapsed=$(( $(date +%s) - started ))
 step "Done in ${elapsed} s. Everything is under $OUT:"
 echo "  registry (identities, basis, tiny model): $CELEBCTL_HOME"
 echo "  renders and contact sheet:                $OUT/renders"
+echo "  batch (add-many, render --prompts):       $OUT/cast, $OUT/renders/batch"
 echo "  exports:                                  $OUT/alice.safetensors, $OUT/alice-diffusers/, $OUT/alice.celeb"
 echo "  SDXL (tiny-xl) export, clip_l + clip_g:   $OUT/xena-sdxl.safetensors"
 echo
