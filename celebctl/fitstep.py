@@ -318,7 +318,9 @@ class TrainStep:
                 return warm
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            # Captured on the warm-up stream: libraries that set up per-stream state lazily
+            # (cuBLAS workspaces, hipBLASLt handles) did so during the warm-up, not mid-capture.
+            with torch.cuda.graph(graph, stream=stream):
                 self._forward_backward()
         self.graph = graph
         return warm
