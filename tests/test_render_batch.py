@@ -322,10 +322,11 @@ def test_the_replayed_path_renders_what_the_eager_path_renders(home, components,
     for a, b in zip(eager.paths[:2], replayed.paths[:2], strict=True):
         assert np.array_equal(pixels(a), pixels(b))  # same shapes: bit for bit
     # The padded image went through a batch of two: it equals seed 9 in an eager batch of two
-    # bit for bit, and the eager batch of one within a level (a CPU blocks those differently).
+    # and the eager batch of one within a level (a CPU blocks those differently; in the pair it
+    # sits at row 1, padded at row 0, so even equal batch sizes need not agree to the bit).
     pair = rendering.render_prompt("alice", num_images=2, seed=8, steps=3, batch_size=2,
                                    components=components, out_dir=tmp_path / "pair")
-    assert np.array_equal(pixels(pair.paths[1]), pixels(replayed.paths[2]))
+    assert np.abs(pixels(pair.paths[1]) - pixels(replayed.paths[2])).max() <= 1
     assert np.abs(pixels(eager.paths[2]) - pixels(replayed.paths[2])).max() <= 1
 
 

@@ -100,7 +100,8 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
         "negative_expanded": "blurry, <bob> person",
         "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 10.0, "seed": 6,
         "width": 64, "height": 64, "model": "tiny", "basis_id": basis_id,
-        "identities": ["alice", "bob"], "person_noun": True, "celebctl_version": __version__,
+        "identities": ["alice", "bob"], "person_noun": True, "pad_conds": False,
+        "celebctl_version": __version__,
         "webui_prompt": "alice person shaking hands with bob person",
         "webui_negative": "blurry, bob person", "ti_hashes": ti_hashes,
     }
