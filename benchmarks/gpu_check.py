@@ -21,9 +21,10 @@ runs out of time is recorded with the tail of its stderr, and the rest still run
 Each part reports its process's peak GPU memory (torch.cuda.max_memory_allocated) as JSON on a
 marker line. The whole check keeps to ``--budget`` seconds (6 minutes on a GPU): a part gets
 at most what is left. ``--quick`` runs the same parts on the tiny models (tiny, tiny-xl) with a
-few steps. Written under ``--out``: gpu_check.json (everything), gpu-sections.md (the section
-for docs/benchmarks.md) and benchmarks.md (a copy of docs/benchmarks.md with that section put
-between its gpu-check markers).
+few steps. Written under ``--out``, and nothing else: gpu_check.json (everything),
+gpu-sections.md (the section for docs/benchmarks.md) and benchmarks.md (a copy of
+docs/benchmarks.md with that section put between its gpu-check markers). The saved model, the
+data home and the renders go to ``--work`` (a new temporary folder by default).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,7 +108,8 @@ def run_check(out_dir: Path, device: str, quick: bool, parts: list[str] | None =
     """Run the parts (all, or those named), write gpu_check.json, gpu-sections.md and
     benchmarks.md under ``out_dir``; returns the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = work or out_dir / "work"
+    # Not under out_dir: the saved model (2 GB in fp16) and the renders are not results.
+    work = work or Path(tempfile.mkdtemp(prefix="celebctl-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     budget = budget if budget is not None else (360.0 if device.startswith("cuda") else 1800.0)
     timeouts = timeouts or {}
@@ -302,7 +305,9 @@ def main() -> None:
                         help="seconds for the whole check (default 360 on CUDA, 1800 else)")
     parser.add_argument("--timeout", action="append", default=[], metavar="PART=SECONDS",
                         help="another time limit for one part (repeatable)")
-    parser.add_argument("--work", default=None, help="working folder (default OUT/work)")
+    parser.add_argument("--work", default=None,
+                        help="working folder: saved model, data home, renders (default: a new "
+                             "temporary folder)")
     args = parser.parse_args()
     timeouts = {}
     for item in args.timeout:

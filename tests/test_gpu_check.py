@@ -44,7 +44,10 @@ def test_a_dry_run_of_some_parts_writes_the_json_and_the_markdown(tmp_path):
     lines: list[str] = []
     report = gpu_check.run_check(out, "cpu", quick=True,
                                  parts=["save_folder", "autocast", "add", "render_1"],
-                                 timeouts={"save_folder": 1.0}, echo=lines.append)
+                                 timeouts={"save_folder": 1.0}, work=tmp_path / "work",
+                                 echo=lines.append)
+    assert sorted(p.name for p in out.iterdir()) == ["benchmarks.md", "gpu-sections.md",
+                                                      "gpu_check.json"]
     parts = report["parts"]
     assert list(parts) == ["save_folder", "autocast", "add", "render_1"]
     # The save ran out of time; the autocast part still ran (on the built-in tiny model), and
