@@ -158,17 +158,37 @@ def reference_loop(components, pixel_pool, template_ids, placeholder_ids, steps,
     return (stamps[-1] - stamps[0]) / steps
 
 
+def untimed_lead(device_type: str) -> int:
+    """Steps celebctl's fit runs before the timed window opens: its first loss report.
+
+    The fit reports every step on a CPU but only every REPORT_EVERY_GPU steps on CUDA (one
+    host sync each), and on CUDA it first runs WARMUP_STEPS eager steps and captures the graph.
+    Timing starts at the first report after all of that, so the window holds only steady
+    steps; the fit runs ``untimed_lead + steps`` steps and the window is exactly ``steps``.
+    """
+    from celebctl.fitstep import WARMUP_STEPS
+    from celebctl.fitting import REPORT_EVERY_GPU
+
+    if device_type != "cuda":
+        return 1
+    every = REPORT_EVERY_GPU
+    return every * -(-(WARMUP_STEPS + 1) // every)  # first report after warm-up and capture
+
+
 def celebctl_loop(components, basis_mean, basis_components, face, encoder, steps, batch_size,
                   lr, seed, resolution, pool_size, capture=True):
-    """celebctl's fit; returns (seconds per step after the first report, pool seconds).
+    """celebctl's fit; returns (seconds per step in the timed window, pool seconds, whether
+    the step ran as a CUDA graph).
 
-    The fit reports every step on a CPU and every few steps on a GPU (one host sync each), so
-    the time is taken between the first and the last report (capture and warm-up excluded).
+    The window runs from the first loss report after warm-up (and capture) to the last one and
+    holds ``steps`` steps (:func:`untimed_lead`).
     """
     import torch
 
     from celebctl.fitting import FitSettings, FitSubject, fit_identities
 
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
     stamps = []
 
     def progress(phase, done, total, info):
@@ -177,12 +197,17 @@ def celebctl_loop(components, basis_mean, basis_components, face, encoder, steps
                 torch.cuda.synchronize()
             stamps.append((done, time.perf_counter()))
 
-    settings = FitSettings(steps=steps + 1, batch_size=batch_size, lr=lr, seed=seed,
+    lead = untimed_lead(components.device.type)
+    settings = FitSettings(steps=lead + steps, batch_size=batch_size, lr=lr, seed=seed,
                            resolution=resolution, pool_size=pool_size, capture=capture)
     result = fit_identities(components, basis_mean, basis_components,
                             [FitSubject("bench", face)], encoder, settings, progress)
-    (first_done, first_t), (last_done, last_t) = stamps[0], stamps[-1]
-    return (last_t - first_t) / max(last_done - first_done, 1), result.pool_time_s
+    opened = [(done, t) for done, t in stamps if done >= lead]
+    if len(opened) < 2 or opened[-1][0] - opened[0][0] < 1:
+        raise RuntimeError(f"the fit reported at steps {[d for d, _ in stamps]}: no timed window "
+                           f"after the {lead} untimed steps")
+    (first_done, first_t), (last_done, last_t) = opened[0], opened[-1]
+    return (last_t - first_t) / (last_done - first_done), result.pool_time_s, result.captured
 
 
 def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch_size: int,
@@ -227,7 +252,8 @@ def bench_model(model: str, dtype_name: str, device_name: str, steps: int, batch
                                        pool_size))
     rows = {name: {"s_per_step": statistics.median(r["s_per_step"] for r in found),
                    "peak_bytes": max(r["peak_bytes"] for r in found),
-                   "pool_s": statistics.median(r["pool_s"] for r in found)}
+                   "pool_s": statistics.median(r["pool_s"] for r in found),
+                   "captured": all(r["captured"] for r in found)}
             for name, found in runs.items()}
     return {"model": model, "dtype": dtype_name, "device": str(components.device),
             "resolution": res, "batch": batch_size, "steps": steps, "repeats": repeats, **{
@@ -241,16 +267,16 @@ def _one_run(name, components, loaded, prepared, encoder, pixel_pool, template_i
 
     with PeakMemory(components.device) as memory:
         if name in ("celebctl", "eager"):
-            per_step, pool_s = celebctl_loop(components, loaded.mean, loaded.components,
-                                             prepared.aligned, encoder, steps, batch_size,
-                                             1e-2, 0, res, pool_size,
-                                             capture=name == "celebctl")
+            per_step, pool_s, captured = celebctl_loop(
+                components, loaded.mean, loaded.components, prepared.aligned, encoder, steps,
+                batch_size, 1e-2, 0, res, pool_size, capture=name == "celebctl")
         else:
             per_step = reference_loop(components, pixel_pool, template_ids,
                                       torch.tensor(placeholder), steps, batch_size,
                                       5e-3, 0)
-            pool_s = 0.0
-    return {"s_per_step": per_step, "peak_bytes": memory.peak, "pool_s": pool_s}
+            pool_s, captured = 0.0, False
+    return {"s_per_step": per_step, "peak_bytes": memory.peak, "pool_s": pool_s,
+            "captured": captured}
 
 
 def format_rows(results: list[dict]) -> str:
@@ -284,7 +310,10 @@ def main() -> None:
                         help="also tiny-xl, tiny-sd2, sdxl-random")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per loop (celebctl's fit first runs untimed ones: 1 "
+                             "on a CPU; on CUDA the graph's warm-up and capture, until its "
+                             "first loss report, 10 steps)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=None,
                         help="default: the model's (64 for tiny, 512 for sd15-random)")
@@ -295,6 +324,8 @@ def main() -> None:
     parser.add_argument("--title", default="Fit step: celebctl vs reference loop",
                         help="section of docs/benchmarks.md to write")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (timed steps; warm-up steps come on top)")
     os.environ.setdefault("CELEBCTL_HOME", str(Path.home() / ".cache" / "celebctl-bench"))
     import torch
 

@@ -18,7 +18,11 @@ from celebctl import paths, registry
 from celebctl.cli import app
 
 runner = CliRunner()
-FAST = ["--model", "tiny", "--steps", "2", "--quiet"]
+# Every fit here runs on the CPU, also on a host with CUDA: `--device auto` would pick the GPU
+# there (bf16, CUDA graphs), and these tests are about the CLI, not the device (the gpu-marked
+# tests in test_speed_paths.py cover CUDA).
+CPU = ["--device", "cpu"]
+FAST = ["--model", "tiny", "--steps", "2", "--quiet", *CPU]
 
 
 def invoke(*args):
@@ -51,7 +55,7 @@ def test_add_writes_identity(tiny_home, photo_path):
 
 
 def test_add_shows_progress(tiny_home, photo_path):
-    result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "3")
+    result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "3", *CPU)
     assert result.exit_code == 0
     assert "Fitting" in result.stderr and "3/3" in result.stderr and "loss" in result.stderr
     assert "Added 'alice'" in result.stdout
@@ -79,11 +83,18 @@ def test_add_bad_photos(tiny_home, tmp_path, kind):
     assert _registry_files() == before
 
 
-def test_add_bad_name_and_options(tiny_home, photo_path):
+def test_add_bad_name_and_options(tiny_home, photo_path, monkeypatch):
+    import torch
+
     result = invoke("add", "The", photo_path, *FAST)
     assert result.exit_code == 1 and "use lowercase" in result.stderr
-    result = invoke("add", "alice", photo_path, *FAST, "--device", "cuda")
-    assert result.exit_code == 1 and "CUDA" in result.stderr
+    # --device cuda on a host without CUDA (this one made so, so that the test also holds on a
+    # host with a GPU, where the fit would simply run).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "2", "--quiet",
+                    "--device", "cuda")
+    assert result.exit_code == 1 and "no CUDA GPU is available" in result.stderr
+    monkeypatch.undo()
     result = invoke("add", "alice", photo_path, *FAST, "--resolution", "100")
     assert result.exit_code == 1 and "multiple of 8" in result.stderr
     assert _registry_files() == []
@@ -112,12 +123,12 @@ def test_joint_cli(tiny_home, photo_path):
     for name in ("alice", "bob"):
         assert invoke("add", name, photo_path, *FAST).exit_code == 0
     before = {n: registry.get_identity(n).load_coefficients() for n in ("alice", "bob")}
-    result = invoke("joint", "alice", "bob", "--steps", "3", "--quiet", "--json")
+    result = invoke("joint", "alice", "bob", "--steps", "3", "--quiet", "--json", *CPU)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["identities"] == ["alice", "bob"]
     for name in ("alice", "bob"):
         assert not np.array_equal(registry.get_identity(name).load_coefficients(), before[name])
-    result = invoke("joint", "alice", "alise", "--quiet")
+    result = invoke("joint", "alice", "alise", "--quiet", *CPU)
     assert result.exit_code == 1
     assert "No identity 'alise'. Did you mean 'alice'?" in result.stderr
 
@@ -135,7 +146,8 @@ def test_interrupt_writes_nothing(tiny_home, photo_path, monkeypatch):
 
     real = TrainStep.run
     monkeypatch.setattr(TrainStep, "run", interrupt_on_third)
-    result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "10", "--quiet")
+    result = invoke("add", "alice", photo_path, "--model", "tiny", "--steps", "10", "--quiet",
+                    *CPU)
     assert result.exit_code == 130
     assert "nothing was written" in result.stderr
     assert _registry_files() == []
@@ -145,7 +157,7 @@ def test_ctrl_c_in_a_real_process(tiny_home, photo_path):
     env = {**os.environ, "CELEBCTL_HOME": str(tiny_home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "celebctl", "add", "alice", str(photo_path), "--model", "tiny",
-         "--steps", "100000"],
+         "--steps", "100000", *CPU],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
         # A job started in the background of a script (`make test &`) inherits SIGINT ignored,
         # and Python then installs no Ctrl-C handler: give the child the default disposition.

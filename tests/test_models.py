@@ -291,11 +291,46 @@ def test_resolve_dtype():
             models.resolve_dtype(bad, "cpu")
 
 
+def test_auto_dtype_asks_the_requested_cuda_device_for_native_bf16(monkeypatch):
+    # A host with a V100 (7.0) as cuda:0, an A100 (8.0) as cuda:1 and an H100 (9.0) as cuda:2;
+    # torch's bf16 check (emulation counts, current device only) must not decide.
+    capabilities = {0: (7, 0), 1: (8, 0), 2: (9, 0)}
+    asked = []
+
+    def capability(device=None):
+        index = torch.device(device).index if device is not None else None
+        asked.append(index)
+        return capabilities[0 if index is None else index]
+
+    def not_this(*args, **kwargs):
+        raise AssertionError("resolve_dtype must not use is_bf16_supported")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", not_this)
+    assert models.resolve_dtype("auto", "cuda:0") == torch.float16
+    assert models.resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert models.resolve_dtype("auto", "cuda:2") == torch.bfloat16
+    assert models.resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert asked == [0, 1, 2, 1]  # the device asked for, not the current one
+    assert models.resolve_dtype("auto", "cuda") == torch.float16  # cuda = cuda:0 here
+    # Explicit names and other devices never ask the GPU.
+    asked.clear()
+    assert models.resolve_dtype("bf16", "cuda:0") == torch.bfloat16
+    assert models.resolve_dtype("fp16", "cuda:2") == torch.float16
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert asked == []
+
+
 @pytest.mark.gpu
 def test_auto_dtype_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    assert models.resolve_dtype("auto", "cuda") in (torch.float16, torch.bfloat16)
+    for index in range(torch.cuda.device_count()):
+        major, _ = torch.cuda.get_device_capability(index)
+        expected = torch.bfloat16 if major >= 8 else torch.float16
+        assert models.resolve_dtype("auto", f"cuda:{index}") == expected
 
 
 # ---- hashes

@@ -353,7 +353,9 @@ _DTYPE_NAMES = {
 
 def resolve_dtype(name: str | torch.dtype = "auto",
                   device: str | torch.device = "cpu") -> torch.dtype:
-    """``auto|fp32|fp16|bf16`` -> torch.dtype. auto: bf16 (or fp16) on CUDA, fp32 elsewhere."""
+    """``auto|fp32|fp16|bf16`` -> torch.dtype. auto: fp32 off CUDA; on CUDA bf16 where the
+    device asked for has native bf16 (compute capability 8.0 or newer: A100, H100, RTX 30xx
+    on), else fp16."""
     import torch
 
     if isinstance(name, torch.dtype):
@@ -362,7 +364,10 @@ def resolve_dtype(name: str | torch.dtype = "auto",
     if text == "auto":
         dev = resolve_device(device)
         if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Not torch.cuda.is_bf16_supported(): it says yes where bf16 is only emulated
+            # (V100, T4: slower than fp16) and asks about the current device, not this one.
+            major, _minor = torch.cuda.get_device_capability(dev)
+            return torch.bfloat16 if major >= 8 else torch.float16
         return torch.float32
     if text in _DTYPE_NAMES:
         return getattr(torch, _DTYPE_NAMES[text])
