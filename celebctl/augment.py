@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
+EMBED_BATCH = 16  # augmented crops per face-encoder call (measured: 16.6 ms/crop at 2, 12.5 at 8)
 
 
 def pil_to_tensor(image):
@@ -192,13 +193,20 @@ def build_sample_pool(vae, subjects: Sequence[Any], face_encoder, pool_size: int
     total = len(draws)
     # A GPU jitters many crops per kernel; a CPU is faster a few at a time (they stay in cache).
     chunk = max(encode_batch, 16) if torch.device(device).type == "cuda" else encode_batch
-    means, stds, features = [], [], []
+    means, stds, features, unembedded = [], [], [], []
+
+    def embed_waiting() -> None:  # the face encoder works best on batches of 16 or more
+        crops = torch.cat(unembedded).to(encoder_device)
+        features.append(faces_mod.embed_faces(face_encoder, crops).float().to(device))
+        unembedded.clear()
+
     with torch.no_grad():
         for first in range(0, total, chunk):
             last = min(total, first + chunk)
             jittered = jitter(torch.stack(sources[first:last]), draws[first:last])
-            features.append(faces_mod.embed_faces(face_encoder, jittered.to(encoder_device))
-                            .float().to(device))
+            unembedded.append(jittered)
+            if sum(len(c) for c in unembedded) >= EMBED_BATCH or last == total:
+                embed_waiting()
             pastes = paste(jittered, draws[first:last], resolution)
             for start in range(0, last - first, encode_batch):
                 images = pastes[start:start + encode_batch].to(dtype=dtype) * 2 - 1

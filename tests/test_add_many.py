@@ -115,7 +115,7 @@ def test_add_many_fits_the_good_reports_the_bad_and_resumes(tiny_home, tmp_path)
     assert status["frank"][0] == "failed" and "No face found" in status["frank"][1]
     assert status["gina"][0] == "failed" and "broken.jpg" in status["gina"][1]
     assert (report["added"], report["skipped"], report["failed"]) == (2, 0, 2)
-    assert report["pack"] == 8  # a small model on a CPU packs 8
+    assert report["pack"] == 4  # a small model on a CPU packs 4
     alice = registry.get_identity("alice")
     assert alice.meta["fit"]["pack"] == 2 and alice.meta["sources"][0]["photo"] == "photo.png"
     before = alice.meta["files"]["coefficients"]["sha256"]
@@ -195,7 +195,7 @@ def test_the_default_pack_follows_the_device_and_model():
             default_resolution=resolution)
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert batch.resolve_pack(None, parts(64, 64), cpu) == 8  # tiny: 8x8 latents
+    assert batch.resolve_pack(None, parts(64, 64), cpu) == 4  # tiny: 8x8 latents
     assert batch.resolve_pack(None, parts(320, 512), cpu) == 1  # SD 1.5 size
     assert batch.resolve_pack(None, parts(320, 512), cuda) == 8
     assert batch.resolve_pack(3, parts(320, 512), cpu) == 3
@@ -223,3 +223,42 @@ def test_a_model_that_fails_to_load_fails_each_pending_person_with_the_reason(
     rows = json.loads(result.stdout)["people"]
     assert [(r["name"], r["status"]) for r in rows] == [("alice", "failed"), ("bob", "failed")]
     assert all(r["reason"].startswith("The weights are not on this machine") for r in rows)
+
+
+def test_a_pack_that_runs_out_of_memory_is_halved_and_a_diverged_person_fails_alone(
+        tiny_home, tmp_path, monkeypatch):
+    import torch
+
+    from celebctl.fitting import phases
+
+    real = phases.fit_packed
+    calls = []
+
+    def out_of_memory_for_two(components, mean, comps, groups, *args, **kwargs):
+        calls.append([g[0].name for g in groups])
+        if len(groups) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(components, mean, comps, groups, *args, **kwargs)
+
+    monkeypatch.setattr(phases, "fit_packed", out_of_memory_for_two)
+    folder = people_folder(tmp_path)
+    result = invoke("add-many", folder, *FIT, "--pack", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["added"] == 2 and report["pack"] == 1
+    assert calls == [["alice", "bob"], ["alice"], ["bob"]]
+    assert "Out of GPU memory with 2 people per batch; went on with 1" in result.stderr
+
+    def bob_diverges(components, mean, comps, groups, *args, **kwargs):
+        names = [g[0].name for g in groups]
+        if "bob" in names:
+            raise phases.PackedFitError("The loss of 'bob' became nan at step 3; try a lower "
+                                        "--lr or --dtype fp32.", names.index("bob"))
+        return real(components, mean, comps, groups, *args, **kwargs)
+
+    monkeypatch.setattr(phases, "fit_packed", bob_diverges)
+    again = invoke("add-many", folder, *FIT, "--pack", "2", "--replace", "--json")
+    assert again.exit_code == 1
+    status = {r["name"]: (r["status"], r["reason"]) for r in json.loads(again.stdout)["people"]}
+    assert status["alice"] == ("added", "")
+    assert status["bob"][0] == "failed" and "became nan at step 3" in status["bob"][1]

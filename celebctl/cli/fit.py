@@ -143,7 +143,7 @@ def add_many_cmd(
     model: ModelOpt = None,
     pack: Annotated[int | None, typer.Option(
         "--pack", help="People fitted side by side in one training batch, each an independent "
-        "fit (default: 8 on a GPU, fewer if memory runs out; on a CPU 8 for small models, else "
+        "fit (default: 8 on a GPU, fewer if memory runs out; on a CPU 4 for small models, else "
         "1).", show_default=False)] = None,
     replace: Annotated[bool, typer.Option(
         "--replace", help="Refit people who are already registered.")] = False,

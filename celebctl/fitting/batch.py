@@ -23,7 +23,9 @@ from .settings import FitSettings, FitSubject, ProgressCallback
 
 MAX_PACK = 64
 DEFAULT_PACK_GPU = 8  # halved on an out-of-memory error until it fits
-DEFAULT_PACK_SMALL_CPU = 8
+# bench_batch.py on the 2-core CPU of docs/benchmarks.md, tiny, 400 steps: pack 4 gave 1.42x the
+# people per hour of pack 1, pack 8 only 1.25x.
+DEFAULT_PACK_SMALL_CPU = 4
 
 
 @dataclass
@@ -134,9 +136,11 @@ def _plan_person(person: Person, options: BatchOptions) -> tuple[str, str]:
 
 
 def resolve_pack(requested: int | None, components, device) -> int:
-    """People per training batch: as asked, else 8 on a GPU (halved on out-of-memory), 8 on a
-    CPU for a small UNet whose kernels a bigger batch amortises, 1 for a real model on a CPU
-    (its convolutions are compute-bound, so packing only adds memory: docs/benchmarks.md)."""
+    """People per training batch: as asked, else 8 on a GPU (halved on out-of-memory; an H200
+    ran the SD 1.5 UNet's forward and backward at batch 16 in 113 ms against 80.8 ms at batch
+    2), 4 on a CPU for a small UNet whose per-call costs a bigger batch amortises (measured
+    best), 1 for a real model on a CPU, whose convolutions are compute-bound there (see
+    :mod:`celebctl.models.convolutions`), so packing would only add memory."""
     from ..models.convolutions import NATIVE_CONV_MAX_WORK, largest_conv_work
 
     if requested is not None:
@@ -198,6 +202,9 @@ class _Fitter:
         except Exception as exc:
             if not _out_of_memory(exc) or len(ready) == 1:
                 raise
+            import torch
+
+            torch.cuda.empty_cache()  # what the failed pack held, before the halves try
             self.pack = max(1, len(ready) // 2)
             self._note(f"Out of GPU memory with {len(ready)} people per batch; went on with "
                        f"{self.pack} (set --pack to choose).")
