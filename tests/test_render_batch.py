@@ -318,6 +318,8 @@ def test_the_replayed_path_renders_what_the_eager_path_renders(home, components,
                                        components=components, out_dir=tmp_path / "replayed")
     # The last batch (one image) was padded to two, so one captured call served every step.
     assert len(made) == 1 and len(made[0].graphs) == 1
+    assert replayed.captured and replayed.to_dict()["captured"] is True
+    assert not eager.captured  # a CPU never replays a graph
     assert [p.name for p in replayed.paths] == [p.name for p in eager.paths]
     for a, b in zip(eager.paths[:2], replayed.paths[:2], strict=True):
         assert np.array_equal(pixels(a), pixels(b))  # same shapes: bit for bit

@@ -350,10 +350,12 @@ def test_captured_render_equals_eager_on_cuda(home, tmp_path, graph_replays, mon
     # One batch of two images: one graph, replayed at every denoising step, no fallback.
     assert captures[0] == 1 and graph_replays[0] == steps
     assert not any("could not be captured" in note for note in a.notes), a.notes
+    assert a.captured
     b = rendering.render_prompt("alice", num_images=2, steps=steps, batch_size=2,
                                 out_dir=tmp_path / "b", device="cuda", dtype="fp32",
                                 capture=False)
     assert captures[0] == 1 and graph_replays[0] == steps  # the eager render captured nothing
+    assert not b.captured
     for x, y in zip(a.paths, b.paths, strict=True):
         diff = np.abs(np.asarray(Image.open(x), dtype=int) - np.asarray(Image.open(y), dtype=int))
         assert diff.max() <= 2

@@ -54,6 +54,7 @@ class RenderResult:
     scheduler: str
     notes: list[str]
     elapsed_s: float
+    captured: bool = False  # the UNet ran as replayed CUDA graphs
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -75,6 +76,7 @@ class RenderResult:
             "scheduler": self.scheduler,
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
+            "captured": self.captured,
         }
 
 
@@ -275,4 +277,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
         seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
         scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
+        captured=unet_call.replays(components.device) and bool(unet_call.graphs),
     )
