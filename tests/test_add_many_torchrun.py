@@ -90,3 +90,21 @@ def test_two_ranks_share_the_job_survive_a_killed_rank_and_finish_on_rerun(tiny_
     assert {row["rank"] for row in report["people"] if row["status"] == "added"} <= {0, 1}
     assert sorted(i.name for i in registry.list_identities().identities) == [
         "alice", "bob", "carol", "dave", "erin"]
+
+
+def test_a_first_job_in_an_empty_home_works_on_every_rank(celebctl_home, tmp_path):
+    """Under torchrun the process group is initialised before the built-in model is cached;
+    every rank must still find (or write) a complete cache, not just rank 0."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = ["name,photo"]
+    for name in ("alice", "bob"):
+        variants()[name].save(photos / f"{name}.png")
+        rows.append(f"{name},photos/{name}.png")
+    (tmp_path / "people.csv").write_text("\n".join(rows) + "\n")
+    job = _torchrun(tmp_path / "people.csv", uuid.uuid4().hex)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert [(r["name"], r["status"], r["rank"]) for r in report["people"]] == [
+        ("alice", "added", 0), ("bob", "added", 1)]

@@ -164,8 +164,21 @@ def _model_index(components: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_diffusers_folder(components: dict[str, Any], folder: Path) -> None:
+    from transformers import PreTrainedModel
+
     for name, module in components.items():
-        module.save_pretrained(str(folder / name))
+        if isinstance(module, PreTrainedModel):
+            # transformers writes weights on rank 0 only once torch.distributed is initialised
+            # (add-many and render --prompts under torchrun join a gloo group), which left other
+            # ranks' caches without weights; its config and a safetensors file do the same job.
+            from safetensors.torch import save_file
+
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            module.config.save_pretrained(str(folder / name))
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                      str(folder / name / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            module.save_pretrained(str(folder / name))
     (folder / "model_index.json").write_text(json.dumps(_model_index(components), indent=2))
 
 
