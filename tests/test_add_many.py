@@ -262,3 +262,19 @@ def test_a_pack_that_runs_out_of_memory_is_halved_and_a_diverged_person_fails_al
     status = {r["name"]: (r["status"], r["reason"]) for r in json.loads(again.stdout)["people"]}
     assert status["alice"] == ("added", "")
     assert status["bob"][0] == "failed" and "became nan at step 3" in status["bob"][1]
+
+
+def test_bundles_of_a_job_import_in_one_command_elsewhere(tiny_home, tmp_path, monkeypatch):
+    folder = people_folder(tmp_path)
+    out = tmp_path / "bundles"
+    assert invoke("add-many", folder, *FIT, "--bundles", out).exit_code == 0
+    (out / "broken.celeb").write_bytes(b"not a zip")
+    monkeypatch.setenv("CELEBCTL_HOME", str(tmp_path / "other-home"))
+    result = invoke("import", *sorted(out.glob("*.celeb")), "--json")
+    assert result.exit_code == 1  # one bundle is broken; the others are still imported
+    report = json.loads(result.stdout)
+    assert [i["name"] for i in report["imported"]] == ["alice", "bob"]
+    assert [f["bundle"] for f in report["failed"]] == [str(out / "broken.celeb")]
+    assert sorted(i.name for i in registry.list_identities().identities) == ["alice", "bob"]
+    renamed = invoke("import", out / "alice.celeb", out / "bob.celeb", "--as", "carol")
+    assert renamed.exit_code == 2 and "--as renames one bundle" in renamed.stderr

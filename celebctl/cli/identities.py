@@ -15,6 +15,7 @@ from ..export import export_identity
 from ..models import families
 from ..prompting import word_name_note
 from .common import (
+    EXIT_ERROR,
     CelebTyper,
     JsonOpt,
     YesOpt,
@@ -173,24 +174,55 @@ def export_cmd(
         out.print(line)
 
 
+def _import_one(bundle: Path, as_name: str | None, force: bool) -> tuple[object, list[str]]:
+    ident, notes = bundles.import_bundle(bundle, new_name=as_name, replace=force)
+    word = word_name_note(ident.name)
+    return ident, [*notes, word] if word else list(notes)
+
+
 def import_cmd(
-    bundle: Annotated[Path, typer.Argument(help="A .celeb bundle.", show_default=False)],
-    as_name: Annotated[str | None, typer.Option("--as", help="Register under another name.",
-                                                show_default=False)] = None,
+    bundle_paths: Annotated[list[Path], typer.Argument(
+        metavar="BUNDLE...", help="One or more .celeb bundles (`celebctl import out/*.celeb`).",
+        show_default=False)],
+    as_name: Annotated[str | None, typer.Option("--as", help="Register under another name "
+                                                "(one bundle only).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Import a .celeb bundle. Everything is checked before anything is written."""
-    ident, notes = bundles.import_bundle(bundle, new_name=as_name, replace=force)
-    word = word_name_note(ident.name)
-    if word:
-        notes = [*notes, word]
-    for note in notes:
-        warn(note)
+    """Import .celeb bundles. Each is checked completely before anything of it is written; with
+    several, one that fails is reported and the others are still imported (exit 1 if any
+    failed)."""
+    if as_name is not None and len(bundle_paths) > 1:
+        raise typer.BadParameter("--as renames one bundle; give a single BUNDLE with it.",
+                                 param_hint="--as")
+    if len(bundle_paths) == 1:
+        ident, notes = _import_one(bundle_paths[0], as_name, force)
+        for note in notes:
+            warn(note)
+        if json_out:
+            print_json({"name": ident.name, "path": str(ident.path), "notes": notes})
+        else:
+            out.print(f"Imported '{ident.name}'.")
+        return
+    imported, failed = [], []
+    for bundle in bundle_paths:
+        try:
+            ident, notes = _import_one(bundle, None, force)
+        except CelebctlError as exc:
+            failed.append({"bundle": str(bundle), "error": str(exc)})
+            err.print(styled(("Error:", "bold red"), f" {bundle}: {exc}"))
+            continue
+        for note in notes:
+            warn(note)
+        imported.append({"name": ident.name, "path": str(ident.path), "notes": notes})
+        if not json_out:
+            out.print(f"Imported '{ident.name}' from {bundle.name}.")
     if json_out:
-        print_json({"name": ident.name, "path": str(ident.path), "notes": notes})
+        print_json({"imported": imported, "failed": failed})
     else:
-        out.print(f"Imported '{ident.name}'.")
+        out.print(f"Imported {len(imported)} of {len(bundle_paths)} bundles.")
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def register(app: CelebTyper) -> None:
