@@ -81,7 +81,7 @@ def test_a_manifest_lists_people_with_paths_relative_to_it(tmp_path, suffix, sep
     assert found[2].problem == f"'alice' is listed twice (also at list{suffix} line 4)."
     assert found[3].problem == f"Photo not found: {folder / 'missing.png'}."
     assert found[4].problem.startswith("17 photos; at most 16")
-    assert found[5].problem.startswith("No photo")
+    assert found[5].problem == "The row lists no photo."
 
 
 def test_a_source_that_lists_nobody_is_refused(tmp_path):
@@ -116,6 +116,8 @@ def test_add_many_fits_the_good_reports_the_bad_and_resumes(tiny_home, tmp_path)
     assert status["gina"][0] == "failed" and "broken.jpg" in status["gina"][1]
     assert (report["added"], report["skipped"], report["failed"]) == (2, 0, 2)
     assert report["pack"] == 4  # a small model on a CPU packs 4
+    assert any(n.startswith("2 name(s) are also ordinary words (alice, bob)")
+               for n in report["notes"]), report["notes"]
     alice = registry.get_identity("alice")
     assert alice.meta["fit"]["pack"] == 2 and alice.meta["sources"][0]["photo"] == "photo.png"
     before = alice.meta["files"]["coefficients"]["sha256"]
@@ -278,3 +280,13 @@ def test_bundles_of_a_job_import_in_one_command_elsewhere(tiny_home, tmp_path, m
     assert sorted(i.name for i in registry.list_identities().identities) == ["alice", "bob"]
     renamed = invoke("import", out / "alice.celeb", out / "bob.celeb", "--as", "carol")
     assert renamed.exit_code == 2 and "--as renames one bundle" in renamed.stderr
+
+
+def test_the_table_keeps_the_manifest_order_with_a_repeated_name(tmp_path, tiny_home):
+    folder = people_folder(tmp_path)
+    (folder / "list.csv").write_text("name,photo\nbob,bob/photo.png\nalice,alice/photo.png\n"
+                                     "bob,alice/photo.png\n")
+    result = invoke("add-many", folder / "list.csv", *FIT, "--json")
+    rows = [(r["name"], r["where"], r["status"]) for r in json.loads(result.stdout)["people"]]
+    assert rows == [("bob", "list.csv line 2", "added"), ("alice", "list.csv line 3", "added"),
+                    ("bob", "list.csv line 4", "failed")]

@@ -85,7 +85,7 @@ def eval_cmd(
         "diffusers) instead of rendering the prompt set; nothing is recorded. Subfolders and "
         "hidden files are not read; files that are not images are listed as skipped. The "
         "prompt set's options (--seeds, --steps, --guidance, --baseline, --record, --model, "
-        "--dtype, --out) do not apply.", show_default=False)] = None,
+        "--dtype, --out) cannot be combined with it.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="With --images: the prompt for prompt similarity. Default: each "
         "image's own prompt from its WebUI parameters (PNG text, or EXIF in JPEG/WebP).",

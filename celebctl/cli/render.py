@@ -47,7 +47,7 @@ def render_cmd(
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="Render every prompt of this UTF-8 file instead: one per line; blank "
         "lines and lines starting with # are skipped. Line N's image with seed S is "
-        "L{N:05d}-s{S:07d}-<first words>.png; a rerun skips the images already there. Under "
+        "`L{N:05d}-s{S:07d}-FIRST-WORDS.png`; a rerun skips the images already there. Under "
         "torchrun (or srun) the images are shared out between the processes.",
         show_default=False)] = None,
     seeds: Annotated[int | None, typer.Option(
@@ -83,8 +83,8 @@ def render_cmd(
                                        "images.")] = False,
     person: Annotated[bool, typer.Option(
         "--person/--no-person", help="Add 'person' after each identity unless a person noun "
-        "(man, woman, ...) follows, as in training: 'alice riding a bike' renders as '<alice> "
-        "person riding a bike', 'alice's hat' as '<alice> person's hat'.")] = True,
+        "(man, woman, ...) follows, as in training: `alice riding a bike` renders as "
+        "`<alice> person riding a bike`, `alice's hat` as `<alice> person's hat`.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the expanded prompt, "
                                           "identities, basis, model and token count; load no "
                                           "model, write nothing.")] = False,

@@ -336,11 +336,25 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     if gathered is not None:
         rows = [row for part, _ in gathered for row in part]
         notes = list(dict.fromkeys(n for _, part in gathered for n in part))
-    order = {p.name: i for i, p in enumerate(people)}
-    rows.sort(key=lambda r: (order.get(r.name, len(order)), r.where))
+    order = {(p.name, p.where): i for i, p in enumerate(people)}  # the source's own order
+    rows.sort(key=lambda r: order.get((r.name, r.where), len(order)))
+    notes += _word_names_note([r.name for r in rows if r.status == "added"])
     return BatchResult(rows=rows, notes=notes, elapsed_s=time.perf_counter() - started,
                        pack=fitter.pack if fitter.components is not None else options.pack,
                        world_size=launch.world_size, is_main=launch.is_main)
+
+
+def _word_names_note(names: list[str]) -> list[str]:
+    """One note for the added names that are also ordinary words (as `add` warns per name)."""
+    from ..prompting import word_name_note
+
+    words = [name for name in names if word_name_note(name)]
+    if not words:
+        return []
+    shown = ", ".join(words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+    return [f"{len(words)} name(s) are also ordinary words ({shown}): every such word in a "
+            "prompt draws the identity. Write \\name for the plain word, or rename them "
+            "(`celebctl rename`)."]
 
 
 def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],

@@ -119,7 +119,8 @@ def _check_person(person: Person, seen: dict[str, str]) -> None:
         return
     seen[person.name] = person.where
     if not person.photos:
-        person.problem = "No photo (.jpg, .jpeg, .png, .webp or .bmp)."
+        person.problem = ("The row lists no photo." if " line " in person.where else
+                          "No photo (.jpg, .jpeg, .png, .webp or .bmp).")
     elif len(person.photos) > MAX_PHOTOS:
         person.problem = (f"{len(person.photos)} photos; at most {MAX_PHOTOS} are used for one "
                           "person. Keep the best ones.")
