@@ -310,9 +310,9 @@ def _check_against_basis(meta: dict[str, Any]) -> None:
                           "the file again. Nothing was imported.")
 
 
-def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
-                  ) -> tuple[registry.Identity, list[str]]:
-    """Check a bundle completely, then register it. A bad bundle leaves the registry as it was."""
+def read_bundle(path: Path, new_name: str | None = None) -> BundlePlan:
+    """Read a bundle file (a regular file, size-capped) and check it completely; writes
+    nothing."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -324,7 +324,13 @@ def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
         raise BundleError(f"No such file: {path}.") from None
     except OSError as exc:
         raise BundleError(f"Cannot read {path}: {exc.strerror}.") from None
-    plan = check_bundle(data, new_name)
+    return check_bundle(data, new_name)
+
+
+def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
+                  ) -> tuple[registry.Identity, list[str]]:
+    """Check a bundle completely, then register it. A bad bundle leaves the registry as it was."""
+    plan = read_bundle(path, new_name)
     if registry.identity_exists(plan.write.name) and not replace:
         raise BundleError(
             f"Identity '{plan.write.name}' already exists. Use --as NEW to import under another "

@@ -138,7 +138,8 @@ def test_a_name_taken_by_other_photos_fails_until_replace(tiny_home, tmp_path):
     taken = invoke("add-many", folder, *FIT, "--json")
     assert taken.exit_code == 1
     row = json.loads(taken.stdout)["people"][0]
-    assert row["status"] == "failed" and row["reason"].startswith("Name taken: 'alice'")
+    assert row["status"] == "failed" and row["reason"].startswith(
+        "Name taken: 'alice' in the registry was fitted from other photos")
     replaced = invoke("add-many", folder, *FIT, "--replace", "--json")
     assert replaced.exit_code == 0, replaced.output
     assert json.loads(replaced.stdout)["added"] == 1
@@ -290,3 +291,18 @@ def test_the_table_keeps_the_manifest_order_with_a_repeated_name(tmp_path, tiny_
     rows = [(r["name"], r["where"], r["status"]) for r in json.loads(result.stdout)["people"]]
     assert rows == [("bob", "list.csv line 2", "added"), ("alice", "list.csv line 3", "added"),
                     ("bob", "list.csv line 4", "failed")]
+
+
+def test_a_bundle_of_the_same_name_from_other_photos_is_not_taken_for_done(tiny_home, tmp_path):
+    folder = people_folder(tmp_path, names=("alice",))
+    out = tmp_path / "bundles"
+    assert invoke("add-many", folder, *FIT, "--bundles", out).exit_code == 0
+    variants()["carol"].save(folder / "alice" / "photo.png")  # another person, same name
+    taken = invoke("add-many", folder, *FIT, "--bundles", out, "--json")
+    assert taken.exit_code == 1
+    reason = json.loads(taken.stdout)["people"][0]["reason"]
+    assert reason.startswith(f"Name taken: {out / 'alice.celeb'} was fitted from other photos")
+    (out / "alice.celeb").write_bytes(b"damaged")
+    damaged = invoke("add-many", folder, *FIT, "--bundles", out, "--json")
+    reason = json.loads(damaged.stdout)["people"][0]["reason"]
+    assert reason.startswith(f"{out / 'alice.celeb'} cannot be read:")

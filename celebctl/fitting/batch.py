@@ -10,6 +10,7 @@ every rank fits its deterministic share (:mod:`celebctl.distributed`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,22 +118,36 @@ def _plan_person(person: Person, options: BatchOptions) -> tuple[str, str]:
     if options.replace:
         return "fit", ""
     bundle = _bundle_path(options, person.name)
-    if bundle is not None and bundle.exists():
-        return "skipped", f"{bundle.name} exists"
+    if bundle is not None and os.path.lexists(bundle):
+        return _same_photos(person, lambda: _bundle_meta(bundle), f"{bundle.name} exists",
+                            str(bundle))
     if not registry.identity_exists(person.name):
         return "fit", ""
+    status, reason = _same_photos(
+        person, lambda: registry.get_identity(person.name, verify="coefficients").meta,
+        "already added with these photos", f"'{person.name}' in the registry")
+    return ("export", "") if status == "skipped" and bundle is not None else (status, reason)
+
+
+def _bundle_meta(bundle: Path) -> dict[str, Any]:
+    from ..bundles import read_bundle
+
+    return read_bundle(bundle).write.meta
+
+
+def _same_photos(person: Person, read_meta, done: str, subject: str) -> tuple[str, str]:
+    """("skipped", done) when the recorded identity was fitted from these very photos;
+    ("failed", why) when from others or when it cannot be read."""
     try:
-        ident = registry.get_identity(person.name, verify="coefficients")
+        meta = read_meta()
         hashes = _photo_hashes(person)
     except (CelebctlError, OSError) as exc:
-        return "failed", f"'{person.name}' is registered but cannot be read: {exc}"
-    recorded = [str(s.get("photo_sha256", "")) for s in ident.meta.get("sources", [])]
+        return "failed", f"{subject} cannot be read: {exc}"
+    recorded = [str(s.get("photo_sha256", "")) for s in meta.get("sources", [])]
     if sorted(recorded) != sorted(hashes):
-        return "failed", (f"Name taken: '{person.name}' is registered from other photos. Use "
-                          "--replace to refit it from these, or give this person another name.")
-    if bundle is not None:
-        return "export", ""
-    return "skipped", "already added with these photos"
+        return "failed", (f"Name taken: {subject} was fitted from other photos. Use --replace to "
+                          "refit from these, or give this person another name.")
+    return "skipped", done
 
 
 def resolve_pack(requested: int | None, components, device) -> int:
