@@ -294,3 +294,19 @@ def test_sheet_text_is_wrapped_cut_and_made_drawable():
     assert len(cut) == 3 and cut[-1].endswith("...") and cut[:2] == lines[:2]
     assert images_mod._cut(draw, lines[:2], font, 100, 3) == lines[:2]
     assert images_mod._drawable("a\x1b[31mb\u202e", font) == "a?[31mb?"
+
+
+def test_a_long_prompt_is_cut_in_the_table_and_kept_whole_in_json(home, tmp_path):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    long_prompt = "alice " + "in a garden of many flowers " * 20
+    shutil.copy(PHOTO, folder / "a.png")
+    table = invoke("eval", "alice", "--images", folder, "--no-clip", "--quiet",
+                   "--prompt", long_prompt)
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert "in a garden of many flowers" in text and long_prompt.strip() not in text
+    assert "..." in text
+    data = json.loads(invoke("eval", "alice", "--images", folder, "--no-clip", "--json",
+                             "--prompt", long_prompt).stdout)
+    assert data["images"][0]["prompt"] == long_prompt.strip()

@@ -28,6 +28,14 @@ evaluation = LazyModule("celebctl.evaluation")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
+TABLE_PROMPT_CHARS = 120  # the whole prompt is in --json and on the contact sheet
+
+
+def _short(text: str) -> str:
+    """A prompt cut to fit a table row (a WebUI prompt can be hundreds of words)."""
+    return text if len(text) <= TABLE_PROMPT_CHARS else text[:TABLE_PROMPT_CHARS - 3] + "..."
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -195,7 +203,7 @@ def _eval_images(names: list[str], images: Path, *, prompt: str | None, clip: st
             continue
         table.add_row(cell(row.file), cell(row.faces),
                       *[cell(_fmt(row.identity.get(n))) for n in result.names],
-                      cell(_fmt(row.prompt_similarity)), cell(row.prompt or "-"))
+                      cell(_fmt(row.prompt_similarity)), cell(_short(row.prompt or "-")))
     out.print(table)
     summary = result.summary()
     skipped = f", {summary['skipped']} skipped" if summary["skipped"] else ""
