@@ -79,3 +79,26 @@ def home(tiny_home, fitted) -> Path:
     shutil.copytree(fitted / "identities", tiny_home / "identities", dirs_exist_ok=True)
     return tiny_home
 
+
+
+@pytest.fixture
+def built(monkeypatch) -> list[str]:
+    """The class names of torch modules constructed while the test runs (checks that a command
+    refused its input before building any model)."""
+    import torch
+
+    seen: list[str] = []
+    original = torch.nn.Module.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
+    return seen
+
+
+@pytest.fixture
+def no_models(built) -> list[str]:
+    """The same list, under the name the rendering tests use."""
+    return built

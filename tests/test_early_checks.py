@@ -13,22 +13,6 @@ from tests.helpers import PHOTO
 runner = CliRunner()
 
 
-@pytest.fixture
-def built(monkeypatch):
-    """The class names of torch modules constructed while the test runs."""
-    import torch
-
-    seen: list[str] = []
-    original = torch.nn.Module.__init__
-
-    def spy(self, *args, **kwargs):
-        seen.append(type(self).__name__)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
-    return seen
-
-
 REFUSALS = [
     (["add", "carl", PHOTO, "--steps", "0"], "--steps must be at least 1"),
     (["add", "carl", PHOTO, "--lr", "-1"], "--lr must be a positive number"),

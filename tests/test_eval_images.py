@@ -159,22 +159,6 @@ def test_contradictions_are_usage_errors(home, tmp_path, args, message):
     assert message in words, words
 
 
-@pytest.fixture
-def built(monkeypatch):
-    """The class names of torch modules constructed while the test runs."""
-    import torch
-
-    seen: list[str] = []
-    original = torch.nn.Module.__init__
-
-    def spy(self, *args, **kwargs):
-        seen.append(type(self).__name__)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
-    return seen
-
-
 @pytest.mark.parametrize("make, args, message", [
     (lambda d: d.mkdir(), [], "holds no files to score (subfolders and hidden files are not "
                               "read)"),

@@ -37,23 +37,6 @@ def components(fitted):
         return models.load_pipeline_components("tiny", "cpu", "fp32")
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if any torch module is constructed."""
-    import torch
-
-    built = []
-    original = torch.nn.Module.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
-    yield built
-    monkeypatch.setattr(torch.nn.Module, "__init__", original)
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -42,23 +42,6 @@ def render(components, prompt="alice shaking hands with bob", out=None, **kwargs
     return rendering.render_prompt(prompt, components=components, out_dir=out, **kwargs)
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if any torch module is constructed."""
-    import torch
-
-    built = []
-    original = torch.nn.Module.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", spy)
-    yield built
-    monkeypatch.setattr(torch.nn.Module, "__init__", original)
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 

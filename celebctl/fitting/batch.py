@@ -302,10 +302,6 @@ class _Progress:
                       {"rate": f"{added / hours:.0f} people/h" if hours > 0 and added else ""})
 
 
-def _decide(people: list[Person], options: BatchOptions) -> list[tuple[str, str]]:
-    return [_plan_person(person, options) for person in people]
-
-
 def add_many(source: Path | str, options: BatchOptions | None = None, *,
              launch: Launch | None = None,
              progress: ProgressCallback | None = None) -> BatchResult:
@@ -326,7 +322,8 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     started = time.perf_counter()
     people = read_people(source)
     with Group(launch) as group:
-        plan = group.broadcast(_decide(people, options) if launch.is_main else None)
+        plan = group.broadcast([_plan_person(p, options) for p in people]
+                               if launch.is_main else None)
         registry.check_writable()
         if options.bundles is not None:
             from ..storage.atomic import ensure_private_dir
