@@ -196,11 +196,12 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
     dtype = embeds.prompt.dtype
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     channels = unet_call.unet.config.in_channels
+    # The scheduler works on the CPU (its Python comparisons of timesteps and sigmas would each
+    # wait for the GPU); the UNet reads the timesteps from one copy made here. Timesteps first,
+    # as the pipeline sets them: some schedulers' initial noise scale follows them.
+    scheduler.set_timesteps(steps, device="cpu")
     latents = initial_latents(generators, (channels, height // scale, width // scale), device,
                               dtype, float(scheduler.init_noise_sigma))
-    # The scheduler works on the CPU (its Python comparisons of timesteps and sigmas would each
-    # wait for the GPU); the UNet reads the timesteps from one copy made here.
-    scheduler.set_timesteps(steps, device="cpu")
     unet_timesteps = scheduler.timesteps.to(device)
     cfg = guidance > 1
     states = _rows(embeds.prompt, batch)
@@ -227,8 +228,8 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance * (text - uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if on_step is not None:
-                on_step(index + 1)
+            if on_step is not None:  # second-order samplers take ~2 timesteps per step
+                on_step(-(-(index + 1) * steps // len(scheduler.timesteps)))
     return latents
 
 

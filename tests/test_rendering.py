@@ -73,7 +73,7 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
     assert meta["parameters"] == (
         "alice person shaking hands with bob person\n"
         "Negative prompt: blurry, bob person\n"
-        f"Steps: 2, Sampler: DDIM, CFG scale: 10, Seed: 6, Size: 64x64, Model: tiny, "
+        f"Steps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 10, Seed: 6, Size: 64x64, Model: tiny, "
         f"celebctl: {__version__}, Basis: {basis_id}, Identities: \"alice, bob\", "
         f"TI hashes: \"alice: {ti_hashes['alice']}, bob: {ti_hashes['bob']}\""
     )
@@ -81,7 +81,8 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
         "prompt": "alice shaking hands with bob", "negative_prompt": "blurry, bob",
         "expanded": "<alice> person shaking hands with <bob> person",
         "negative_expanded": "blurry, <bob> person",
-        "steps": 2, "sampler": "DDIM", "scheduler": "ddim", "cfg_scale": 10.0, "seed": 6,
+        "steps": 2, "sampler": "DDIM", "schedule_type": "Automatic", "scheduler": "ddim",
+        "cfg_scale": 10.0, "seed": 6,
         "width": 64, "height": 64, "model": "tiny", "basis_id": basis_id,
         "identities": ["alice", "bob"], "person_noun": True, "pad_conds": False,
         "celebctl_version": __version__,

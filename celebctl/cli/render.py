@@ -23,6 +23,7 @@ from .common import (
     print_json,
     warn,
 )
+from .. import samplers
 from .progress import progress_callback
 
 rendering = LazyModule("celebctl.rendering")
@@ -30,11 +31,42 @@ DEFAULT_OUT_DIR = Path("renders")
 
 
 class SchedulerName(str, Enum):
-    """`--scheduler` choices."""
+    """`--scheduler` choices (earlier releases' way to pick a sampler)."""
 
     ddim = "ddim"
     dpm = "dpm"
     euler = "euler"
+
+
+SamplerOpt = Annotated[str | None, typer.Option(
+    "--sampler", metavar="NAME", help="Sampler by the WebUI's name (any case): "
+    + ", ".join(samplers.SAMPLERS) + ". Default: the config's `sampler`, else DDIM. "
+    "Few-step checkpoints: LCM, or Euler / Euler a with --schedule \"SGM Uniform\", and "
+    "--guidance 1 (see docs/drawing.md).", show_default=False)]
+ScheduleOpt = Annotated[str | None, typer.Option(
+    "--schedule", metavar="TYPE", help="Schedule type, as the WebUI's \"Schedule type\": "
+    + ", ".join(samplers.SCHEDULE_TYPES) + " (Automatic: the sampler's own, as in the "
+    "WebUI; which sampler takes which: docs/drawing.md).", show_default=False)]
+SchedulerOpt = Annotated[SchedulerName | None, typer.Option(
+    "--scheduler", help="The older way to pick a sampler: ddim, dpm (DPM++ 2M), euler, with "
+    "the model's own schedule. Use --sampler instead.", show_default=False)]
+
+
+def check_sampler_options(scheduler: SchedulerName | None, sampler: str | None,
+                          schedule: str | None) -> samplers.SamplerChoice:
+    """The sampler choice, checked before anything loads: a bad name or combination given on
+    the command line is a usage error (exit 2); a bad config value an error (exit 1)."""
+    old = scheduler.value if scheduler else None
+    try:
+        if old is not None or sampler is not None:  # the config plays no part
+            return samplers.choose(scheduler=old, sampler=sampler, schedule=schedule,
+                                   configured=(None, None))
+        if schedule is not None:
+            samplers.find_schedule(schedule)
+    except samplers.SamplerError as exc:
+        hint = "'--sampler'" if sampler is not None else "'--schedule'"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+    return samplers.choose(schedule=schedule)
 
 
 def render_cmd(
@@ -61,8 +93,9 @@ def render_cmd(
         "--guidance", help="Classifier-free guidance scale (default: 10 when the prompt names "
         "an identity, as the method's authors sample; 7.5 otherwise).",
         show_default=False)] = None,
-    scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help="Sampler.")
-                         ] = SchedulerName.ddim,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    scheduler: SchedulerOpt = None,
     seed: SeedOpt = 0,
     width: Annotated[int | None, typer.Option("--width", help="Image width in px, a multiple "
                                               "of 8 (default: the model's, 512 for SD).",
@@ -96,6 +129,9 @@ def render_cmd(
     Each PNG carries its prompt and settings (WebUI-style `parameters` text), so the same seed
     and settings give the same image again.
     """
+    choice = check_sampler_options(scheduler, sampler, schedule)
+    sampling = {"scheduler": scheduler.value if scheduler else None, "sampler": sampler,
+                "schedule": schedule}
     if prompts_file is not None:
         if prompt is not None:
             raise typer.BadParameter("give a PROMPT or --prompts FILE, not both.",
@@ -108,7 +144,7 @@ def render_cmd(
                                      "--prompts.", param_hint="--grid")
         _render_prompts_file(
             prompts_file, seeds=1 if seeds is None else seeds, seed=seed, negative=negative,
-            steps=steps, guidance=guidance, scheduler=scheduler.value, width=width,
+            steps=steps, guidance=guidance, **sampling, width=width,
             height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
             out_dir=out_dir, person_noun=person, dry_run=dry_run, quiet=quiet,
             json_out=json_out)
@@ -147,6 +183,7 @@ def render_cmd(
         shown = guidance if guidance is not None else rendering.default_guidance(
             bool(plan.identities))
         out.print(f"Guidance:   {shown:g}" + ("" if guidance is not None else " (default)"))
+        out.print(f"Sampler:    {choice.sampler.name}, schedule type {choice.schedule}")
         for note in plan.notes:
             warn(note)
         return
@@ -155,7 +192,7 @@ def render_cmd(
         with progress_callback(quiet) as progress:
             result = rendering.render_prompt(
                 prompt, negative=negative, num_images=num_images, steps=steps,
-                guidance=guidance, scheduler=scheduler.value, seed=seed, width=width,
+                guidance=guidance, **sampling, seed=seed, width=width,
                 height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
                 out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
                 person_noun=person,

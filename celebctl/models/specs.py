@@ -121,6 +121,39 @@ def configured_default_model() -> str:
     return configured_model() or DEFAULT_MODEL
 
 
+def configured_sampling() -> tuple[str | None, str | None]:
+    """The ``sampler`` and ``schedule`` the user set in the config file (WebUI names, e.g.
+    ``sampler = "DPM++ 2M"`` and ``schedule = "Karras"``), each None when not set. Both are
+    checked here, so a typo is named with the file before anything loads."""
+    from .. import documents, samplers
+
+    config = paths.config_path()
+    if not os.path.lexists(config):
+        return None, None
+    try:
+        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as exc:
+        raise InvalidOption(
+            f"Could not read the config file {config}: {exc}. Fix or delete it."
+        ) from exc
+    values: list[str | None] = []
+    for key in ("sampler", "schedule"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InvalidOption(f"`{key}` in {config} must be a non-empty string (a WebUI "
+                                f"name, e.g. \"DPM++ 2M\"), not {str(value)[:40]!r}.")
+        values.append(value)
+    sampler, schedule = values
+    try:
+        if sampler is not None:
+            samplers.choice(sampler, schedule)
+        elif schedule is not None:
+            samplers.find_schedule(schedule)
+    except samplers.SamplerError as exc:
+        raise samplers.SamplerError(f"In the config file {config}: {exc}") from None
+    return sampler, schedule
+
+
 def model_for_identities(model: str | ModelSpec | None, basis_info: Any,
                          recorded: dict[str, str]) -> tuple[ModelSpec, list[str]]:
     """Which model to load for identities on ``basis_info``, and notes for the user.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import filehash
+from .. import filehash, samplers
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
@@ -59,7 +59,11 @@ MAX_SEEDS = 1000
 MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
-                 "width", "height", "model", "person_noun")
+                 "width", "height", "model", "person_noun", "sampler", "schedule_type",
+                 "scheduler_config")
+# Settings earlier releases did not record: compared only when the PNG has them (there the
+# "scheduler" value ddim/dpm/euler says it all).
+NEWER_SETTINGS = ("schedule_type", "scheduler_config")
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _DONE_KEY = "prompts/images-done"
 
@@ -109,6 +113,8 @@ class PromptsResult:
     world_size: int
     notes: list[str]
     elapsed_s: float
+    sampler: str = "DDIM"  # the WebUI's names
+    schedule_type: str = samplers.AUTOMATIC
 
     def paths_of(self, index: int) -> list[Path]:
         """Line ``index``'s images (written or already there), in seed order."""
@@ -127,6 +133,8 @@ class PromptsResult:
             "model": self.model,
             "steps": self.steps,
             "scheduler": self.scheduler,
+            "sampler": self.sampler,
+            "schedule_type": self.schedule_type,
             "width": self.width,
             "height": self.height,
             "processes": self.world_size,
@@ -228,6 +236,8 @@ def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
     if not isinstance(made, dict):
         return "was not made by celebctl"
     for key in SAME_SETTINGS:
+        if key in NEWER_SETTINGS and key not in made:
+            continue
         if made.get(key) != expected.get(key):
             return f"was made with other settings ({key}: {made.get(key)!r}, not " \
                    f"{expected.get(key)!r})"
@@ -274,7 +284,8 @@ def _stack(embeds: Sequence[PromptEmbeds]) -> PromptEmbeds:
 
 def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, negative: str = "",
                         steps: int = 50, guidance: float | None = None,
-                        scheduler: str = "ddim", width: int | None = None,
+                        scheduler: str | None = None, sampler: str | None = None,
+                        schedule: str | None = None, width: int | None = None,
                         height: int | None = None, batch_size: int | None = None,
                         model: str | ModelSpec | None = None, device: str = "auto",
                         dtype: str = "auto", out_dir: str | Path = DEFAULT_OUT_DIR,
@@ -301,6 +312,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
 
     started = time.perf_counter()
     launch = group.launch if group is not None else Launch()
+    choice = samplers.choose(scheduler=scheduler, sampler=sampler, schedule=schedule)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
     check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,
@@ -331,13 +343,16 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
                  for plan in job.plans]
     settings_cache: dict[int, dict[str, Any]] = {}
+    noise_scheduler = make_scheduler(choice, components.scheduler.config)
+    schedule_type = samplers.schedule_label(choice, noise_scheduler.config)
 
     def settings(index: int) -> dict[str, Any]:
         if index not in settings_cache:
             plan = job.plans[index]
-            made = image_settings(plan, steps=steps, scheduler=scheduler,
+            made = image_settings(plan, steps=steps, scheduler=choice,
                                   guidance=guidances[index], width=width, height=height,
-                                  model_hash=model_hash, ti_hashes=hashes)
+                                  model_hash=model_hash, ti_hashes=hashes,
+                                  schedule_type=schedule_type)
             settings_cache.clear()  # one line's images are near each other: keep few
             settings_cache[index] = made
         return settings_cache[index]
@@ -360,7 +375,6 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     batch = batch_size or auto_batch_size(components, max(1, len(mine)), width, height)
     notes = list(job.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
-    sampler = make_scheduler(scheduler, components.scheduler.config)
     vectors = identity_vectors_for(
         {n: c for plan in job.plans for n, c in plan.coefficients.items()}, basis
     ) if basis is not None else {}
@@ -398,7 +412,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                 with models.quiet_libraries():
                     images = sample_images(
                         unet_call=unet_call, vae=components.vae,
-                        scheduler=sampler,
+                        scheduler=noise_scheduler,
                         embeds=_stack([encoded[i] for i, _ in items]),
                         family=components.family, generators=generators, steps=steps,
                         guidance=guidances[items[0][0]], height=height, width=width,
@@ -418,8 +432,9 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     everything = {k: v for part in (gathered or [written]) for k, v in part.items()}
     return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
                          written=everything, skipped=skipped, model=job.spec.ref, steps=steps,
-                         scheduler=scheduler, width=width, height=height,
+                         scheduler=choice.key, width=width, height=height,
                          world_size=launch.world_size, notes=notes,
+                         sampler=choice.sampler.name, schedule_type=schedule_type,
                          elapsed_s=time.perf_counter() - started)
 
 

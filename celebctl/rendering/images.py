@@ -87,6 +87,8 @@ def image_parameters(settings: dict[str, Any]) -> str:
     fields = [
         ("Steps", str(settings["steps"])),
         ("Sampler", settings["sampler"]),
+        *([("Schedule type", settings["schedule_type"])] if settings.get("schedule_type")
+          else []),
         ("CFG scale", f"{settings['cfg_scale']:g}"),
         ("Seed", str(settings["seed"])),
         ("Size", f"{settings['width']}x{settings['height']}"),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import emphasis
+from .. import emphasis, samplers
 from ..errors import BasisMismatch, InvalidOption
 from ..prompting import (
     CHUNK_TOKENS,
@@ -22,7 +22,8 @@ from ..prompting import (
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSpec
 
-# --scheduler value -> (diffusers class, the name the WebUI writes as "Sampler").
+# --scheduler value (of earlier releases; celebctl.samplers has them all) -> (diffusers class,
+# the name the WebUI writes as "Sampler").
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", "DDIM"),
     "dpm": ("DPMSolverMultistepScheduler", "DPM++ 2M"),
@@ -306,7 +307,8 @@ def noise_note(spec: ModelSpec) -> str:
             "weights for real pictures.")
 
 
-def check_render_options(*, num_images: int, steps: int, guidance: float | None, scheduler: str,
+def check_render_options(*, num_images: int, steps: int, guidance: float | None,
+                         scheduler: str | samplers.SamplerChoice | None,
                          seed: int, width: int | None, height: int | None,
                          batch_size: int | None) -> None:
     """Raise InvalidOption for a setting that cannot work, before anything loads."""
@@ -326,8 +328,8 @@ def check_render_options(*, num_images: int, steps: int, guidance: float | None,
         raise InvalidOption(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (10 for "
                             "identities, 7.5 for plain prompts by default; useful values lie "
                             "between about 5 and 15; <= 1 turns classifier-free guidance off).")
-    if scheduler not in SCHEDULERS:
-        raise InvalidOption(f"Unknown scheduler '{scheduler}': use {', '.join(SCHEDULERS)}.")
+    if scheduler is not None and not isinstance(scheduler, samplers.SamplerChoice):
+        samplers.legacy_choice(scheduler)  # the older --scheduler value
     if not whole(seed) or not 0 <= seed or seed + num_images - 1 > MAX_SEED:
         raise InvalidOption(f"--seed must be between 0 and {MAX_SEED - num_images + 1}.")
     for flag, value in (("--width", width), ("--height", height)):

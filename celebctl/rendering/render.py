@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__, filehash
+from .. import __version__, filehash, samplers
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
 from ..storage.userfiles import write_new_user_file
@@ -24,7 +24,7 @@ from .images import (
     png_bytes,
     prompt_slug,
 )
-from .plan import SCHEDULERS, check_render_options, default_guidance, plan_render
+from .plan import check_render_options, default_guidance, plan_render
 from .settings import auto_batch_size, make_scheduler, render_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +55,8 @@ class RenderResult:
     notes: list[str]
     elapsed_s: float
     captured: bool = False  # the UNet ran as replayed CUDA graphs
+    sampler: str = "DDIM"  # the WebUI's names
+    schedule_type: str = samplers.AUTOMATIC
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -74,6 +76,8 @@ class RenderResult:
             "steps": self.steps,
             "guidance": self.guidance,
             "scheduler": self.scheduler,
+            "sampler": self.sampler,
+            "schedule_type": self.schedule_type,
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
@@ -103,11 +107,16 @@ def check_basis_once(components: Components, basis: Any, model_ref: str) -> None
     checked.add(key)
 
 
-def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, width: int,
-                   height: int, model_hash: str | None,
-                   ti_hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """What every image of ``plan`` records in its PNG (all but the seed). ``ti_hashes``:
-    identity -> embedding hash, when already known (a superset is fine)."""
+def image_settings(plan: Any, *, steps: int, scheduler: str | samplers.SamplerChoice,
+                   guidance: float, width: int, height: int, model_hash: str | None,
+                   ti_hashes: dict[str, str] | None = None,
+                   schedule_type: str | None = None) -> dict[str, Any]:
+    """What every image of ``plan`` records in its PNG (all but the seed). ``scheduler``: the
+    sampler choice (or an older `--scheduler` value); ``schedule_type``: the schedule type to
+    write (:func:`samplers.schedule_label` of the built scheduler), else the chosen one.
+    ``ti_hashes``: identity -> embedding hash, when already known (a superset is fine)."""
+    made = (scheduler if isinstance(scheduler, samplers.SamplerChoice)
+            else samplers.legacy_choice(scheduler))
     settings = {
         "prompt": plan.prompt.text,
         "negative_prompt": plan.negative.text,
@@ -116,8 +125,9 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
         "webui_prompt": plan.prompt.expanded("webui"),
         "webui_negative": plan.negative.expanded("webui"),
         "steps": steps,
-        "sampler": SCHEDULERS[scheduler][1],
-        "scheduler": scheduler,
+        "sampler": made.sampler.name,
+        "schedule_type": schedule_type or made.schedule,
+        "scheduler": made.key,
         "cfg_scale": float(guidance),
         "width": width,
         "height": height,
@@ -128,6 +138,8 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
         "pad_conds": plan.pads_conds(guidance),
         "celebctl_version": __version__,
     }
+    if made.overrides():
+        settings["scheduler_config"] = made.overrides()
     if model_hash:
         settings["model_hash"] = model_hash
     if plan.identities:
@@ -139,7 +151,8 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
 
 
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
-                  guidance: float | None = None, scheduler: str = "ddim", seed: int = 0,
+                  guidance: float | None = None, scheduler: str | None = None,
+                  sampler: str | None = None, schedule: str | None = None, seed: int = 0,
                   width: int | None = None, height: int | None = None,
                   batch_size: int | None = None,
                   model: str | ModelSpec | None = None, device: str = "auto",
@@ -160,7 +173,10 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     when the prompt names identities (the reference's value) and 7.5 otherwise;
     ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
     picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
-    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
+    replayed as a CUDA graph unless ``capture`` is False. ``sampler`` and ``schedule`` are
+    the WebUI's names ("DPM++ 2M", "Karras"); ``scheduler`` the older ddim/dpm/euler; none of
+    them: the config's ``sampler``/``schedule``, else DDIM (:func:`samplers.choose`). Returns
+    what was written.
     """
     import torch
 
@@ -168,6 +184,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     from .. import models
 
     started = time.perf_counter()
+    choice = samplers.choose(scheduler=scheduler, sampler=sampler, schedule=schedule)
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)
@@ -199,16 +216,18 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
 
     width = width or components.default_resolution
     height = height or components.default_resolution
-    sampler = make_scheduler(scheduler, components.scheduler.config)
+    noise_scheduler = make_scheduler(choice, components.scheduler.config)
+    schedule_type = samplers.schedule_label(choice, noise_scheduler.config)
     seeds = [seed + i for i in range(num_images)]
     batch = batch_size or auto_batch_size(components, num_images, width, height)
     notes = list(plan.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
     counter = {"done": 0, "total": num_images * steps}
 
-    settings_base = image_settings(plan, steps=steps, scheduler=scheduler, guidance=guidance,
+    settings_base = image_settings(plan, steps=steps, scheduler=choice, guidance=guidance,
                                    width=width, height=height,
-                                   model_hash=model_hashing.result())
+                                   model_hash=model_hashing.result(),
+                                   schedule_type=schedule_type)
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.plain())
@@ -252,7 +271,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with models.quiet_libraries():
                 batch_images = sample_images(
-                    unet_call=unet_call, vae=components.vae, scheduler=sampler,
+                    unet_call=unet_call, vae=components.vae, scheduler=noise_scheduler,
                     embeds=embeds, family=components.family,
                     generators=generators, steps=steps, guidance=guidance, height=height,
                     width=width, on_step=on_step, pad_to=batch)
@@ -276,6 +295,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         negative=plan.negative.text, negative_expanded=plan.negative.expanded(),
         identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
         seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
-        scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
+        scheduler=choice.key, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
+        sampler=choice.sampler.name, schedule_type=schedule_type,
     )

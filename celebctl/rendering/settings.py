@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidOption
-from .plan import SCHEDULERS
+from .. import samplers
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import Components
@@ -39,14 +38,8 @@ def render_dtype(dtype: str, device: Any) -> Any:
     return models.resolve_dtype(dtype, device)
 
 
-def make_scheduler(name: str, config: Any) -> Any:
-    """A fresh diffusers scheduler of kind ``name`` (ddim, dpm, euler) from a model's config."""
-    import diffusers
-
-    from ..models import quiet_libraries
-
-    if name not in SCHEDULERS:
-        raise InvalidOption(f"Unknown scheduler '{name}': use {', '.join(SCHEDULERS)}.")
-    cls = getattr(diffusers, SCHEDULERS[name][0])
-    with quiet_libraries():  # other schedulers' keys in the config are ignored, not news
-        return cls.from_config(dict(config))
+def make_scheduler(name: str | samplers.SamplerChoice, config: Any) -> Any:
+    """A fresh diffusers scheduler from a model's config: ``name`` is a checked sampler
+    choice (:mod:`celebctl.samplers`) or an older `--scheduler` value (ddim, dpm, euler)."""
+    made = name if isinstance(name, samplers.SamplerChoice) else samplers.legacy_choice(name)
+    return samplers.make_scheduler(made, config)
