@@ -73,7 +73,8 @@ def test_render_writes_pngs_with_webui_parameters(home, components, tmp_path):
     assert meta["parameters"] == (
         "alice person shaking hands with bob person\n"
         "Negative prompt: blurry, bob person\n"
-        f"Steps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 10, Seed: 6, Size: 64x64, Model: tiny, "
+        "Steps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 10, Seed: 6, "
+        "Size: 64x64, Model: tiny, "
         f"celebctl: {__version__}, Basis: {basis_id}, Identities: \"alice, bob\", "
         f"TI hashes: \"alice: {ti_hashes['alice']}, bob: {ti_hashes['bob']}\""
     )

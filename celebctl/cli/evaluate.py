@@ -23,6 +23,7 @@ from .common import (
 )
 from .completion import identity_names
 from .progress import progress_callback
+from .sampling import SamplerOpt, ScheduleOpt, check_sampler_options
 
 evaluation = LazyModule("celebctl.evaluation")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -41,7 +42,8 @@ def _fmt(value) -> str:
 
 
 # Options of the prompt-set run that mean nothing when --images scores existing images.
-RENDER_ONLY = ("seeds", "steps", "guidance", "baseline", "record", "model", "dtype", "out_dir")
+RENDER_ONLY = ("seeds", "steps", "guidance", "sampler", "schedule", "baseline", "record",
+               "model", "dtype", "out_dir")
 
 
 def _flag(ctx: typer.Context, name: str) -> str:
@@ -92,8 +94,9 @@ def eval_cmd(
         "--images", help="Score the images in this folder (made anywhere: WebUI, ComfyUI, "
         "diffusers) instead of rendering the prompt set; nothing is recorded. Subfolders and "
         "hidden files are not read; files that are not images are listed as skipped. The "
-        "prompt set's options (--seeds, --steps, --guidance, --baseline, --record, --model, "
-        "--dtype, --out) cannot be combined with it.", show_default=False)] = None,
+        "prompt set's options (--seeds, --steps, --guidance, --sampler, --schedule, "
+        "--baseline, --record, --model, --dtype, --out) cannot be combined with it.",
+        show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="With --images: the prompt for prompt similarity. Default: each "
         "image's own prompt from its WebUI parameters (PNG text, or EXIF in JPEG/WebP).",
@@ -103,6 +106,8 @@ def eval_cmd(
     guidance: Annotated[float | None, typer.Option(
         "--guidance", help="Guidance scale (default 10, as `render` uses for identities).",
         show_default=False)] = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
     clip: Annotated[str, typer.Option(
         "--clip", help="CLIP model for prompt similarity: a hub id (from the Hugging Face "
         "cache offline), a local folder, or `tiny-clip` (built in, random weights).")
@@ -139,18 +144,21 @@ def eval_cmd(
         _eval_images(names, images, prompt=prompt, clip=None if no_clip else clip,
                      device=device, sheet=sheet, quiet=quiet, json_out=json_out)
         return
+    check_sampler_options(None, sampler, schedule)
     with progress_callback(quiet) as progress:
         result = evaluation.evaluate(
             names, model=model, device=device, dtype=dtype, seeds=seeds, steps=steps,
             guidance=guidance, clip=None if no_clip else clip, baseline=baseline,
-            out_dir=out_dir, record=record, sheet=sheet, progress=progress)
+            out_dir=out_dir, record=record, sheet=sheet, progress=progress,
+            sampler=sampler, schedule=schedule)
     for note in result.notes:
         warn(note)
     if json_out:
         print_json(result.to_dict())
         return
     table = Table(box=None, header_style="bold", title=f"{result.prompt_set}, {len(result.seeds)}"
-                  f" seed(s) per prompt, {result.model}")
+                  f" seed(s) per prompt, {result.model}, {result.sampler} "
+                  f"({result.schedule_type})")
     table.add_column("prompt", overflow="fold")
     for name in result.names:
         table.add_column(f"{name} id sim", justify="right")
@@ -195,15 +203,21 @@ def _eval_images(names: list[str], images: Path, *, prompt: str | None, clip: st
     for name in result.names:
         table.add_column(f"{name} id sim", justify="right")
     table.add_column("prompt sim", justify="right")
+    samplers_shown = any(row.sampler for row in result.images)
+    if samplers_shown:
+        table.add_column("sampler", overflow="fold")
     table.add_column("prompt", overflow="fold")
     for row in result.images:
+        sampler = ([cell(", ".join(x for x in (row.sampler, row.schedule_type) if x) or "-")]
+                   if samplers_shown else [])
         if row.skipped is not None:
             table.add_row(cell(row.file), cell("skipped"), *[cell("-")] * len(result.names),
-                          cell("-"), cell(row.skipped))
+                          cell("-"), *sampler, cell(row.skipped))
             continue
         table.add_row(cell(row.file), cell(row.faces),
                       *[cell(_fmt(row.identity.get(n))) for n in result.names],
-                      cell(_fmt(row.prompt_similarity)), cell(_short(row.prompt or "-")))
+                      cell(_fmt(row.prompt_similarity)), *sampler,
+                      cell(_short(row.prompt or "-")))
     out.print(table)
     summary = result.summary()
     skipped = f", {summary['skipped']} skipped" if summary["skipped"] else ""

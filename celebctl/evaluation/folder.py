@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CelebctlError, InvalidOption, PhotoError
+from ..infotext import parse_parameters
 from . import sheets
 from .scoring import check_face_embeddings, load_face_references, mean, score_image
 
@@ -51,12 +52,15 @@ class ScoredImage:
     prompt_source: str | None = None  # PROMPT_FROM_OPTION, PROMPT_FROM_FILE or None
     clip_text: str | None = None
     prompt_similarity: float | None = None
+    sampler: str | None = None  # from the image's parameters, the WebUI's names
+    schedule_type: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "path": str(self.path), "skipped": self.skipped,
                 "faces": self.faces, "identity": self.identity, "told_apart": self.told_apart,
                 "prompt": self.prompt, "prompt_source": self.prompt_source,
-                "clip_text": self.clip_text, "prompt_similarity": self.prompt_similarity}
+                "clip_text": self.clip_text, "prompt_similarity": self.prompt_similarity,
+                "sampler": self.sampler, "schedule_type": self.schedule_type}
 
 
 @dataclass
@@ -291,6 +295,9 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
                                     "other images, not scored"))
             continue
         row = ScoredImage(path.name, path)
+        carried = parse_parameters(text.get("parameters"))
+        if carried is not None:
+            row.sampler, row.schedule_type = carried.sampler, carried.schedule_type
         if prompt is not None:
             row.prompt, row.prompt_source = prompt, PROMPT_FROM_OPTION
         else:

@@ -107,6 +107,8 @@ class EvalResult:
     sheet: Path | None
     created: str
     notes: list[str] = field(default_factory=list)
+    sampler: str = "DDIM"  # the WebUI's names, as the images' PNG text says
+    schedule_type: str = "Automatic"
 
     def summary(self, baseline: bool = False) -> dict[str, Any]:
         """Means over the identity (or baseline) images."""
@@ -147,6 +149,8 @@ class EvalResult:
         }
         if self.guidance is not None:
             record["guidance"] = float(self.guidance)
+        record["sampler"] = self.sampler
+        record["schedule_type"] = self.schedule_type
         for scope, baseline in (("", False), ("baseline_", True)):
             if not any(r.baseline == baseline for r in self.images):
                 continue
@@ -160,6 +164,7 @@ class EvalResult:
         return {
             "names": self.names, "model": self.model, "prompt_set": self.prompt_set,
             "seeds": self.seeds, "steps": self.steps, "guidance": self.guidance,
+            "sampler": self.sampler, "schedule_type": self.schedule_type,
             "clip": self.clip, "sheet": str(self.sheet) if self.sheet else None,
             "created": self.created, "notes": self.notes,
             "summary": self.summary(False),
@@ -219,22 +224,25 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
              guidance: float | None = None, clip: str | None = None, baseline: bool = False,
              out_dir: str | Path = "evals", record: bool = True,
              sheet: str | Path | None = None,
-             progress: ProgressCallback | None = None) -> EvalResult:
+             progress: ProgressCallback | None = None, sampler: str | None = None,
+             schedule: str | None = None) -> EvalResult:
     """Render the prompt set for ``names`` and measure identity and prompt similarity.
 
     ``clip`` None skips prompt similarity. Everything that can be checked without a model is
     checked first (names, options, identities, basis, the sheet's path; the CLIP model's
     availability comes next). The labelled contact sheet goes to ``sheet`` when given, else
     into ``out_dir``. The summary is appended to each identity's eval history unless
-    ``record`` is False.
+    ``record`` is False. ``sampler`` and ``schedule`` are the WebUI's names, as for `render`
+    (default: the config's, else DDIM).
     """
     from PIL import Image
 
-    from .. import models, registry, rendering
+    from .. import models, registry, rendering, samplers
     from ..clipscore import load_clip
 
     names = list(names)
     check_eval_options(names, seeds, steps, guidance)
+    choice = samplers.choose(sampler=sampler, schedule=schedule)  # checked before loading
     for name in names:
         registry.validate_name(name)
     sheet_target = sheets.check_sheet_path(sheet) if sheet is not None else None
@@ -265,12 +273,15 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
 
     records: list[ImageRecord] = []
     thumbnails: list[Any] = []
+    schedule_type = choice.schedule
     notes = list(plan.notes)
     for prompt, clip_text, is_baseline in runs:
         result = rendering.render_prompt(
             prompt, num_images=seeds, steps=steps, guidance=used_guidance, seed=0,
+            sampler=sampler, schedule=schedule,
             out_dir=out, components=components, progress=step_progress)
         done[0] += seeds * steps
+        schedule_type = result.schedule_type
         for note in result.notes:
             if note not in notes:
                 notes.append(note)
@@ -292,7 +303,8 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     evaluation = EvalResult(names=names, model=spec.ref, prompt_set=PROMPT_SET_VERSION,
                             seeds=seed_list, steps=steps, guidance=used_guidance,
                             clip=scorer.ref if scorer else None, images=records,
-                            sheet=None, created=created, notes=notes)
+                            sheet=None, created=created, notes=notes,
+                            sampler=choice.sampler.name, schedule_type=schedule_type)
     if thumbnails:
         title, labels, captions = sheet_caption_rows(evaluation)
         data = sheets.sheet_png(thumbnails, seeds, title, labels, captions)  # a row per prompt

@@ -134,14 +134,21 @@ def png_bytes(image: Any, settings: dict[str, Any]) -> bytes:
 
 
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
-    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict}``."""
+    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict}``,
+    with the "sampler" and "schedule_type" the parameters name (any tool's, WebUI < 1.9's
+    "DPM++ 2M Karras" split; None where they name none)."""
     from PIL import Image
+
+    from ..infotext import parse_parameters
 
     with Image.open(path) as image:
         text = dict(getattr(image, "text", {}) or {})
     data: dict[str, Any] = {"parameters": text.get("parameters")}
     raw = text.get("celebctl")
     data["celebctl"] = json.loads(raw) if raw else None
+    parsed = parse_parameters(data["parameters"])
+    data["sampler"] = parsed.sampler if parsed else None
+    data["schedule_type"] = parsed.schedule_type if parsed else None
     return data
 
 
