@@ -256,10 +256,10 @@ DEFAULT = "ddim"  # without options or config: DDIM with the model's config, as 
 
 def choose(*, scheduler: str | None = None, sampler: str | None = None,
            schedule: str | None = None,
-           configured: tuple[str | None, str | None] | None = None) -> SamplerChoice:
+           configured: tuple[str | None, str | None] = (None, None)) -> SamplerChoice:
     """The sampler a render uses: ``scheduler`` (the older option), else ``sampler`` and
-    ``schedule``, else ``configured`` (the config file's ``sampler`` and ``schedule``, read
-    by :func:`celebctl.models.configured_sampling` when None), else DDIM as ever.
+    ``schedule``, else ``configured`` (the config file's ``sampler`` and ``schedule``, as
+    :func:`celebctl.models.configured_sampling` reads them), else DDIM as ever.
 
     ``--scheduler`` with ``--sampler`` is accepted only when both name the same sampler and no
     schedule is given. The config's ``schedule`` goes with the config's ``sampler``: a
@@ -274,10 +274,6 @@ def choose(*, scheduler: str | None = None, sampler: str | None = None,
                 "give only --sampler NAME (and --schedule TYPE).")
         return old
     if sampler is None:
-        if configured is None:
-            from .models import configured_sampling
-
-            configured = configured_sampling()
         conf_sampler, conf_schedule = configured
         if conf_sampler is not None and schedule is None:
             return choice(conf_sampler, conf_schedule)
@@ -304,18 +300,6 @@ def schedule_label(made: SamplerChoice, config: Any) -> str:
     if automatic is None:  # DDIM's own (WebUI) timesteps are the leading ones
         automatic = DDIM_SCHEDULE
     return AUTOMATIC if label == automatic else label
-
-
-def make_scheduler(made: SamplerChoice, config: Any) -> Any:
-    """A fresh diffusers scheduler for ``made`` from a model's scheduler ``config``."""
-    import diffusers
-
-    from .models import quiet_libraries
-
-    check_choice(made)
-    cls = getattr(diffusers, made.sampler.cls)
-    with quiet_libraries():  # other schedulers' keys in the config are ignored, not news
-        return cls.from_config({**dict(config), **made.overrides()})
 
 
 def from_infotext(fields: dict[str, str]) -> tuple[str | None, str | None]:

@@ -215,7 +215,7 @@ def same_as_diffusers(parts, pipe, made, tmp_path, guidance=7.5, steps=2, seed=4
                                      schedule=made.schedule, steps=steps, seed=seed,
                                      guidance=guidance, out_dir=tmp_path)
     ours = np.asarray(Image.open(result.paths[0]).convert("RGB"))
-    pipe.scheduler = samplers.make_scheduler(made, parts.scheduler.config)
+    pipe.scheduler = rendering.make_scheduler(made, parts.scheduler.config)
     with models.quiet_libraries():
         theirs = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=64,
                       width=64, generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
@@ -343,11 +343,11 @@ def write_config(text: str) -> None:
 def test_config_defaults_apply_to_render_and_are_checked(tiny_home, sd, tmp_path, no_models):
     write_config('sampler = "DPM++ 2M"\nschedule = "Karras"\n')
     assert models.configured_sampling() == ("DPM++ 2M", "Karras")
-    assert samplers.choose().describe() == "DPM++ 2M, Karras"
+    assert rendering.sampler_choice().describe() == "DPM++ 2M, Karras"
     write_config('sampler = "DPM++ 2N"\n')
     with pytest.raises(samplers.SamplerError, match="In the config file .*config.toml: Unknown "
                        "sampler 'DPM\\+\\+ 2N'"):
-        samplers.choose()
+        rendering.sampler_choice()
     result = invoke("render", PROMPT, "--model", "tiny", "-o", tmp_path)
     assert result.exit_code == 1 and "Unknown sampler 'DPM++ 2N'" in plain(result.stderr)
     write_config("sampler = 3\n")

@@ -46,4 +46,6 @@ def check_sampler_options(scheduler: SchedulerName | None, sampler: str | None,
     except samplers.SamplerError as exc:
         hint = "'--sampler'" if sampler is not None else "'--schedule'"
         raise typer.BadParameter(str(exc), param_hint=hint) from None
-    return samplers.choose(schedule=schedule)
+    from .. import rendering
+
+    return rendering.sampler_choice(schedule=schedule)

@@ -237,12 +237,12 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     """
     from PIL import Image
 
-    from .. import models, registry, rendering, samplers
+    from .. import models, registry, rendering
     from ..clipscore import load_clip
 
     names = list(names)
     check_eval_options(names, seeds, steps, guidance)
-    choice = samplers.choose(sampler=sampler, schedule=schedule)  # checked before loading
+    choice = rendering.sampler_choice(sampler=sampler, schedule=schedule)  # before loading
     for name in names:
         registry.validate_name(name)
     sheet_target = sheets.check_sheet_path(sheet) if sheet is not None else None

@@ -11,7 +11,8 @@ JSON. With the same seed and settings on the CPU the PNG bytes are identical.
 
 - :mod:`.plan`: a request checked without loading a model (options, identities, basis, model,
   token counts).
-- :mod:`.settings`: what depends on the device: images per batch, dtype, the scheduler.
+- :mod:`.settings`: what depends on the device: images per batch, dtype, the scheduler (the
+  sampler chosen by its WebUI name, :mod:`celebctl.samplers`, with the config's default).
 - :mod:`.encoding`: identity vectors and the prompt pair encoded with the WebUI's emphasis.
 - :mod:`.images`: file names, PNG metadata, contact sheets.
 - :mod:`.render`: :func:`render_prompt`, which runs the above and denoises batch by batch
@@ -96,6 +97,7 @@ from .settings import (
     auto_batch_size,
     make_scheduler,
     render_dtype,
+    sampler_choice,
 )
 
 __all__ = [
@@ -111,5 +113,5 @@ __all__ = [
     "check_render_options", "check_widths", "contact_sheet", "default_guidance",
     "embedding_hashes", "encode_prompt_pair", "identity_vectors_for", "image_parameters",
     "make_scheduler", "model_label", "noise_note", "plan_render", "png_bytes", "prompt_slug",
-    "read_png_metadata", "render_dtype", "render_prompt",
+    "read_png_metadata", "render_dtype", "render_prompt", "sampler_choice",
 ]

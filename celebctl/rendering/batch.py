@@ -49,7 +49,7 @@ from .plan import (
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
 from .render import ProgressCallback, check_basis_once, image_settings
-from .settings import auto_batch_size, make_scheduler, render_dtype
+from .settings import auto_batch_size, make_scheduler, render_dtype, sampler_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..distributed import Group
@@ -312,7 +312,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
 
     started = time.perf_counter()
     launch = group.launch if group is not None else Launch()
-    choice = samplers.choose(scheduler=scheduler, sampler=sampler, schedule=schedule)
+    choice = sampler_choice(scheduler, sampler, schedule)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
     check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,

@@ -25,7 +25,7 @@ from .images import (
     prompt_slug,
 )
 from .plan import check_render_options, default_guidance, plan_render
-from .settings import auto_batch_size, make_scheduler, render_dtype
+from .settings import auto_batch_size, make_scheduler, render_dtype, sampler_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import Components, ModelSpec
@@ -184,7 +184,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     from .. import models
 
     started = time.perf_counter()
-    choice = samplers.choose(scheduler=scheduler, sampler=sampler, schedule=schedule)
+    choice = sampler_choice(scheduler, sampler, schedule)
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)

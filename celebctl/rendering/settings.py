@@ -38,8 +38,27 @@ def render_dtype(dtype: str, device: Any) -> Any:
     return models.resolve_dtype(dtype, device)
 
 
+def sampler_choice(scheduler: str | None = None, sampler: str | None = None,
+                   schedule: str | None = None) -> samplers.SamplerChoice:
+    """:func:`samplers.choose` with the config file's ``sampler`` and ``schedule`` (read only
+    when no option chooses the sampler). Raises SamplerError before anything loads."""
+    from .. import models
+
+    configured = ((None, None) if scheduler is not None or sampler is not None
+                  else models.configured_sampling())
+    return samplers.choose(scheduler=scheduler, sampler=sampler, schedule=schedule,
+                           configured=configured)
+
+
 def make_scheduler(name: str | samplers.SamplerChoice, config: Any) -> Any:
-    """A fresh diffusers scheduler from a model's config: ``name`` is a checked sampler
+    """A fresh diffusers scheduler from a model's scheduler ``config``: ``name`` is a sampler
     choice (:mod:`celebctl.samplers`) or an older `--scheduler` value (ddim, dpm, euler)."""
+    import diffusers
+
+    from ..models import quiet_libraries
+
     made = name if isinstance(name, samplers.SamplerChoice) else samplers.legacy_choice(name)
-    return samplers.make_scheduler(made, config)
+    samplers.check_choice(made)
+    cls = getattr(diffusers, made.sampler.cls)
+    with quiet_libraries():  # other schedulers' keys in the config are ignored, not news
+        return cls.from_config({**dict(config), **made.overrides()})
