@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .common import (
     CelebTyper,
+    ClipSkipOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -41,7 +42,8 @@ def _fmt(value) -> str:
 
 
 # Options of the prompt-set run that mean nothing when --images scores existing images.
-RENDER_ONLY = ("seeds", "steps", "guidance", "baseline", "record", "model", "dtype", "out_dir")
+RENDER_ONLY = ("seeds", "steps", "guidance", "baseline", "record", "model", "dtype", "out_dir",
+               "clip_skip")
 
 
 def _flag(ctx: typer.Context, name: str) -> str:
@@ -115,6 +117,7 @@ def eval_cmd(
         "--record/--no-record", help="Append the summary to each identity's eval history "
         "(shown by `celebctl show`).")] = True,
     model: ModelOpt = None,
+    clip_skip: ClipSkipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the images and the "
@@ -143,7 +146,8 @@ def eval_cmd(
         result = evaluation.evaluate(
             names, model=model, device=device, dtype=dtype, seeds=seeds, steps=steps,
             guidance=guidance, clip=None if no_clip else clip, baseline=baseline,
-            out_dir=out_dir, record=record, sheet=sheet, progress=progress)
+            out_dir=out_dir, record=record, sheet=sheet, progress=progress,
+            clip_skip=clip_skip)
     for note in result.notes:
         warn(note)
     if json_out:

@@ -219,14 +219,16 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
              guidance: float | None = None, clip: str | None = None, baseline: bool = False,
              out_dir: str | Path = "evals", record: bool = True,
              sheet: str | Path | None = None,
-             progress: ProgressCallback | None = None) -> EvalResult:
+             progress: ProgressCallback | None = None,
+             clip_skip: int | None = None) -> EvalResult:
     """Render the prompt set for ``names`` and measure identity and prompt similarity.
 
     ``clip`` None skips prompt similarity. Everything that can be checked without a model is
     checked first (names, options, identities, basis, the sheet's path; the CLIP model's
     availability comes next). The labelled contact sheet goes to ``sheet`` when given, else
     into ``out_dir``. The summary is appended to each identity's eval history unless
-    ``record`` is False.
+    ``record`` is False. Every image, baseline included, reads the text encoder at
+    ``clip_skip``, else at the identities' own clip skip.
     """
     from PIL import Image
 
@@ -242,7 +244,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     check_face_embeddings(idents)
     prompts = prompt_set(names)
     # Plan one render up front: options, identities, basis and model are checked here.
-    plan = rendering.plan_render(prompts[0][0], model=model)
+    plan = rendering.plan_render(prompts[0][0], model=model, clip_skip=clip_skip)
     spec = plan.spec
     torch_device = models.resolve_device(device)
     scorer = load_clip(clip, torch_device) if clip else None
@@ -269,7 +271,8 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     for prompt, clip_text, is_baseline in runs:
         result = rendering.render_prompt(
             prompt, num_images=seeds, steps=steps, guidance=used_guidance, seed=0,
-            out_dir=out, components=components, progress=step_progress)
+            out_dir=out, components=components, progress=step_progress,
+            clip_skip=plan.clip_skip)
         done[0] += seeds * steps
         for note in result.notes:
             if note not in notes:

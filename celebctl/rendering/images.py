@@ -94,6 +94,8 @@ def image_parameters(settings: dict[str, Any]) -> str:
     if settings.get("model_hash"):
         fields.append(("Model hash", settings["model_hash"]))
     fields.append(("Model", settings["model"]))
+    if settings.get("clip_skip", 1) != 1:
+        fields.append(("Clip skip", str(settings["clip_skip"])))  # the WebUI writes it past 1
     if settings.get("pad_conds"):
         # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
         # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__, filehash
+from ..clipskip import check_loaded_range
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
 from ..storage.userfiles import write_new_user_file
@@ -55,6 +56,7 @@ class RenderResult:
     notes: list[str]
     elapsed_s: float
     captured: bool = False  # the UNet ran as replayed CUDA graphs
+    clip_skip: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -77,6 +79,7 @@ class RenderResult:
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
+            "clip_skip": self.clip_skip,
         }
 
 
@@ -128,6 +131,8 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
         "pad_conds": plan.pads_conds(guidance),
         "celebctl_version": __version__,
     }
+    if plan.clip_skip != 1:  # as the WebUI, only past 1 (the PNGs of other renders unchanged)
+        settings["clip_skip"] = plan.clip_skip
     if model_hash:
         settings["model_hash"] = model_hash
     if plan.identities:
@@ -147,7 +152,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   grid: bool = False, progress: ProgressCallback | None = None,
                   components: Components | None = None,
                   on_file: Callable[[Path], None] | None = None,
-                  person_noun: bool = True, capture: bool = True) -> RenderResult:
+                  person_noun: bool = True, capture: bool = True,
+                  clip_skip: int | None = None) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -160,7 +166,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     when the prompt names identities (the reference's value) and 7.5 otherwise;
     ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
     picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
-    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
+    replayed as a CUDA graph unless ``capture`` is False. ``clip_skip`` (the WebUI's numbering)
+    None reads the layer the identities were fitted at. Returns what was written.
     """
     import torch
 
@@ -177,7 +184,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         model = components.spec
     plan = plan_render(prompt, negative, model,
                        tokenizer=components.tokenizer if components is not None else None,
-                       person_noun=person_noun)
+                       person_noun=person_noun, clip_skip=clip_skip)
     if guidance is None:
         guidance = default_guidance(bool(plan.identities))
     if components is None:
@@ -192,6 +199,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     if components is None:
         components = models.load_pipeline_components(plan.spec, torch_device, dtype,
                                                      progress=progress)
+    check_loaded_range(plan.clip_skip, components.text_encoders, plan.spec.ref)
     if basis is not None:
         check_basis_once(components, basis, plan.spec.ref)
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
@@ -278,4 +286,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
         scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
+        clip_skip=plan.clip_skip,
     )
