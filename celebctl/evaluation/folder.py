@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CelebctlError, InvalidOption, PhotoError
+from ..rendering.infotext import clip_skip_of
 from . import sheets
 from .scoring import check_face_embeddings, load_face_references, mean, score_image
 
@@ -51,12 +52,14 @@ class ScoredImage:
     prompt_source: str | None = None  # PROMPT_FROM_OPTION, PROMPT_FROM_FILE or None
     clip_text: str | None = None
     prompt_similarity: float | None = None
+    clip_skip: int | None = None  # from the image's parameters (None: it has none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "path": str(self.path), "skipped": self.skipped,
                 "faces": self.faces, "identity": self.identity, "told_apart": self.told_apart,
                 "prompt": self.prompt, "prompt_source": self.prompt_source,
-                "clip_text": self.clip_text, "prompt_similarity": self.prompt_similarity}
+                "clip_text": self.clip_text, "prompt_similarity": self.prompt_similarity,
+                "clip_skip": self.clip_skip}
 
 
 @dataclass
@@ -291,6 +294,7 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
                                     "other images, not scored"))
             continue
         row = ScoredImage(path.name, path)
+        row.clip_skip = clip_skip_of(text.get("parameters"))
         if prompt is not None:
             row.prompt, row.prompt_source = prompt, PROMPT_FROM_OPTION
         else:

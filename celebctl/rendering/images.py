@@ -134,12 +134,16 @@ def png_bytes(image: Any, settings: dict[str, Any]) -> bytes:
 
 
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
-    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict}``."""
+    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict,
+    "settings": dict}`` (the WebUI settings line as {key: value}, :mod:`.infotext`)."""
     from PIL import Image
+
+    from .infotext import parse_settings
 
     with Image.open(path) as image:
         text = dict(getattr(image, "text", {}) or {})
     data: dict[str, Any] = {"parameters": text.get("parameters")}
+    data["settings"] = parse_settings(data["parameters"])
     raw = text.get("celebctl")
     data["celebctl"] = json.loads(raw) if raw else None
     return data
