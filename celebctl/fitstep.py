@@ -177,7 +177,7 @@ class TrainStep:
     device_index = False
 
     def __init__(self, components, mapping, optimizer, tensors: StepTensors, prediction_type: str,
-                 scaler=None):
+                 scaler=None, clip_skip: int = 1):
         import torch
 
         self.components = components
@@ -186,6 +186,7 @@ class TrainStep:
         self.t = tensors
         self.v_prediction = prediction_type == "v_prediction"
         self.scaler = scaler
+        self.clip_skip = clip_skip  # the text encoder layer the captions are read at
         self.device = components.device
         self.unet_dtype = components.dtype
         self.index = torch.zeros((), dtype=torch.long, device=self.device)
@@ -244,7 +245,8 @@ class TrainStep:
         vectors = t.basis_mean + torch.einsum("btp,tph->bth", coeffs, t.basis_components)
         ids, mask, values = self._slot_tensors(vectors, at(schedule.templates))
         self.injector.set(mask, values)
-        states, pooled = families.encode(self.family, self.components.text_encoders, ids)
+        states, pooled = families.encode(self.family, self.components.text_encoders, ids,
+                                         self.clip_skip)
         added = None
         if self.time_ids is not None:
             added = {"text_embeds": pooled.to(self.unet_dtype), "time_ids": self.time_ids}

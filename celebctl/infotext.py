@@ -39,6 +39,19 @@ class Infotext:
         name; None when the text names none (a WebUI before 1.9 wrote none)."""
         return samplers.from_infotext(self.settings)[1]
 
+    @property
+    def clip_skip(self) -> int | None:
+        """The clip skip the image was drawn at: its ``Clip skip`` (the WebUI writes it only
+        past 1), 1 when the settings line has none, None when there is no settings line or
+        the value is not a whole number of at least 1."""
+        if not self.settings:
+            return None
+        try:
+            number = int(str(self.settings.get("Clip skip", "1")).strip())
+        except ValueError:
+            return None
+        return number if number >= 1 else None
+
 
 def settings_line(line: str) -> dict[str, str]:
     """The ``Key: value`` pairs of a settings line, quoted values unquoted."""

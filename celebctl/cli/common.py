@@ -215,6 +215,11 @@ DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+ClipSkipOpt = Annotated[int | None, typer.Option(
+    "--clip-skip", help="Read the text encoder N layers from the end, as the WebUI's \"Clip "
+    "skip\" (1 = the last layer; 2 for anime and Pony-style checkpoints). Default: the "
+    "identities' own, else the config's clip_skip for the model, else 1.", min=1,
+    show_default=False)]
 
 
 class LazyModule:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .common import (
     CelebTyper,
+    ClipSkipOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -43,7 +44,7 @@ def _fmt(value) -> str:
 
 # Options of the prompt-set run that mean nothing when --images scores existing images.
 RENDER_ONLY = ("seeds", "steps", "guidance", "sampler", "schedule", "baseline", "record",
-               "model", "dtype", "out_dir")
+               "model", "dtype", "out_dir", "clip_skip")
 
 
 def _flag(ctx: typer.Context, name: str) -> str:
@@ -120,6 +121,7 @@ def eval_cmd(
         "--record/--no-record", help="Append the summary to each identity's eval history "
         "(shown by `celebctl show`).")] = True,
     model: ModelOpt = None,
+    clip_skip: ClipSkipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the images and the "
@@ -150,7 +152,7 @@ def eval_cmd(
             names, model=model, device=device, dtype=dtype, seeds=seeds, steps=steps,
             guidance=guidance, clip=None if no_clip else clip, baseline=baseline,
             out_dir=out_dir, record=record, sheet=sheet, progress=progress,
-            sampler=sampler, schedule=schedule)
+            sampler=sampler, schedule=schedule, clip_skip=clip_skip)
     for note in result.notes:
         warn(note)
     if json_out:

@@ -37,6 +37,11 @@ ResolutionOpt = Annotated[int | None, typer.Option(
     show_default=False)]
 DirectOpt = Annotated[bool, typer.Option(
     "--direct", help="Learn the (2, p) coefficients directly instead of the face mapping.")]
+FitClipSkipOpt = Annotated[int | None, typer.Option(
+    "--clip-skip", help="Read the captions N layers from the end of the text encoder, as the "
+    "WebUI's \"Clip skip\" (1 = the last layer; 2 for anime and Pony-style checkpoints); "
+    "renders use it by default. Default: the config's clip_skip for the model, else 1.",
+    min=1, show_default=False)]
 PoolOpt = Annotated[int | None, typer.Option(
     "--pool-size", help="Augmented samples per identity, VAE-encoded once before the fit "
     "(default 256 on a GPU, 64 on a CPU).", show_default=False)]
@@ -52,6 +57,7 @@ def _report(outcome, json_out: bool, verb: str) -> None:
             "basis_id": outcome.basis_id,
             "model": outcome.model,
             "fit": summary,
+            "clip_skip": outcome.result.settings.clip_skip,
             "paths": [str(i.path) for i in outcome.identities],
         })
         return
@@ -84,6 +90,7 @@ def add_cmd(
     resolution: ResolutionOpt = None,
     direct: DirectOpt = False,
     pool_size: PoolOpt = None,
+    clip_skip: FitClipSkipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -96,7 +103,8 @@ def add_cmd(
     cleanly: nothing is written.
     """
     settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                   resolution=resolution, direct=direct, pool_size=pool_size)
+                                   resolution=resolution, direct=direct, pool_size=pool_size,
+                                   clip_skip=clip_skip)
     with progress_callback(quiet) as progress:
         outcome = fitting.add_identity_from_photo(
             name, photos, model=model, device=device, dtype=dtype, settings=settings,
@@ -118,6 +126,7 @@ def joint_cmd(
     resolution: ResolutionOpt = None,
     direct: DirectOpt = False,
     pool_size: PoolOpt = None,
+    clip_skip: FitClipSkipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -128,11 +137,74 @@ def joint_cmd(
     Uses their stored face crops; all of them are replaced in one all-or-nothing step.
     """
     settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                   resolution=resolution, direct=direct, pool_size=pool_size)
+                                   resolution=resolution, direct=direct, pool_size=pool_size,
+                                   clip_skip=clip_skip)
     with progress_callback(quiet) as progress:
         outcome = fitting.refit_jointly(names, model=model, device=device, dtype=dtype,
                                         settings=settings, progress=progress)
     _report(outcome, json_out, "Refitted")
+
+
+def refit_cmd(
+    names: Annotated[list[str], typer.Argument(help="Registered identities to fit again.",
+                                               autocompletion=identity_names,
+                                               show_default=False)],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="The checkpoint to fit them for: a repo id, a diffusers folder, a "
+        ".safetensors file or a built-in model.", show_default=False)],
+    as_name: Annotated[str | None, typer.Option(
+        "--as", help="Write the refit as this new identity and keep the old one (one NAME "
+        "only).", metavar="NEW", show_default=False)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Refit in place.")] = False,
+    steps: StepsOpt = None,
+    lr: LrOpt = 1e-2,
+    batch_size: BatchOpt = 2,
+    seed: SeedOpt = 0,
+    resolution: ResolutionOpt = None,
+    direct: DirectOpt = False,
+    pool_size: PoolOpt = None,
+    clip_skip: Annotated[int | None, typer.Option(
+        "--clip-skip", help="Text encoder layer, as the WebUI's \"Clip skip\" (default: the "
+        "config's clip_skip for the model, else the identity's own).", min=1,
+        show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit identities again from their stored face crops, for another checkpoint: move your
+    people to a new finetune.
+
+    Each is fitted alone, as `add` fits the same crops with the same options. Identities
+    imported from a --no-face bundle keep no crops and cannot be refitted.
+    """
+    settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                   resolution=resolution, direct=direct, pool_size=pool_size,
+                                   clip_skip=clip_skip)
+    with progress_callback(quiet) as progress:
+        outcome = fitting.refit_identities(names, model=model, as_name=as_name, replace=replace,
+                                           device=device, dtype=dtype, settings=settings,
+                                           progress=progress)
+    for note in outcome.notes:
+        warn(note)
+    if json_out:
+        print_json({
+            "identities": [i.name for i in outcome.identities],
+            "from": list(names),
+            "basis_id": outcome.basis_id,
+            "model": outcome.model,
+            "clip_skip": [r.settings.clip_skip for r in outcome.results],
+            "fit": [r.summary for r in outcome.results],
+            "paths": [str(i.path) for i in outcome.identities],
+        })
+        return
+    for source, ident, result in zip(names, outcome.identities, outcome.results, strict=True):
+        summary = result.summary
+        target = f" as '{ident.name}'" if ident.name != source else ""
+        out.print(f"Refitted '{source}'{target} on {outcome.model} (clip skip "
+                  f"{result.settings.clip_skip}): {summary['steps']} steps in "
+                  f"{summary['wall_time_s']:.1f} s, loss {summary['loss_mean_first10']:.4f} -> "
+                  f"{summary['loss_mean_last10']:.4f}.")
 
 
 def add_many_cmd(
@@ -158,6 +230,7 @@ def add_many_cmd(
     resolution: ResolutionOpt = None,
     direct: DirectOpt = False,
     pool_size: PoolOpt = None,
+    clip_skip: FitClipSkipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -175,7 +248,8 @@ def add_many_cmd(
     from ..fitting import batch
 
     settings = fitting.FitSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                   resolution=resolution, direct=direct, pool_size=pool_size)
+                                   resolution=resolution, direct=direct, pool_size=pool_size,
+                                   clip_skip=clip_skip)
     options = batch.BatchOptions(model=model, device=device, dtype=dtype, settings=settings,
                                  pack=pack, replace=replace, bundles=bundles)
     with progress_callback(quiet) as progress:
@@ -215,12 +289,15 @@ def _report_batch(result, json_out: bool) -> None:
 # Fits write nothing until they finish, so an interrupted one leaves the registry as it was.
 add_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
 joint_cmd.interrupt_message = "Interrupted; nothing was written."  # type: ignore[attr-defined]
+refit_cmd.interrupt_message = (  # type: ignore[attr-defined]
+    "Interrupted; identities refitted before it were written, the rest are as they were.")
 add_many_cmd.interrupt_message = (  # type: ignore[attr-defined]
     "Interrupted; everyone added so far is kept. Run the same command again to fit the rest.")
 
 
 def register(app: CelebTyper) -> None:
-    """Attach `add` and `joint` to the root app."""
+    """Attach `add`, `joint`, `add-many` and `refit` to the root app."""
     app.command("add")(add_cmd)
     app.command("joint")(joint_cmd)
     app.command("add-many")(add_many_cmd)
+    app.command("refit")(refit_cmd)

@@ -10,6 +10,7 @@ import typer
 from .common import (
     EXIT_INTERRUPTED,
     CelebTyper,
+    ClipSkipOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -57,6 +58,7 @@ def render_cmd(
     schedule: ScheduleOpt = None,
     scheduler: SchedulerOpt = None,
     seed: SeedOpt = 0,
+    clip_skip: ClipSkipOpt = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in px, a multiple "
                                               "of 8 (default: the model's, 512 for SD).",
                                               show_default=False)] = None,
@@ -107,7 +109,7 @@ def render_cmd(
             steps=steps, guidance=guidance, **sampling, width=width,
             height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
             out_dir=out_dir, person_noun=person, dry_run=dry_run, quiet=quiet,
-            json_out=json_out)
+            json_out=json_out, clip_skip=clip_skip)
         return
     if prompt is None:
         raise typer.BadParameter("give a PROMPT to draw, or --prompts FILE.",
@@ -116,7 +118,8 @@ def render_cmd(
         raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
                                  "--num-images.", param_hint="--seeds")
     if dry_run:
-        plan = rendering.plan_render(prompt, negative, model, person_noun=person)
+        plan = rendering.plan_render(prompt, negative, model, person_noun=person,
+                                     clip_skip=clip_skip)
         if json_out:
             print_json(plan.to_dict())
             return
@@ -144,6 +147,8 @@ def render_cmd(
             bool(plan.identities))
         out.print(f"Guidance:   {shown:g}" + ("" if guidance is not None else " (default)"))
         out.print(f"Sampler:    {choice.sampler.name}, schedule type {choice.schedule}")
+        if plan.clip_skip != 1:
+            out.print(f"Clip skip:  {plan.clip_skip}")
         for note in plan.notes:
             warn(note)
         return
@@ -155,7 +160,7 @@ def render_cmd(
                 guidance=guidance, **sampling, seed=seed, width=width,
                 height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
                 out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
-                person_noun=person,
+                person_noun=person, clip_skip=clip_skip,
             )
     except KeyboardInterrupt:
         if not written:
@@ -185,7 +190,8 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
     if dry_run:
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
-                                           person_noun=options["person_noun"], source=path)
+                                           person_noun=options["person_noun"], source=path,
+                                           clip_skip=options["clip_skip"])
         if json_out:
             print_json(plan.to_dict())
             return

@@ -54,13 +54,15 @@ class ScoredImage:
     prompt_similarity: float | None = None
     sampler: str | None = None  # from the image's parameters, the WebUI's names
     schedule_type: str | None = None
+    clip_skip: int | None = None  # from the image's parameters (None: it has none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "path": str(self.path), "skipped": self.skipped,
                 "faces": self.faces, "identity": self.identity, "told_apart": self.told_apart,
                 "prompt": self.prompt, "prompt_source": self.prompt_source,
                 "clip_text": self.clip_text, "prompt_similarity": self.prompt_similarity,
-                "sampler": self.sampler, "schedule_type": self.schedule_type}
+                "sampler": self.sampler, "schedule_type": self.schedule_type,
+                "clip_skip": self.clip_skip}
 
 
 @dataclass
@@ -298,6 +300,7 @@ def evaluate_images(names: Sequence[str], folder: str | Path, *, prompt: str | N
         carried = parse_parameters(text.get("parameters"))
         if carried is not None:
             row.sampler, row.schedule_type = carried.sampler, carried.schedule_type
+            row.clip_skip = carried.clip_skip
         if prompt is not None:
             row.prompt, row.prompt_source = prompt, PROMPT_FROM_OPTION
         else:

@@ -225,7 +225,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
              out_dir: str | Path = "evals", record: bool = True,
              sheet: str | Path | None = None,
              progress: ProgressCallback | None = None, sampler: str | None = None,
-             schedule: str | None = None) -> EvalResult:
+             schedule: str | None = None, clip_skip: int | None = None) -> EvalResult:
     """Render the prompt set for ``names`` and measure identity and prompt similarity.
 
     ``clip`` None skips prompt similarity. Everything that can be checked without a model is
@@ -233,7 +233,8 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     availability comes next). The labelled contact sheet goes to ``sheet`` when given, else
     into ``out_dir``. The summary is appended to each identity's eval history unless
     ``record`` is False. ``sampler`` and ``schedule`` are the WebUI's names, as for `render`
-    (default: the config's, else DDIM).
+    (default: the config's, else DDIM). Every image, baseline included, reads the text encoder
+    at ``clip_skip``, else at the identities' own clip skip.
     """
     from PIL import Image
 
@@ -250,7 +251,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     check_face_embeddings(idents)
     prompts = prompt_set(names)
     # Plan one render up front: options, identities, basis and model are checked here.
-    plan = rendering.plan_render(prompts[0][0], model=model)
+    plan = rendering.plan_render(prompts[0][0], model=model, clip_skip=clip_skip)
     spec = plan.spec
     torch_device = models.resolve_device(device)
     scorer = load_clip(clip, torch_device) if clip else None
@@ -279,7 +280,8 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
         result = rendering.render_prompt(
             prompt, num_images=seeds, steps=steps, guidance=used_guidance, seed=0,
             sampler=sampler, schedule=schedule,
-            out_dir=out, components=components, progress=step_progress)
+            out_dir=out, components=components, progress=step_progress,
+            clip_skip=plan.clip_skip)
         done[0] += seeds * steps
         schedule_type = result.schedule_type
         for note in result.notes:

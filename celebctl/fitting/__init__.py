@@ -19,7 +19,8 @@ The package, one concept a module:
 - ``mapping``: what it trains (the mapping, its optimiser, the caption templates);
 - ``phases``: the fit as prepare / train / finish, for one fit or a pack of independent ones;
 - ``identities``: `add` and `joint` (check, load once, fit, register);
-- ``people`` and ``batch``: `add-many` (who to fit from a folder or manifest; the batch job).
+- ``people`` and ``batch``: `add-many` (who to fit from a folder or manifest; the batch job);
+- ``refit``: `refit` (identities fitted again from their stored crops, for another checkpoint).
 """
 
 from .identities import (
@@ -40,6 +41,7 @@ from .phases import (
     prepare_fit,
     train,
 )
+from .refit import RefitOutcome, refit_identities
 from .settings import (
     DEFAULT_POOL_CPU,
     DEFAULT_POOL_GPU,
@@ -58,5 +60,6 @@ __all__ = [
     "SUBJECT", "FitOutcome", "FitResult", "FitSettings", "FitSubject", "PackedFitError",
     "PreparedFit", "ProgressCallback", "TrainReport", "add_identity_from_photo", "finish",
     "fit_identities", "fit_packed", "load_fit_model", "make_mapping", "make_optimizer",
-    "prepare_fit", "prepare_photos", "refit_jointly", "tokenize_templates", "train",
+    "prepare_fit", "prepare_photos", "refit_identities", "refit_jointly", "RefitOutcome",
+    "tokenize_templates", "train",
 ]

@@ -313,11 +313,13 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     rank's rows (the others get their own).
     """
     from .. import models, registry
+    from .identities import with_clip_skip
 
     options = options or BatchOptions()
     options.check()
     launch = launch or launch_from_env()
-    models.resolve_model_spec(options.model)  # a model that cannot exist fails now, as in `add`
+    # A model that cannot exist fails now, as in `add`; so does a clip skip out of its range.
+    options.settings = with_clip_skip(options.settings, models.resolve_model_spec(options.model))
     models.resolve_dtype(options.dtype, models.resolve_device(device_for(options.device, launch)))
     started = time.perf_counter()
     people = read_people(source)

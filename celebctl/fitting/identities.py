@@ -39,6 +39,7 @@ def _fit_meta(settings: FitSettings, result: FitResult, components, joint_with: 
         "pool_size": settings.pool_size,
         "weight_decay": settings.weight_decay,
         "captions": "subject-last-v2",
+        "clip_skip": settings.clip_skip or 1,
         "device": str(components.device),
         "dtype": dtype_names.get(components.dtype, str(components.dtype)),
         "text_encoder_dtype": dtype_names.get(components.text_encoder.dtype,
@@ -48,6 +49,22 @@ def _fit_meta(settings: FitSettings, result: FitResult, components, joint_with: 
     if joint_with:
         meta["joint_with"] = joint_with
     return meta
+
+
+def with_clip_skip(settings: FitSettings | None, spec, idents: Sequence[Any] = ()
+                   ) -> FitSettings:
+    """``settings`` with the clip skip the fit uses on ``spec`` filled in and checked against the
+    model (:func:`celebctl.clipskip.fit_clip_skip`; ``idents``: identities being refitted,
+    whose own clip skip is kept when they agree and nothing else decides)."""
+    from dataclasses import replace
+
+    from ..clipskip import fit_clip_skip, identity_clip_skip
+
+    settings = settings or FitSettings()
+    recorded = {identity_clip_skip(i) for i in idents}
+    clip_skip, _ = fit_clip_skip(settings.clip_skip, spec,
+                                 recorded.pop() if len(recorded) == 1 else None)
+    return replace(settings, clip_skip=clip_skip)
 
 
 def _note(progress: ProgressCallback | None, message: str) -> None:
@@ -151,6 +168,7 @@ def new_identity_write(name: str, photos: Sequence[Any], prepared: Sequence[Any]
         "hidden": int(basis.components.shape[2]),
         "family": components.family,
         "encoder_widths": families.encoder_widths(components.text_encoders),
+        "clip_skip": result.settings.clip_skip or 1,
         "celebctl_version": __version__,
         "fit": _fit_meta(result.settings, result, components, []),
         "sources": [_source(p, f) for p, f in zip(photos, prepared, strict=True)],
@@ -195,6 +213,7 @@ def add_identity_from_photo(name: str, photo, *, model: str | None = None, devic
     (settings or FitSettings()).check()
     registry.check_writable()  # a read-only data home fails now, not after the fit
     spec = models.resolve_model_spec(model)
+    settings = with_clip_skip(settings, spec)
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     prepared, notes = prepare_photos(photos, face_index)
@@ -257,6 +276,7 @@ def _joint_writes(idents, face_pngs, names, result: FitResult, components, spec,
             "basis_id": basis.id, "model": spec.ref, "face_encoder": spec.face_encoder,
             "family": components.family,
             "encoder_widths": families.encoder_widths(components.text_encoders),
+            "clip_skip": result.settings.clip_skip or 1,
             "celebctl_version": __version__,
             "fit": _fit_meta(result.settings, result, components,
                              [n for n in names if n != ident.name]),
@@ -294,6 +314,7 @@ def refit_jointly(names: Sequence[str], *, model: str | None = None, device: str
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec, command="joint")
     check_widths(idents, info, spec, command="joint")
+    settings = with_clip_skip(settings, spec, idents)
     torch_device = models.resolve_device(device)
     models.resolve_dtype(dtype, torch_device)
     basis = basis_mod.load_basis(info.id)

@@ -173,7 +173,8 @@ def prepare_fit(components, mean, basis_components, groups: Sequence[Sequence[Fi
         ema=torch.zeros((pack * n, 2, p), device=device), pack=pack,
     )
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    step = fitstep.TrainStep(components, mapping, optimizer, tensors, prediction_type, scaler)
+    step = fitstep.TrainStep(components, mapping, optimizer, tensors, prediction_type, scaler,
+                             clip_skip=settings.clip_skip or 1)
     return PreparedFit(groups=groups, settings=settings, pools=pools, tensors=tensors,
                        mapping=mapping, step=step, started=started, pool_time_s=pool_time)
 

@@ -39,6 +39,9 @@ class FitSettings:
     steps_per_identity: int = 400
     weight_decay: float = 0.01  # torch's AdamW default
     capture: bool = True  # CUDA only: replay the step as a CUDA graph
+    # The text encoder layer the captions are read at (WebUI numbering); None: the config's
+    # clip_skip for the model, else 1 (:func:`celebctl.clipskip.fit_clip_skip`).
+    clip_skip: int | None = None
 
     def resolved(self, n_identities: int, default_resolution: int,
                  device_type: str = "cpu") -> FitSettings:
@@ -68,6 +71,10 @@ class FitSettings:
             raise InvalidOption("--resolution must be a multiple of 8 between 64 and 2048.")
         if self.pool_size is not None and not 1 <= self.pool_size <= 4096:
             raise InvalidOption("--pool-size must be between 1 and 4096.")
+        from ..clipskip import check_clip_skip
+
+        if self.clip_skip is not None:
+            check_clip_skip(self.clip_skip)
         if not 0 <= self.ema_momentum < 1:
             raise InvalidOption("The EMA momentum must be in [0, 1).")
 

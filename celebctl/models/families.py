@@ -75,18 +75,29 @@ class SlotInjector:
             self.mask = self.values = None
 
 
-def encode(family: str, text_encoders: Sequence[Any], ids: Sequence[Any]) -> tuple[Any, Any]:
+def encode(family: str, text_encoders: Sequence[Any], ids: Sequence[Any],
+           clip_skip: int = 1) -> tuple[Any, Any]:
     """Prompt embeddings (B, L, width) and the pooled embedding (SDXL; else None) from each
-    encoder's token ids (B, L). Identity vectors are put in by a :class:`SlotInjector`."""
+    encoder's token ids (B, L), read at ``clip_skip`` (the WebUI's numbering; see
+    :mod:`celebctl.clipskip`). Identity vectors are put in by a :class:`SlotInjector`."""
     import torch
 
+    from ..clipskip import hidden_index
+
+    index = hidden_index(family, clip_skip)
     if family != "sdxl":
         encoder = text_encoders[0]
-        return encoder(ids[0].to(encoder.device))[0], None
+        if index is None:
+            return encoder(ids[0].to(encoder.device))[0], None
+        out = encoder(ids[0].to(encoder.device), output_hidden_states=True)
+        # An earlier layer goes through the final layer norm too, as the last one does
+        # (transformers 5 keeps it on the model itself, 4 on its ``text_model``).
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return norm(out.hidden_states[index]), None
     states, pooled = [], None
     for encoder, token_ids in zip(text_encoders, ids, strict=True):
         out = encoder(token_ids.to(encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
+        states.append(out.hidden_states[index])
         if out[0].ndim == 2:  # the projected, pooled output of the encoder with a projection
             pooled = out[0]
     return torch.cat(states, dim=-1), pooled

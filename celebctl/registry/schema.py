@@ -9,7 +9,7 @@ from typing import Any
 from .. import documents
 from ..errors import CelebctlError, CorruptEntry, InvalidName, SchemaError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 IDENTITY_TOML = "identity.toml"
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Words a prompt needs for itself; an identity named like them would hijack ordinary prompts.
@@ -80,8 +80,18 @@ def _migrate_2_to_3(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _migrate_3_to_4(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 4 records the clip skip the identity was fitted at (the text encoder layer its
+    captions were read at, in the WebUI's numbering); everything before it read the last one."""
+    meta = dict(meta)
+    meta.setdefault("clip_skip", 1)
+    meta["schema_version"] = 4
+    return meta
+
+
 # Ordered migrations: MIGRATIONS[v] turns a schema-v TOML dict into schema v+1.
-MIGRATIONS: dict[int, Any] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: dict[int, Any] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MAX_CLIP_SKIP = 32
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 # Temp-named markers that writes spanning several steps leave in identities/ (see .recovery).
@@ -192,6 +202,11 @@ def validate_meta(meta: dict[str, Any], where: str, expected_name: str | None = 
             or sum(widths) != hidden:
         raise SchemaError(f"{where}: encoder_widths must list the text encoders' widths, adding "
                           f"up to hidden ({hidden}).")
+    clip_skip = meta.get("clip_skip", 1)
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) \
+            or not 1 <= clip_skip <= MAX_CLIP_SKIP:
+        raise SchemaError(f"{where}: clip_skip must be a whole number from 1 to "
+                          f"{MAX_CLIP_SKIP}.")
     for key in ("created", "updated"):
         _expect(meta, key, str, where)
     files = _expect(meta, "files", dict, where)

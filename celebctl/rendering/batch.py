@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import filehash, samplers
+from ..clipskip import check_loaded_range, render_clip_skip
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
@@ -60,7 +61,7 @@ MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
                  "width", "height", "model", "person_noun", "sampler", "schedule_type",
-                 "scheduler_config")
+                 "scheduler_config", "clip_skip")
 # Settings earlier releases did not record: compared only when the PNG has them (there the
 # "scheduler" value ddim/dpm/euler says it all).
 NEWER_SETTINGS = ("schedule_type", "scheduler_config")
@@ -150,10 +151,12 @@ class PromptsResult:
 
 def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                       model: str | ModelSpec | None = None, *, tokenizer: Any = None,
-                      person_noun: bool = True, source: str | Path = "the prompts file"
-                      ) -> PromptsPlan:
+                      person_noun: bool = True, source: str | Path = "the prompts file",
+                      clip_skip: int | None = None) -> PromptsPlan:
     """Plan every line without loading a model: the whole file renders with one model and the
-    identities it names must share one basis. Errors name the line they come from."""
+    identities it names must share one basis. Errors name the line they come from. Each line
+    reads the text encoder at ``clip_skip``, else at its identities' own clip skip
+    (:func:`celebctl.clipskip.render_clip_skip`)."""
     from .. import basis as basis_mod
     from .. import models, registry
     from ..documents import visible
@@ -190,6 +193,8 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                             "(--model).")
     coefficients = {i.name: i.load_coefficients() for i in idents}
     negative_chunks = tokenize_chunks(parsed_negative, tokenizer, label="negative prompt")
+    by_name = {i.name: i for i in idents}
+    negative_idents = [by_name[n] for n in parsed_negative.identities]
     plans = []
     for line, parsed in zip(lines, parsed_lines, strict=True):
         try:
@@ -197,6 +202,9 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
         except CelebctlError as exc:
             exc.args = (f"Line {line.number} of {shown}: {exc}",)
             raise
+        line_skip, clip_notes = render_clip_skip(
+            clip_skip, [by_name[n] for n in parsed.identities] + negative_idents, spec)
+        notes += [note for note in clip_notes if note not in notes]
         plans.append(RenderPlan(
             prompt=parsed, negative=parsed_negative, identities=list(parsed.identities),
             basis_id=basis_id, spec=spec, token_count=sum(c.length - 2 for c in chunks),
@@ -204,7 +212,8 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
             max_tokens=CHUNK_TOKENS * len(chunks), person_noun=person_noun,
             chunks=[c.length - 2 for c in chunks],
             negative_chunks=[c.length - 2 for c in negative_chunks],
-            coefficients={n: coefficients[n] for n in parsed.identities}))
+            coefficients={n: coefficients[n] for n in parsed.identities},
+            clip_skip=line_skip))
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return PromptsPlan(source=Path(source), lines=list(lines), plans=plans, identities=names,
@@ -292,7 +301,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                         person_noun: bool = True, capture: bool = True,
                         progress: ProgressCallback | None = None,
                         components: Components | None = None,
-                        group: Group | None = None) -> PromptsResult:
+                        group: Group | None = None,
+                        clip_skip: int | None = None) -> PromptsResult:
     """Render every prompt of the file ``path`` with seeds ``seed`` .. ``seed + seeds - 1``.
 
     Options mean what they mean for :func:`render_prompt` (``negative`` and ``guidance`` are
@@ -324,7 +334,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     if components is not None:
         model = components.spec
     job = plan_prompt_lines(lines, negative, model, person_noun=person_noun, source=path,
-                            tokenizer=components.tokenizer if components is not None else None)
+                            tokenizer=components.tokenizer if components is not None else None,
+                            clip_skip=clip_skip)
     out = _prepare_out_dir(Path(out_dir))
     model_hashing = filehash.BackgroundHash(
         job.spec.path if job.spec.kind == "single_file" else None)
@@ -334,6 +345,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         components = models.load_pipeline_components(
             job.spec, torch_device, render_dtype(dtype, torch_device),
             progress=progress if launch.is_main else None)
+    for line_skip in {plan.clip_skip for plan in job.plans}:
+        check_loaded_range(line_skip, components.text_encoders, job.spec.ref)
     if basis is not None:
         check_basis_once(components, basis, job.spec.ref)
     width = width or components.default_resolution

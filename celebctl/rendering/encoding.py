@@ -99,7 +99,8 @@ def encode_prompt_pair(components: Components, plan: RenderPlan, vectors: dict[s
                 ids.append(token_ids)
             with torch.no_grad(), injector.attached():
                 injector.set(mask, values)
-                states, pooled = families.encode(family, encoders, ids)
+                states, pooled = families.encode(family, encoders, ids,
+                                                 plan.clip_skip)
             states = apply_emphasis(states, per_tokenizer[0][index].weights,
                                     families.encoder_widths(encoders))
             chunks.append((states.to(dtype), None if pooled is None else pooled.to(dtype)))

@@ -96,6 +96,8 @@ def image_parameters(settings: dict[str, Any]) -> str:
     if settings.get("model_hash"):
         fields.append(("Model hash", settings["model_hash"]))
     fields.append(("Model", settings["model"]))
+    if settings.get("clip_skip", 1) != 1:
+        fields.append(("Clip skip", str(settings["clip_skip"])))  # the WebUI writes it past 1
     if settings.get("pad_conds"):
         # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
         # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).
@@ -134,9 +136,10 @@ def png_bytes(image: Any, settings: dict[str, Any]) -> bytes:
 
 
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
-    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict}``,
-    with the "sampler" and "schedule_type" the parameters name (any tool's, WebUI < 1.9's
-    "DPM++ 2M Karras" split; None where they name none)."""
+    """Read back the text chunks celebctl writes: ``{"parameters": str, "celebctl": dict,
+    "settings": dict}`` (the WebUI settings line as {key: value}), with the "sampler" and
+    "schedule_type" the parameters name (any tool's, WebUI < 1.9's "DPM++ 2M Karras" split;
+    None where they name none)."""
     from PIL import Image
 
     from ..infotext import parse_parameters
@@ -147,6 +150,7 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
     raw = text.get("celebctl")
     data["celebctl"] = json.loads(raw) if raw else None
     parsed = parse_parameters(data["parameters"])
+    data["settings"] = dict(parsed.settings) if parsed else {}
     data["sampler"] = parsed.sampler if parsed else None
     data["schedule_type"] = parsed.schedule_type if parsed else None
     return data

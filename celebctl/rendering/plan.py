@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import emphasis, samplers
+from ..clipskip import render_clip_skip
 from ..errors import BasisMismatch, InvalidOption
 from ..prompting import (
     CHUNK_TOKENS,
@@ -67,6 +68,7 @@ class RenderPlan:
     negative_chunks: list[int] = field(default_factory=list)
     # name -> (2, p) numpy coefficients, read together with the identities (one snapshot)
     coefficients: dict[str, Any] = field(default_factory=dict, repr=False)
+    clip_skip: int = 1  # the text encoder layer the prompts are read at (WebUI numbering)
 
     @property
     def model(self) -> str:
@@ -105,6 +107,7 @@ class RenderPlan:
             "negative_chunks": list(self.negative_chunks),
             "weighted": self.prompt.weighted or self.negative.weighted,
             "guidance_default": default_guidance(bool(self.identities)),
+            "clip_skip": self.clip_skip,
             "notes": list(self.notes),
         }
 
@@ -232,7 +235,8 @@ _shared_basis = shared_basis  # the name earlier releases exported
 
 
 def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None = None, *,
-                tokenizer: Any = None, person_noun: bool = True) -> RenderPlan:
+                tokenizer: Any = None, person_noun: bool = True,
+                clip_skip: int | None = None) -> RenderPlan:
     """Parse and check a render request without loading any model.
 
     Finds the registered identities named in ``prompt`` and ``negative``, checks they share one
@@ -241,7 +245,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     tokenizer where it is known without loading (the packaged CLIP tokenizer for SD 1.x), or
     with ``tokenizer`` when given (an already loaded model's). With ``person_noun`` each
     identity is followed by "person" as in training (:func:`prompting.with_person_nouns`).
-    Raises PromptError,
+    ``clip_skip`` None reads the layer the identities were fitted at (else the config's for the
+    model, else 1; :func:`celebctl.clipskip.render_clip_skip`). Raises PromptError,
     IdentityNotFound, BasisMismatch, BasisNotFound or ModelUnavailable.
     """
     from .. import basis as basis_mod
@@ -264,6 +269,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
         model, info, {i.name: str(i.meta.get("model", "")) for i in idents})
     check_families(idents, spec)
     check_widths(idents, info, spec)
+    clip_skip, clip_notes = render_clip_skip(clip_skip, idents, spec)
+    notes += clip_notes
 
     # A given tokenizer belongs to a loaded model: check_model_matches_basis checks it fully.
     tokenizer, sha = (tokenizer, None) if tokenizer is not None else _tokenizer_for_plan(spec)
@@ -286,7 +293,8 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
                       max_tokens=CHUNK_TOKENS * len(chunks),
                       notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
                       person_noun=person_noun, chunks=[c.length - 2 for c in chunks],
-                      negative_chunks=[c.length - 2 for c in negative_chunks])
+                      negative_chunks=[c.length - 2 for c in negative_chunks],
+                      clip_skip=clip_skip)
 
 
 def unsupported_syntax_notes(prompt: str, negative: str = "") -> list[str]:

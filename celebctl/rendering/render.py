@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__, filehash, samplers
+from ..clipskip import check_loaded_range
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
 from ..storage.userfiles import write_new_user_file
@@ -57,6 +58,7 @@ class RenderResult:
     captured: bool = False  # the UNet ran as replayed CUDA graphs
     sampler: str = "DDIM"  # the WebUI's names
     schedule_type: str = samplers.AUTOMATIC
+    clip_skip: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -81,6 +83,7 @@ class RenderResult:
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
+            "clip_skip": self.clip_skip,
         }
 
 
@@ -140,6 +143,8 @@ def image_settings(plan: Any, *, steps: int, scheduler: str | samplers.SamplerCh
     }
     if made.overrides():
         settings["scheduler_config"] = made.overrides()
+    if plan.clip_skip != 1:  # as the WebUI, only past 1 (the PNGs of other renders unchanged)
+        settings["clip_skip"] = plan.clip_skip
     if model_hash:
         settings["model_hash"] = model_hash
     if plan.identities:
@@ -160,7 +165,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   grid: bool = False, progress: ProgressCallback | None = None,
                   components: Components | None = None,
                   on_file: Callable[[Path], None] | None = None,
-                  person_noun: bool = True, capture: bool = True) -> RenderResult:
+                  person_noun: bool = True, capture: bool = True,
+                  clip_skip: int | None = None) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -175,8 +181,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
     replayed as a CUDA graph unless ``capture`` is False. ``sampler`` and ``schedule`` are
     the WebUI's names ("DPM++ 2M", "Karras"); ``scheduler`` the older ddim/dpm/euler; none of
-    them: the config's ``sampler``/``schedule``, else DDIM (:func:`samplers.choose`). Returns
-    what was written.
+    them: the config's ``sampler``/``schedule``, else DDIM (:func:`samplers.choose`).
+    ``clip_skip`` (the WebUI's numbering) None reads the layer the identities were fitted at.
+    Returns what was written.
     """
     import torch
 
@@ -194,7 +201,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         model = components.spec
     plan = plan_render(prompt, negative, model,
                        tokenizer=components.tokenizer if components is not None else None,
-                       person_noun=person_noun)
+                       person_noun=person_noun, clip_skip=clip_skip)
     if guidance is None:
         guidance = default_guidance(bool(plan.identities))
     if components is None:
@@ -209,6 +216,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     if components is None:
         components = models.load_pipeline_components(plan.spec, torch_device, dtype,
                                                      progress=progress)
+    check_loaded_range(plan.clip_skip, components.text_encoders, plan.spec.ref)
     if basis is not None:
         check_basis_once(components, basis, plan.spec.ref)
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
@@ -298,4 +306,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         scheduler=choice.key, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
         sampler=choice.sampler.name, schedule_type=schedule_type,
+        clip_skip=plan.clip_skip,
     )
