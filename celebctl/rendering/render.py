@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__, filehash
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
+from ..loras import apply_loras
 from ..storage.userfiles import write_new_user_file
 from .encoding import encode_prompt_pair, identity_vectors_for
 from .images import (
@@ -55,6 +56,7 @@ class RenderResult:
     notes: list[str]
     elapsed_s: float
     captured: bool = False  # the UNet ran as replayed CUDA graphs
+    loras: list[dict[str, Any]] = field(default_factory=list)  # name, weight, hash
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -77,6 +79,7 @@ class RenderResult:
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
+            "loras": [dict(entry) for entry in self.loras],
         }
 
 
@@ -108,12 +111,15 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
                    ti_hashes: dict[str, str] | None = None) -> dict[str, Any]:
     """What every image of ``plan`` records in its PNG (all but the seed). ``ti_hashes``:
     identity -> embedding hash, when already known (a superset is fine)."""
+    from ..loras import with_tags
+
+    uses = plan.loras
     settings = {
-        "prompt": plan.prompt.text,
+        "prompt": with_tags(plan.prompt.text, uses),
         "negative_prompt": plan.negative.text,
-        "expanded": plan.prompt.expanded(),
+        "expanded": with_tags(plan.prompt.expanded(), uses),
         "negative_expanded": plan.negative.expanded(),
-        "webui_prompt": plan.prompt.expanded("webui"),
+        "webui_prompt": with_tags(plan.prompt.expanded("webui"), uses),
         "webui_negative": plan.negative.expanded("webui"),
         "steps": steps,
         "sampler": SCHEDULERS[scheduler][1],
@@ -130,12 +136,21 @@ def image_settings(plan: Any, *, steps: int, scheduler: str, guidance: float, wi
     }
     if model_hash:
         settings["model_hash"] = model_hash
+    if uses:
+        settings["loras"] = lora_entries(uses)
     if plan.identities:
         known = ti_hashes or {}
         settings["ti_hashes"] = ({n: known[n] for n in plan.identities}
                                  if all(n in known for n in plan.identities)
                                  else embedding_hashes(plan.identities))
     return settings
+
+
+def lora_entries(uses: Any) -> list[dict[str, Any]]:
+    """Each LoRA of a render as its PNG records it: name (as its tag), weight, WebUI hash."""
+    from ..loras import short_hash
+
+    return [{"name": u.name, "weight": u.weight, "hash": short_hash(u.path)} for u in uses]
 
 
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
@@ -147,7 +162,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   grid: bool = False, progress: ProgressCallback | None = None,
                   components: Components | None = None,
                   on_file: Callable[[Path], None] | None = None,
-                  person_noun: bool = True, capture: bool = True) -> RenderResult:
+                  person_noun: bool = True, capture: bool = True,
+                  loras: Sequence[Any] = (), lora_dir: str | Path | None = None
+                  ) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -160,7 +177,11 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     when the prompt names identities (the reference's value) and 7.5 otherwise;
     ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
     picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
-    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
+    replayed as a CUDA graph unless ``capture`` is False. ``loras`` (``FILE[:WEIGHT]``) and the
+    prompt's ``<lora:NAME:WEIGHT>`` tags (NAME found in ``lora_dir``) are checked before the
+    model loads and fused into it for this render (:mod:`celebctl.loras`); given
+    ``components`` keep them fused until a render asks for another set. Returns what was
+    written.
     """
     import torch
 
@@ -177,7 +198,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         model = components.spec
     plan = plan_render(prompt, negative, model,
                        tokenizer=components.tokenizer if components is not None else None,
-                       person_noun=person_noun)
+                       person_noun=person_noun, loras=loras, lora_dir=lora_dir)
     if guidance is None:
         guidance = default_guidance(bool(plan.identities))
     if components is None:
@@ -194,6 +215,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                                                      progress=progress)
     if basis is not None:
         check_basis_once(components, basis, plan.spec.ref)
+    apply_loras(components, plan.loras)  # none: the weights as loaded
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     embeds = encode_prompt_pair(components, plan, vectors)
 
@@ -278,4 +300,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
         scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
+        loras=list(settings_base.get("loras", [])),
     )
