@@ -15,8 +15,9 @@
   past float32's range (about 930 nested brackets) made the image black.
 
 WebUI syntax that celebctl does not implement (prompt editing ``[a:b:n]``, alternation
-``[a|b]``, composable ``AND``, extra networks such as ``<lora:name:1>``) is read by the rules
-above, as text; :func:`unsupported_syntax` names what a prompt uses, so the caller can say so.
+``[a|b]``, composable ``AND``, extra networks other than LoRAs such as ``<hypernet:name:1>``)
+is read by the rules above, as text; :func:`unsupported_syntax` names what a prompt uses, so the
+caller can say so. ``<lora:NAME:WEIGHT>`` tags are taken out before (:mod:`celebctl.loras`).
 
 The result is a list of :class:`Fragment` (text with its weight) and :data:`BREAK` markers.
 compel (on the package index) parses a different syntax (``word+``, ``(text)1.3``) and builds
@@ -155,8 +156,8 @@ _UNSUPPORTED = (
      "prompt editing [from:to:when]"),
     (re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"), "alternation [a|b]"),
     (re.compile(r"\bAND\b"), "composable prompts (AND)"),
-    (re.compile(r"<(?:lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE),
-     "extra networks (<lora:...>, <hypernet:...>)"),
+    (re.compile(r"<(?:lyco|hypernet)\s*:[^>]*>", re.IGNORECASE),
+     "extra networks (<hypernet:...>, <lyco:...>)"),
 )
 _ESCAPED = re.compile(r"\\.")
 

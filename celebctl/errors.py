@@ -103,6 +103,10 @@ class FitError(CelebctlError):
     """A fit that cannot start or that failed (for example non-finite loss)."""
 
 
+class LoraError(CelebctlError):
+    """A LoRA that cannot be used: not found, not a LoRA, or made for another model family."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """Return the closest candidate to ``word``, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

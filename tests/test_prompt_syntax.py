@@ -168,9 +168,10 @@ def test_the_weight_limit_names_the_negative_prompt_and_spares_plain_spaces():
     ("a [dog:10] photo", ["prompt editing [from:to:when]"]),
     ("a [cat|dog] photo", ["alternation [a|b]"]),
     ("a cat AND a dog", ["composable prompts (AND)"]),
-    ("a cat <lora:film_grain:0.8>", ["extra networks (<lora:...>, <hypernet:...>)"]),
+    ("a cat <lyco:film_grain:0.8>", ["extra networks (<hypernet:...>, <lyco:...>)"]),
+    ("a cat <lora:film_grain:0.8>", []),  # a LoRA: celebctl loads it (tests/test_lora.py)
     ("[a|b] AND <hypernet:x:1>", ["alternation [a|b]", "composable prompts (AND)",
-                                  "extra networks (<lora:...>, <hypernet:...>)"]),
+                                  "extra networks (<hypernet:...>, <lyco:...>)"]),
     ("a cat and a dog, [soft], 16:9, <alice>", []),
     ("\\[cat:dog:0.5\\] \\[a|b\\]", []),  # escaped brackets: text in the WebUI too
 ])
@@ -179,14 +180,14 @@ def test_unsupported_webui_syntax_is_named(text, found):
 
 
 def test_unsupported_webui_syntax_is_a_note_of_the_render_plan():
-    plan = rendering.plan_render("a [cat:dog:0.5] photo <lora:x:1>", "blurry AND ugly",
+    plan = rendering.plan_render("a [cat:dog:0.5] photo <hypernet:x:1>", "blurry AND ugly",
                                  model="tiny")
     notes = [n for n in plan.notes if "celebctl does not support" in n]
     assert notes == [
         "The prompt uses the WebUI's prompt editing [from:to:when], which celebctl does not "
         "support: it is read as plain text (brackets still weight it), so the image differs "
         "from the WebUI's.",
-        "The prompt uses the WebUI's extra networks (<lora:...>, <hypernet:...>), which "
+        "The prompt uses the WebUI's extra networks (<hypernet:...>, <lyco:...>), which "
         "celebctl does not support: it is read as plain text (brackets still weight it), so "
         "the image differs from the WebUI's.",
         "The negative prompt uses the WebUI's composable prompts (AND), which celebctl does "

@@ -27,6 +27,7 @@ from .progress import progress_callback
 from .sampling import SamplerOpt, ScheduleOpt, SchedulerOpt, check_sampler_options
 
 rendering = LazyModule("celebctl.rendering")
+loras = LazyModule("celebctl.loras")
 DEFAULT_OUT_DIR = Path("renders")
 
 
@@ -35,7 +36,8 @@ def render_cmd(
         help="What to draw. Registered identities are found by name (\"alice shaking hands "
         "with bob\"); `<alice>` names one explicitly, `\\grace` writes the plain word grace "
         "even when an identity has that name. WebUI syntax works: `(alice:1.2)`, `(x)`, `[x]`, "
-        "`\\(`, `BREAK`; long prompts go in 75-token chunks. Leave it out with --prompts.",
+        "`\\(`, `BREAK`; long prompts go in 75-token chunks; `<lora:NAME:WEIGHT>` draws with "
+        "the LoRA NAME.safetensors from the LoRA folder. Leave it out with --prompts.",
         show_default=False)] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="Render every prompt of this UTF-8 file instead: one per line; blank "
@@ -76,6 +78,15 @@ def render_cmd(
                        ] = DEFAULT_OUT_DIR,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of all "
                                        "images.")] = False,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", help="Draw with this LoRA (a .safetensors file, kohya/WebUI or diffusers "
+        "format) at WEIGHT (default 1); repeat for several. Same as `<lora:NAME:WEIGHT>` in "
+        "the prompt, which finds NAME in the LoRA folder.", metavar="FILE[:WEIGHT]",
+        show_default=False)] = None,
+    lora_dir: Annotated[Path | None, typer.Option(
+        "--lora-dir", help="Folder (searched with its subfolders) where `<lora:NAME>` finds "
+        "NAME.safetensors (default: `lora_dir` in config.toml, else loras/ in the data home).",
+        show_default=False)] = None,
     person: Annotated[bool, typer.Option(
         "--person/--no-person", help="Add 'person' after each identity unless a person noun "
         "(man, woman, ...) follows, as in training: `alice riding a bike` renders as "
@@ -109,7 +120,7 @@ def render_cmd(
             steps=steps, guidance=guidance, **sampling, width=width,
             height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
             out_dir=out_dir, person_noun=person, dry_run=dry_run, quiet=quiet,
-            json_out=json_out, clip_skip=clip_skip)
+            json_out=json_out, clip_skip=clip_skip, loras=lora or [], lora_dir=lora_dir)
         return
     if prompt is None:
         raise typer.BadParameter("give a PROMPT to draw, or --prompts FILE.",
@@ -119,7 +130,8 @@ def render_cmd(
                                  "--num-images.", param_hint="--seeds")
     if dry_run:
         plan = rendering.plan_render(prompt, negative, model, person_noun=person,
-                                     clip_skip=clip_skip)
+                                     clip_skip=clip_skip, loras=lora or [],
+                                     lora_dir=lora_dir)
         if json_out:
             print_json(plan.to_dict())
             return
@@ -132,6 +144,9 @@ def render_cmd(
         out.print(f"Identities: {', '.join(plan.identities) or '(none)'}")
         out.print(f"Basis:      {plan.basis_id or '(none)'}")
         out.print(f"Model:      {plan.model}")
+        if plan.loras:
+            out.print("LoRAs:      " + ", ".join(
+                f"{u.name} x{u.weight:g} ({u.path})" for u in plan.loras))
         chunks = len(plan.chunks)
         if chunks <= 1:
             tokens = f"{plan.token_count} of {plan.max_tokens}"
@@ -160,7 +175,7 @@ def render_cmd(
                 guidance=guidance, **sampling, seed=seed, width=width,
                 height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
                 out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
-                person_noun=person, clip_skip=clip_skip,
+                person_noun=person, clip_skip=clip_skip, loras=lora or [], lora_dir=lora_dir,
             )
     except KeyboardInterrupt:
         if not written:
@@ -191,7 +206,9 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
                                            person_noun=options["person_noun"], source=path,
-                                           clip_skip=options["clip_skip"])
+                                           clip_skip=options["clip_skip"],
+                                           loras=options["loras"],
+                                           lora_dir=options["lora_dir"])
         if json_out:
             print_json(plan.to_dict())
             return
@@ -201,7 +218,8 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
         out.print(f"Prompts:    {len(lines)} x {options['seeds']} seed"
                   f"{'s' if options['seeds'] != 1 else ''}")
         for line, line_plan in zip(lines, plan.plans, strict=True):
-            out.print(f"  line {line.number}: {line_plan.prompt.expanded()}")
+            out.print(f"  line {line.number}: "
+                      + loras.with_tags(line_plan.prompt.expanded(), line_plan.loras))
         for note in plan.notes:
             warn(note)
         return

@@ -36,6 +36,7 @@ from .. import filehash, samplers
 from ..clipskip import check_loaded_range, render_clip_skip
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from ..loras import apply_loras, resolve_loras, set_key
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
 from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
 from .plan import (
@@ -46,6 +47,7 @@ from .plan import (
     check_render_options,
     check_widths,
     default_guidance,
+    lora_requests_of,
     noise_note,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
@@ -61,7 +63,7 @@ MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
                  "width", "height", "model", "person_noun", "sampler", "schedule_type",
-                 "scheduler_config", "clip_skip")
+                 "scheduler_config", "clip_skip", "loras")
 # Settings earlier releases did not record: compared only when the PNG has them (there the
 # "scheduler" value ddim/dpm/euler says it all).
 NEWER_SETTINGS = ("schedule_type", "scheduler_config")
@@ -90,7 +92,9 @@ class PromptsPlan:
             "identities": list(self.identities),
             "lines": [{"line": line.number, "prompt": plan.prompt.text,
                        "expanded": plan.prompt.expanded(), "identities": list(plan.identities),
-                       "tokens": plan.token_count, "chunks": list(plan.chunks)}
+                       "tokens": plan.token_count, "chunks": list(plan.chunks),
+                       "loras": [{"name": u.name, "weight": u.weight, "path": str(u.path)}
+                                 for u in plan.loras]}
                       for line, plan in zip(self.lines, self.plans, strict=True)],
             "notes": list(self.notes),
         }
@@ -152,11 +156,13 @@ class PromptsResult:
 def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                       model: str | ModelSpec | None = None, *, tokenizer: Any = None,
                       person_noun: bool = True, source: str | Path = "the prompts file",
-                      clip_skip: int | None = None) -> PromptsPlan:
+                      clip_skip: int | None = None, loras: Sequence[Any] = (),
+                      lora_dir: str | Path | None = None) -> PromptsPlan:
     """Plan every line without loading a model: the whole file renders with one model and the
     identities it names must share one basis. Errors name the line they come from. Each line
     reads the text encoder at ``clip_skip``, else at its identities' own clip skip
-    (:func:`celebctl.clipskip.render_clip_skip`)."""
+    (:func:`celebctl.clipskip.render_clip_skip`). Each line's LoRAs are its ``<lora:...>``
+    tags and ``loras`` (``--lora``, for every line)."""
     from .. import basis as basis_mod
     from .. import models, registry
     from ..documents import visible
@@ -166,9 +172,12 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
     known = registry.known_names()
     parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
     parsed_lines = []
+    requests = []
     for line in lines:
         try:
-            parsed = parse_prompt(line.text, known)
+            text, wanted = lora_requests_of(line.text, negative, loras)
+            requests.append(wanted)
+            parsed = parse_prompt(text, known)
         except CelebctlError as exc:
             exc.args = (f"Line {line.number} of {shown}: {exc}",)
             raise
@@ -196,9 +205,11 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
     by_name = {i.name: i for i in idents}
     negative_idents = [by_name[n] for n in parsed_negative.identities]
     plans = []
-    for line, parsed in zip(lines, parsed_lines, strict=True):
+    found: dict[Any, Any] = {}
+    for line, parsed, wanted in zip(lines, parsed_lines, requests, strict=True):
         try:
             chunks = tokenize_chunks(parsed, tokenizer)
+            uses = resolve_loras(wanted, spec, lora_dir, found) if wanted else []
         except CelebctlError as exc:
             exc.args = (f"Line {line.number} of {shown}: {exc}",)
             raise
@@ -213,7 +224,7 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
             chunks=[c.length - 2 for c in chunks],
             negative_chunks=[c.length - 2 for c in negative_chunks],
             coefficients={n: coefficients[n] for n in parsed.identities},
-            clip_skip=line_skip))
+            clip_skip=line_skip, loras=uses))
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return PromptsPlan(source=Path(source), lines=list(lines), plans=plans, identities=names,
@@ -302,7 +313,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                         progress: ProgressCallback | None = None,
                         components: Components | None = None,
                         group: Group | None = None,
-                        clip_skip: int | None = None) -> PromptsResult:
+                        clip_skip: int | None = None, loras: Sequence[Any] = (),
+                        lora_dir: str | Path | None = None) -> PromptsResult:
     """Render every prompt of the file ``path`` with seeds ``seed`` .. ``seed + seeds - 1``.
 
     Options mean what they mean for :func:`render_prompt` (``negative`` and ``guidance`` are
@@ -310,8 +322,10 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     Images already in ``out_dir`` are skipped (see the module docstring). ``group`` (a joined
     :class:`distributed.Group`) shares the images out between the processes of a launch; its
     rank 0 reports ``progress("images", done, total, {})`` over the whole job and gets the
-    whole job's result, the other ranks their own part. Raises before loading a model for a
-    bad file, option or identity.
+    whole job's result, the other ranks their own part. Lines may name different LoRAs
+    (``<lora:NAME:WEIGHT>``; ``loras`` apply to every line): images are grouped by LoRA set,
+    which is fused before its group renders. Raises before loading a model for a bad file,
+    option, identity or LoRA.
     """
     import torch
 
@@ -335,7 +349,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         model = components.spec
     job = plan_prompt_lines(lines, negative, model, person_noun=person_noun, source=path,
                             tokenizer=components.tokenizer if components is not None else None,
-                            clip_skip=clip_skip)
+                            clip_skip=clip_skip, loras=loras, lora_dir=lora_dir)
     out = _prepare_out_dir(Path(out_dir))
     model_hashing = filehash.BackgroundHash(
         job.spec.path if job.spec.kind == "single_file" else None)
@@ -382,12 +396,15 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         raise decided
     todo, skipped = decided
     mine = shard(todo, launch)
-    # Batches hold one chunk count and one guidance scale (see the module docstring); Python's
-    # sort is stable, so images stay in (line, seed) order within each group.
-    mine.sort(key=lambda item: (guidances[item[0]], _chunk_count(job.plans[item[0]])))
+    # Batches hold one LoRA set, one chunk count and one guidance scale (see the module
+    # docstring); Python's sort is stable, so images stay in (line, seed) order in each group.
+    lora_sets = [set_key(plan.loras) for plan in job.plans]
+    mine.sort(key=lambda item: (lora_sets[item[0]], guidances[item[0]],
+                                _chunk_count(job.plans[item[0]])))
     batch = batch_size or auto_batch_size(components, max(1, len(mine)), width, height)
     notes = list(job.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
+    fused: Any = None  # the LoRA set fused now (None: not applied yet)
     vectors = identity_vectors_for(
         {n: c for plan in job.plans for n, c in plan.coefficients.items()}, basis
     ) if basis is not None else {}
@@ -417,6 +434,12 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                 for future in [f for f in pending if f.done()]:
                     future.result()  # a failed write stops the job now
                     pending.remove(future)
+                if lora_sets[items[0][0]] != fused:
+                    apply_loras(components, job.plans[items[0][0]].loras)
+                    if fused is not None:  # new weights: capture the UNet afresh
+                        unet_call = UNetCall(components.unet, capture=capture,
+                                             note=notes.append)
+                    fused = lora_sets[items[0][0]]
                 needed = dict.fromkeys(index for index, _ in items)
                 encoded = {i: encoded[i] if i in encoded
                            else encode_prompt_pair(components, job.plans[i], vectors)
@@ -461,7 +484,7 @@ def _batches(items: Sequence[tuple[int, int]], size: int, guidances: Sequence[fl
     batches: list[list[tuple[int, int]]] = []
     group_of = None
     for item in items:
-        key = (guidances[item[0]], _chunk_count(plans[item[0]]))
+        key = (set_key(plans[item[0]].loras), guidances[item[0]], _chunk_count(plans[item[0]]))
         if not batches or key != group_of or len(batches[-1]) >= size:
             batches.append([])
             group_of = key

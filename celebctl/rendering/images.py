@@ -98,6 +98,11 @@ def image_parameters(settings: dict[str, Any]) -> str:
     fields.append(("Model", settings["model"]))
     if settings.get("clip_skip", 1) != 1:
         fields.append(("Clip skip", str(settings["clip_skip"])))  # the WebUI writes it past 1
+    if settings.get("loras"):
+        # As the WebUI writes it: "Lora hashes: "NAME: HASH, ..."" (its short hash, :mod:`loras`).
+        from ..loras import lora_hashes_text
+
+        fields.append(("Lora hashes", lora_hashes_text(settings["loras"])))
     if settings.get("pad_conds"):
         # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
         # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import emphasis, samplers
 from ..clipskip import render_clip_skip
-from ..errors import BasisMismatch, InvalidOption
+from ..errors import BasisMismatch, InvalidOption, PromptError
 from ..prompting import (
     CHUNK_TOKENS,
     ParsedPrompt,
@@ -69,6 +69,7 @@ class RenderPlan:
     # name -> (2, p) numpy coefficients, read together with the identities (one snapshot)
     coefficients: dict[str, Any] = field(default_factory=dict, repr=False)
     clip_skip: int = 1  # the text encoder layer the prompts are read at (WebUI numbering)
+    loras: list[Any] = field(default_factory=list)  # checked loras.LoraUse, in order
 
     @property
     def model(self) -> str:
@@ -108,6 +109,8 @@ class RenderPlan:
             "weighted": self.prompt.weighted or self.negative.weighted,
             "guidance_default": default_guidance(bool(self.identities)),
             "clip_skip": self.clip_skip,
+            "loras": [{"name": u.name, "weight": u.weight, "path": str(u.path)}
+                      for u in self.loras],
             "notes": list(self.notes),
         }
 
@@ -236,7 +239,8 @@ _shared_basis = shared_basis  # the name earlier releases exported
 
 def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None = None, *,
                 tokenizer: Any = None, person_noun: bool = True,
-                clip_skip: int | None = None) -> RenderPlan:
+                clip_skip: int | None = None, loras: Sequence[Any] = (),
+                lora_dir: Any = None) -> RenderPlan:
     """Parse and check a render request without loading any model.
 
     Finds the registered identities named in ``prompt`` and ``negative``, checks they share one
@@ -246,13 +250,18 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     with ``tokenizer`` when given (an already loaded model's). With ``person_noun`` each
     identity is followed by "person" as in training (:func:`prompting.with_person_nouns`).
     ``clip_skip`` None reads the layer the identities were fitted at (else the config's for the
-    model, else 1; :func:`celebctl.clipskip.render_clip_skip`). Raises PromptError,
-    IdentityNotFound, BasisMismatch, BasisNotFound or ModelUnavailable.
+    model, else 1; :func:`celebctl.clipskip.render_clip_skip`).
+    The prompt's ``<lora:NAME:WEIGHT>`` tags and ``loras`` (``--lora FILE[:WEIGHT]`` values or
+    :class:`loras.LoraRequest`) are found (NAME in ``lora_dir``, see :func:`loras.lora_folder`)
+    and checked against the model from their headers (:func:`loras.resolve_loras`).
+    Raises PromptError, IdentityNotFound, BasisMismatch, BasisNotFound, ModelUnavailable or
+    LoraError.
     """
     from .. import basis as basis_mod
     from .. import models, registry
 
     known = registry.known_names()
+    prompt, lora_requests = lora_requests_of(prompt, negative, loras)
     parsed = parse_prompt(prompt, known)
     parsed_negative = parse_prompt(negative or "", known, allow_empty=True,
                                    label="negative prompt")
@@ -286,6 +295,9 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
     notes += unsupported_syntax_notes(prompt, negative or "")
     if spec.is_noise_model:
         notes.append(noise_note(spec))
+    from ..loras import resolve_loras
+
+    uses = resolve_loras(lora_requests, spec, lora_dir) if lora_requests else []
     return RenderPlan(prompt=parsed, negative=parsed_negative, identities=names,
                       basis_id=basis_id, spec=spec,
                       token_count=sum(c.length - 2 for c in chunks),
@@ -294,7 +306,25 @@ def plan_render(prompt: str, negative: str = "", model: str | ModelSpec | None =
                       notes=notes, coefficients={i.name: i.load_coefficients() for i in idents},
                       person_noun=person_noun, chunks=[c.length - 2 for c in chunks],
                       negative_chunks=[c.length - 2 for c in negative_chunks],
-                      clip_skip=clip_skip)
+                      clip_skip=clip_skip, loras=uses)
+
+
+def lora_requests_of(prompt: str, negative: str, options: Sequence[Any] = ()
+                     ) -> tuple[str, list[Any]]:
+    """``prompt`` without its LoRA tags, and the LoRAs asked for: the tags', then
+    ``options``' (``FILE[:WEIGHT]`` strings or :class:`loras.LoraRequest`). A tag in the
+    negative prompt is refused: a LoRA changes the model for both, so it goes in the prompt."""
+    from .. import loras
+
+    if loras.has_tags(negative):
+        raise PromptError("The negative prompt has a <lora:...> tag; LoRAs go in the prompt "
+                          "(or --lora FILE[:WEIGHT]).")
+    if not loras.has_tags(prompt) and not options:
+        return prompt, []
+    stripped, requests = loras.split_tags(prompt)
+    requests += [o if isinstance(o, loras.LoraRequest) else loras.parse_lora_option(o)
+                 for o in options]
+    return stripped, requests
 
 
 def unsupported_syntax_notes(prompt: str, negative: str = "") -> list[str]:

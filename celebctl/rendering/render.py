@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from .. import __version__, filehash, samplers
 from ..clipskip import check_loaded_range
 from ..denoise import UNetCall, sample_images
 from ..errors import InvalidOption, StorageError
+from ..loras import apply_loras
 from ..storage.userfiles import write_new_user_file
 from .encoding import encode_prompt_pair, identity_vectors_for
 from .images import (
@@ -59,6 +60,7 @@ class RenderResult:
     sampler: str = "DDIM"  # the WebUI's names
     schedule_type: str = samplers.AUTOMATIC
     clip_skip: int = 1
+    loras: list[dict[str, Any]] = field(default_factory=list)  # name, weight, hash
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -84,6 +86,7 @@ class RenderResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
             "clip_skip": self.clip_skip,
+            "loras": [dict(entry) for entry in self.loras],
         }
 
 
@@ -118,14 +121,17 @@ def image_settings(plan: Any, *, steps: int, scheduler: str | samplers.SamplerCh
     sampler choice (or an older `--scheduler` value); ``schedule_type``: the schedule type to
     write (:func:`samplers.schedule_label` of the built scheduler), else the chosen one.
     ``ti_hashes``: identity -> embedding hash, when already known (a superset is fine)."""
+    from ..loras import with_tags
+
     made = (scheduler if isinstance(scheduler, samplers.SamplerChoice)
             else samplers.legacy_choice(scheduler))
+    uses = plan.loras
     settings = {
-        "prompt": plan.prompt.text,
+        "prompt": with_tags(plan.prompt.text, uses),
         "negative_prompt": plan.negative.text,
-        "expanded": plan.prompt.expanded(),
+        "expanded": with_tags(plan.prompt.expanded(), uses),
         "negative_expanded": plan.negative.expanded(),
-        "webui_prompt": plan.prompt.expanded("webui"),
+        "webui_prompt": with_tags(plan.prompt.expanded("webui"), uses),
         "webui_negative": plan.negative.expanded("webui"),
         "steps": steps,
         "sampler": made.sampler.name,
@@ -147,12 +153,21 @@ def image_settings(plan: Any, *, steps: int, scheduler: str | samplers.SamplerCh
         settings["clip_skip"] = plan.clip_skip
     if model_hash:
         settings["model_hash"] = model_hash
+    if uses:
+        settings["loras"] = lora_entries(uses)
     if plan.identities:
         known = ti_hashes or {}
         settings["ti_hashes"] = ({n: known[n] for n in plan.identities}
                                  if all(n in known for n in plan.identities)
                                  else embedding_hashes(plan.identities))
     return settings
+
+
+def lora_entries(uses: Any) -> list[dict[str, Any]]:
+    """Each LoRA of a render as its PNG records it: name (as its tag), weight, WebUI hash."""
+    from ..loras import short_hash
+
+    return [{"name": u.name, "weight": u.weight, "hash": short_hash(u.path)} for u in uses]
 
 
 def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps: int = 50,
@@ -166,7 +181,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   components: Components | None = None,
                   on_file: Callable[[Path], None] | None = None,
                   person_noun: bool = True, capture: bool = True,
-                  clip_skip: int | None = None) -> RenderResult:
+                  clip_skip: int | None = None, loras: Sequence[Any] = (),
+                  lora_dir: str | Path | None = None) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -183,7 +199,10 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     the WebUI's names ("DPM++ 2M", "Karras"); ``scheduler`` the older ddim/dpm/euler; none of
     them: the config's ``sampler``/``schedule``, else DDIM (:func:`samplers.choose`).
     ``clip_skip`` (the WebUI's numbering) None reads the layer the identities were fitted at.
-    Returns what was written.
+    ``loras`` (``FILE[:WEIGHT]``) and the prompt's ``<lora:NAME:WEIGHT>`` tags (NAME found in
+    ``lora_dir``) are checked before the model loads and fused into it for this render
+    (:mod:`celebctl.loras`); given ``components`` keep them fused until a render asks for
+    another set. Returns what was written.
     """
     import torch
 
@@ -201,7 +220,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         model = components.spec
     plan = plan_render(prompt, negative, model,
                        tokenizer=components.tokenizer if components is not None else None,
-                       person_noun=person_noun, clip_skip=clip_skip)
+                       person_noun=person_noun, clip_skip=clip_skip, loras=loras,
+                       lora_dir=lora_dir)
     if guidance is None:
         guidance = default_guidance(bool(plan.identities))
     if components is None:
@@ -219,6 +239,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     check_loaded_range(plan.clip_skip, components.text_encoders, plan.spec.ref)
     if basis is not None:
         check_basis_once(components, basis, plan.spec.ref)
+    apply_loras(components, plan.loras)  # none: the weights as loaded
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     embeds = encode_prompt_pair(components, plan, vectors)
 
@@ -307,4 +328,5 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
         sampler=choice.sampler.name, schedule_type=schedule_type,
         clip_skip=plan.clip_skip,
+        loras=list(settings_base.get("loras", [])),
     )
