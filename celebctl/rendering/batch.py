@@ -37,6 +37,7 @@ from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
 from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
+from .img2img import HiresFix, InitImage, prepare_redraw
 from .plan import (
     RenderPlan,
     _shared_basis,
@@ -59,7 +60,8 @@ MAX_SEEDS = 1000
 MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
-                 "width", "height", "model", "person_noun")
+                 "width", "height", "model", "person_noun", "denoising_strength",
+                 "init_image_sha256", "hires_scale", "hires_steps", "hires_upscaler")
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _DONE_KEY = "prompts/images-done"
 
@@ -281,11 +283,15 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                         person_noun: bool = True, capture: bool = True,
                         progress: ProgressCallback | None = None,
                         components: Components | None = None,
-                        group: Group | None = None) -> PromptsResult:
+                        group: Group | None = None,
+                        init_image: str | Path | InitImage | None = None,
+                        strength: float | None = None, hires: HiresFix | None = None
+                        ) -> PromptsResult:
     """Render every prompt of the file ``path`` with seeds ``seed`` .. ``seed + seeds - 1``.
 
     Options mean what they mean for :func:`render_prompt` (``negative`` and ``guidance`` are
-    the same for every line; ``guidance`` None is 10 for lines that name identities, else 7.5).
+    the same for every line, the init image too; ``guidance`` None is 10 for lines that name
+    identities, else 7.5).
     Images already in ``out_dir`` are skipped (see the module docstring). ``group`` (a joined
     :class:`distributed.Group`) shares the images out between the processes of a launch; its
     rank 0 reports ``progress("images", done, total, {})`` over the whole job and gets the
@@ -305,6 +311,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
     check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,
                          seed=seed, width=width, height=height, batch_size=batch_size)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps)
     lines = read_prompts_file(path)
     if len(lines) * seeds > MAX_JOB_IMAGES:
         raise InvalidOption(f"{len(lines):,} prompts x {seeds} seeds is more than "
@@ -324,8 +331,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
             progress=progress if launch.is_main else None)
     if basis is not None:
         check_basis_once(components, basis, job.spec.ref)
-    width = width or components.default_resolution
-    height = height or components.default_resolution
+    width, height, out_width, out_height = redraw.sizes(width, height,
+                                                        components.default_resolution)
     model_hash = model_hashing.result()
     hashes = embedding_hashes(job.identities) if job.identities else {}
     guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
@@ -338,6 +345,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
             made = image_settings(plan, steps=steps, scheduler=scheduler,
                                   guidance=guidances[index], width=width, height=height,
                                   model_hash=model_hash, ti_hashes=hashes)
+            made.update(redraw.settings(steps, width, height))
             settings_cache.clear()  # one line's images are near each other: keep few
             settings_cache[index] = made
         return settings_cache[index]
@@ -357,7 +365,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     # Batches hold one chunk count and one guidance scale (see the module docstring); Python's
     # sort is stable, so images stay in (line, seed) order within each group.
     mine.sort(key=lambda item: (guidances[item[0]], _chunk_count(job.plans[item[0]])))
-    batch = batch_size or auto_batch_size(components, max(1, len(mine)), width, height)
+    batch = batch_size or auto_batch_size(components, max(1, len(mine)), out_width,
+                                          out_height)
     notes = list(job.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
     sampler = make_scheduler(scheduler, components.scheduler.config)
@@ -396,7 +405,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                            for i in needed}
                 generators = [torch.Generator("cpu").manual_seed(s) for _, s in items]
                 with models.quiet_libraries():
-                    images = sample_images(
+                    images = (sample_images if redraw.plain else redraw.sample)(
                         unet_call=unet_call, vae=components.vae,
                         scheduler=sampler,
                         embeds=_stack([encoded[i] for i, _ in items]),
@@ -418,7 +427,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     everything = {k: v for part in (gathered or [written]) for k, v in part.items()}
     return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
                          written=everything, skipped=skipped, model=job.spec.ref, steps=steps,
-                         scheduler=scheduler, width=width, height=height,
+                         scheduler=scheduler, width=out_width, height=out_height,
                          world_size=launch.world_size, notes=notes,
                          elapsed_s=time.perf_counter() - started)
 

@@ -94,6 +94,13 @@ def image_parameters(settings: dict[str, Any]) -> str:
     if settings.get("model_hash"):
         fields.append(("Model hash", settings["model_hash"]))
     fields.append(("Model", settings["model"]))
+    # img2img and the hires fix, under the WebUI's keys ("Size" stays the first pass's).
+    if settings.get("denoising_strength") is not None:
+        fields.append(("Denoising strength", f"{settings['denoising_strength']:g}"))
+    if settings.get("hires_scale") is not None:
+        fields += [("Hires upscale", f"{settings['hires_scale']:g}"),
+                   ("Hires steps", str(settings["hires_steps"])),
+                   ("Hires upscaler", settings["hires_upscaler"])]
     if settings.get("pad_conds"):
         # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
         # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).

@@ -24,6 +24,7 @@ from .images import (
     png_bytes,
     prompt_slug,
 )
+from .img2img import HiresFix, InitImage, prepare_redraw
 from .plan import SCHEDULERS, check_render_options, default_guidance, plan_render
 from .settings import auto_batch_size, make_scheduler, render_dtype
 
@@ -55,6 +56,7 @@ class RenderResult:
     notes: list[str]
     elapsed_s: float
     captured: bool = False  # the UNet ran as replayed CUDA graphs
+    redraw: dict[str, Any] | None = None  # img2img / hires fix settings (Redraw.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -77,6 +79,7 @@ class RenderResult:
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "captured": self.captured,
+            **({"redraw": dict(self.redraw)} if self.redraw else {}),
         }
 
 
@@ -147,7 +150,10 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   grid: bool = False, progress: ProgressCallback | None = None,
                   components: Components | None = None,
                   on_file: Callable[[Path], None] | None = None,
-                  person_noun: bool = True, capture: bool = True) -> RenderResult:
+                  person_noun: bool = True, capture: bool = True,
+                  init_image: str | Path | InitImage | None = None,
+                  strength: float | None = None, hires: HiresFix | None = None
+                  ) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -160,7 +166,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     when the prompt names identities (the reference's value) and 7.5 otherwise;
     ``person_noun`` adds "person" after each identity, as in training. ``batch_size`` None
     picks as many images per batch as fit (:func:`auto_batch_size`); on CUDA the UNet is
-    replayed as a CUDA graph unless ``capture`` is False. Returns what was written.
+    replayed as a CUDA graph unless ``capture`` is False. ``init_image`` and ``strength``
+    (the WebUI's denoising strength, 0.75 by default) draw from an image; ``hires`` adds the
+    WebUI's hires fix (:mod:`.img2img`). Returns what was written.
     """
     import torch
 
@@ -171,6 +179,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps)
     if components is not None:
         if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
             raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
@@ -197,18 +206,19 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     embeds = encode_prompt_pair(components, plan, vectors)
 
-    width = width or components.default_resolution
-    height = height or components.default_resolution
+    width, height, out_width, out_height = redraw.sizes(width, height,
+                                                        components.default_resolution)
     sampler = make_scheduler(scheduler, components.scheduler.config)
     seeds = [seed + i for i in range(num_images)]
-    batch = batch_size or auto_batch_size(components, num_images, width, height)
+    batch = batch_size or auto_batch_size(components, num_images, out_width, out_height)
     notes = list(plan.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
-    counter = {"done": 0, "total": num_images * steps}
+    counter = {"done": 0, "total": num_images * redraw.steps_run(steps)}
 
     settings_base = image_settings(plan, steps=steps, scheduler=scheduler, guidance=guidance,
                                    width=width, height=height,
                                    model_hash=model_hashing.result())
+    settings_base.update(redraw.settings(steps, width, height))
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.plain())
@@ -251,7 +261,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
 
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with models.quiet_libraries():
-                batch_images = sample_images(
+                batch_images = (sample_images if redraw.plain else redraw.sample)(
                     unet_call=unet_call, vae=components.vae, scheduler=sampler,
                     embeds=embeds, family=components.family,
                     generators=generators, steps=steps, guidance=guidance, height=height,
@@ -275,7 +285,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         paths=paths, grid=grid_path, prompt=plan.prompt.text, expanded=plan.prompt.expanded(),
         negative=plan.negative.text, negative_expanded=plan.negative.expanded(),
         identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
-        seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
+        seeds=seeds, width=out_width, height=out_height, steps=steps,
+        guidance=float(guidance),
         scheduler=scheduler, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
+        redraw=redraw.to_dict(steps, width, height) or None,
     )
