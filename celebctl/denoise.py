@@ -218,10 +218,12 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
     # The scheduler works on the CPU (its Python comparisons of timesteps and sigmas would each
     # wait for the GPU); the UNet reads the timesteps from one copy made here.
     if start is None:
-        latents = initial_latents(generators, (channels, height // scale, width // scale),
-                                  device, dtype, float(scheduler.init_noise_sigma))
+        # The schedule first: a sigma scheduler's init_noise_sigma is its schedule's largest
+        # sigma (read before, it was the previous render's or the full training schedule's).
         scheduler.set_timesteps(steps, device="cpu")
         timesteps = scheduler.timesteps
+        latents = initial_latents(generators, (channels, height // scale, width // scale),
+                                  device, dtype, float(scheduler.init_noise_sigma))
     else:  # img2img: noised latents, and the tail of the schedule
         latents, timesteps = start.prepare(scheduler, generators, vae, family, device, dtype)
     unet_timesteps = timesteps.to(device)

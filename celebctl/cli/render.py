@@ -151,7 +151,7 @@ def render_cmd(
         raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
                                  "--num-images.", param_hint="--seeds")
     if dry_run:
-        rendering.prepare_redraw(steps=steps, **redraw)
+        rendering.prepare_redraw(steps=steps, width=width, height=height, **redraw)
         plan = rendering.plan_render(prompt, negative, model, person_noun=person)
         if json_out:
             print_json(plan.to_dict())
@@ -219,7 +219,8 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
 
     if dry_run:
         rendering.prepare_redraw(init_image=options["init_image"], strength=options["strength"],
-                                 hires=options["hires"], steps=options["steps"])
+                                 hires=options["hires"], steps=options["steps"],
+                                 width=options["width"], height=options["height"])
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
                                            person_noun=options["person_noun"], source=path)

@@ -311,7 +311,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
     check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,
                          seed=seed, width=width, height=height, batch_size=batch_size)
-    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps,
+                            width=width, height=height)
     lines = read_prompts_file(path)
     if len(lines) * seeds > MAX_JOB_IMAGES:
         raise InvalidOption(f"{len(lines):,} prompts x {seeds} seeds is more than "

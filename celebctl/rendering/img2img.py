@@ -341,12 +341,14 @@ class Redraw:
 
 def prepare_redraw(*, init_image: str | Path | InitImage | None = None,
                    strength: float | None = None, hires: HiresFix | None = None,
-                   steps: int = 50) -> Redraw:
+                   steps: int = 50, width: int | None = None, height: int | None = None
+                   ) -> Redraw:
     """Check img2img and hires options and read the init image, before any model loads.
 
     ``strength`` defaults to 0.75 with an init image and is refused without one; an init image
     and a hires pass do not go together (the WebUI's img2img has no hires fix: give the size
-    wanted with --width/--height). Raises InvalidOption or PhotoError.
+    wanted with --width/--height). The sizes are checked as far as they are known without the
+    model (--width/--height, the init image's). Raises InvalidOption or PhotoError.
     """
     if init_image is None:
         if strength is not None:
@@ -354,6 +356,8 @@ def prepare_redraw(*, init_image: str | Path | InitImage | None = None,
                                 "--hires-denoise).")
         if hires is not None:
             _check_hires_schedule(hires.check(), steps)
+            if width is not None and height is not None:
+                Redraw(hires=hires).sizes(width, height, 0)
         return Redraw(hires=hires)
     if hires is not None:
         raise InvalidOption("--hires is a second pass after drawing from noise; with "
@@ -368,7 +372,9 @@ def prepare_redraw(*, init_image: str | Path | InitImage | None = None,
             f"runs int(steps x strength) = {img2img_steps(steps, strength)}); raise --strength "
             "or --steps.")
     init = init_image if isinstance(init_image, InitImage) else load_init_image(init_image)
-    return Redraw(init=init, strength=strength)
+    redraw = Redraw(init=init, strength=strength)
+    redraw.sizes(width, height, 0)
+    return redraw
 
 
 def _check_hires_schedule(hires: HiresFix, steps: int) -> None:

@@ -179,7 +179,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)
-    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps,
+                            width=width, height=height)
     if components is not None:
         if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
             raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
