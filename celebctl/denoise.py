@@ -156,7 +156,7 @@ def _padded_generators(generators: Sequence[Any], count: int) -> list[Any]:
 def sample_images(*, unet_call: UNetCall, vae, scheduler, embeds: Any, family: str,
                   generators: Sequence[Any], steps: int, guidance: float, height: int,
                   width: int, on_step: Callable[[int], None] | None = None,
-                  pad_to: int | None = None) -> list[Any]:
+                  pad_to: int | None = None, start: Any = None) -> list[Any]:
     """Denoise one batch (one generator per image) and decode it to PIL images.
 
     ``embeds`` holds the prompt's and the negative prompt's embeddings (and SDXL's pooled ones,
@@ -164,19 +164,38 @@ def sample_images(*, unet_call: UNetCall, vae, scheduler, embeds: Any, family: s
     images, or one row per image. When the UNet call replays captured graphs, a batch smaller
     than ``pad_to`` is padded to it (copies of the last image, dropped before decoding), so
     the last batch of a render replays the same graph. Raises NonFiniteImages when the
-    latents or the decoded pixels are not finite.
+    latents or the decoded pixels are not finite. ``start`` (img2img, see
+    :class:`celebctl.rendering.img2img.StartLatents`) starts from noised latents part-way
+    down the schedule instead of from pure noise.
     """
-    import numpy as np
-    from PIL import Image
+    latents = sample_latents(unet_call=unet_call, vae=vae, scheduler=scheduler, embeds=embeds,
+                             family=family, generators=generators, steps=steps,
+                             guidance=guidance, height=height, width=width, on_step=on_step,
+                             pad_to=pad_to, start=start)
+    return latents_to_images(vae, latents, family, steps)
 
-    prompt_embeds = embeds.prompt
-    device = prompt_embeds.device
+
+def sample_latents(*, unet_call: UNetCall, vae, scheduler, embeds: Any, family: str,
+                   generators: Sequence[Any], steps: int, guidance: float, height: int,
+                   width: int, on_step: Callable[[int], None] | None = None,
+                   pad_to: int | None = None, start: Any = None) -> Any:
+    """:func:`sample_images` up to the denoised latents (one row per generator, padding
+    dropped), for a caller that goes on from them (the hires fix)."""
+    device = embeds.prompt.device
     wanted = len(generators)
     if pad_to is not None and wanted < pad_to and unet_call.replays(device):
         generators = _padded_generators(generators, pad_to)
     latents = _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance,
-                       height, width, vae, on_step)[:wanted]
+                       height, width, vae, on_step, start)[:wanted]
     _check_finite(latents, "latents", steps)
+    return latents
+
+
+def latents_to_images(vae, latents, family: str, steps: int) -> list[Any]:
+    """Decode denoised latents to PIL images as the pipeline post-processes them."""
+    import numpy as np
+    from PIL import Image
+
     decoded = _decode(vae, latents, family)
     _check_finite(decoded, "decoded images", steps)
     pixels = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
@@ -184,7 +203,7 @@ def sample_images(*, unet_call: UNetCall, vae, scheduler, embeds: Any, family: s
 
 
 def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, height, width,
-             vae, on_step):
+             vae, on_step, start=None):
     import inspect
 
     import torch
@@ -197,12 +216,17 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     channels = unet_call.unet.config.in_channels
     # The scheduler works on the CPU (its Python comparisons of timesteps and sigmas would each
-    # wait for the GPU); the UNet reads the timesteps from one copy made here. Timesteps first,
-    # as the pipeline sets them: some schedulers' initial noise scale follows them.
-    scheduler.set_timesteps(steps, device="cpu")
-    latents = initial_latents(generators, (channels, height // scale, width // scale), device,
-                              dtype, float(scheduler.init_noise_sigma))
-    unet_timesteps = scheduler.timesteps.to(device)
+    # wait for the GPU); the UNet reads the timesteps from one copy made here.
+    if start is None:
+        # The schedule first: a sigma scheduler's init_noise_sigma is its schedule's largest
+        # sigma (read before, it was the previous render's or the full training schedule's).
+        scheduler.set_timesteps(steps, device="cpu")
+        timesteps = scheduler.timesteps
+        latents = initial_latents(generators, (channels, height // scale, width // scale),
+                                  device, dtype, float(scheduler.init_noise_sigma))
+    else:  # img2img: noised latents, and the tail of the schedule
+        latents, timesteps = start.prepare(scheduler, generators, vae, family, device, dtype)
+    unet_timesteps = timesteps.to(device)
     cfg = guidance > 1
     states = _rows(embeds.prompt, batch)
     if cfg:
@@ -220,7 +244,7 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
     if "generator" in accepted:
         step_kwargs["generator"] = list(generators)
     with torch.no_grad():
-        for index, t in enumerate(scheduler.timesteps):
+        for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise = unet_call(model_input, unet_timesteps[index], states, added)

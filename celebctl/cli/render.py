@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,13 @@ from .sampling import SamplerOpt, ScheduleOpt, SchedulerOpt, check_sampler_optio
 rendering = LazyModule("celebctl.rendering")
 loras = LazyModule("celebctl.loras")
 DEFAULT_OUT_DIR = Path("renders")
+
+
+class HiresUpscaler(str, Enum):
+    """`--hires-upscaler` choices."""
+
+    latent = "latent"
+    lanczos = "lanczos"
 
 
 def render_cmd(
@@ -91,6 +99,28 @@ def render_cmd(
         "--person/--no-person", help="Add 'person' after each identity unless a person noun "
         "(man, woman, ...) follows, as in training: `alice riding a bike` renders as "
         "`<alice> person riding a bike`, `alice's hat` as `<alice> person's hat`.")] = True,
+    init_image: Annotated[Path | None, typer.Option(
+        "--init-image", help="img2img: start from this image (JPEG, PNG, WebP, BMP, GIF) "
+        "instead of noise. The size defaults to the image's, rounded down to a multiple of 8; "
+        "--width/--height resize it.", show_default=False)] = None,
+    strength: Annotated[float | None, typer.Option(
+        "--strength", help="With --init-image: the WebUI's Denoising strength, 0 to 1 (default "
+        "0.75): how much of the image is redrawn; int(steps x strength) steps run.",
+        show_default=False)] = None,
+    hires: Annotated[float | None, typer.Option(
+        "--hires", metavar="SCALE", help="Hires fix: after drawing, upscale by SCALE (1 to 4) "
+        "and redraw at that size, as the WebUI's hires fix. The PNG's Size stays the first "
+        "pass's, with 'Hires upscale'.", show_default=False)] = None,
+    hires_steps: Annotated[int | None, typer.Option(
+        "--hires-steps", help="Steps of the hires pass (default: as --steps); they all run, "
+        "as in the WebUI.", show_default=False)] = None,
+    hires_denoise: Annotated[float | None, typer.Option(
+        "--hires-denoise", help="Denoising strength of the hires pass (default 0.7).",
+        show_default=False)] = None,
+    hires_upscaler: Annotated[HiresUpscaler | None, typer.Option(
+        "--hires-upscaler", help="latent: interpolate the latents (the WebUI's 'Latent'; "
+        "default); lanczos: upscale the decoded image and encode it again.",
+        show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the expanded prompt, "
                                           "identities, basis, model and token count; load no "
                                           "model, write nothing.")] = False,
@@ -105,6 +135,8 @@ def render_cmd(
     choice = check_sampler_options(scheduler, sampler, schedule)
     sampling = {"scheduler": scheduler.value if scheduler else None, "sampler": sampler,
                 "schedule": schedule}
+    redraw = dict(init_image=init_image, strength=strength,
+                  hires=_hires_fix(hires, hires_steps, hires_denoise, hires_upscaler))
     if prompts_file is not None:
         if prompt is not None:
             raise typer.BadParameter("give a PROMPT or --prompts FILE, not both.",
@@ -120,7 +152,8 @@ def render_cmd(
             steps=steps, guidance=guidance, **sampling, width=width,
             height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
             out_dir=out_dir, person_noun=person, dry_run=dry_run, quiet=quiet,
-            json_out=json_out, clip_skip=clip_skip, loras=lora or [], lora_dir=lora_dir)
+            json_out=json_out, clip_skip=clip_skip, loras=lora or [], lora_dir=lora_dir,
+            **redraw)
         return
     if prompt is None:
         raise typer.BadParameter("give a PROMPT to draw, or --prompts FILE.",
@@ -129,6 +162,7 @@ def render_cmd(
         raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
                                  "--num-images.", param_hint="--seeds")
     if dry_run:
+        rendering.prepare_redraw(steps=steps, width=width, height=height, **redraw)
         plan = rendering.plan_render(prompt, negative, model, person_noun=person,
                                      clip_skip=clip_skip, loras=lora or [],
                                      lora_dir=lora_dir)
@@ -176,6 +210,7 @@ def render_cmd(
                 height=height, batch_size=batch_size, model=model, device=device, dtype=dtype,
                 out_dir=out_dir, grid=grid, progress=progress, on_file=written.append,
                 person_noun=person, clip_skip=clip_skip, loras=lora or [], lora_dir=lora_dir,
+                **redraw,
             )
     except KeyboardInterrupt:
         if not written:
@@ -203,6 +238,9 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
     from .. import distributed
 
     if dry_run:
+        rendering.prepare_redraw(init_image=options["init_image"], strength=options["strength"],
+                                 hires=options["hires"], steps=options["steps"],
+                                 width=options["width"], height=options["height"])
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
                                            person_noun=options["person_noun"], source=path,
@@ -246,6 +284,21 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
               f"{f' ({len(result.skipped)} already there, skipped)' if result.skipped else ''}"
               f" to {result.out_dir}"
               f"{f' with {result.world_size} processes' if result.world_size > 1 else ''}.")
+
+
+def _hires_fix(scale: float | None, steps: int | None, denoise: float | None,
+               upscaler: HiresUpscaler | None):
+    """The --hires options as one value (None without --hires)."""
+    if scale is None:
+        for flag, value in (("--hires-steps", steps), ("--hires-denoise", denoise),
+                            ("--hires-upscaler", upscaler)):
+            if value is not None:
+                raise typer.BadParameter("goes with --hires SCALE.", param_hint=flag)
+        return None
+    return rendering.HiresFix(
+        scale=scale, steps=steps,
+        denoise=rendering.DEFAULT_HIRES_DENOISE if denoise is None else denoise,
+        upscaler=(upscaler or HiresUpscaler.latent).value)
 
 
 def _weighted_parts(parsed) -> list[tuple[str, float]]:

@@ -15,6 +15,8 @@ JSON. With the same seed and settings on the CPU the PNG bytes are identical.
   sampler chosen by its WebUI name, :mod:`celebctl.samplers`, with the config's default).
 - :mod:`.encoding`: identity vectors and the prompt pair encoded with the WebUI's emphasis.
 - :mod:`.images`: file names, PNG metadata, contact sheets.
+- :mod:`.img2img`: an init image (img2img) and the hires fix: a start part-way down the
+  schedule, as diffusers' img2img pipelines start.
 - :mod:`.render`: :func:`render_prompt`, which runs the above and denoises batch by batch
   (:mod:`celebctl.denoise`).
 - :mod:`.promptfile`: a prompts file read safely, and its images' names.
@@ -52,6 +54,16 @@ from .images import (
     png_bytes,
     prompt_slug,
     read_png_metadata,
+)
+from .img2img import (
+    DEFAULT_HIRES_DENOISE,
+    DEFAULT_STRENGTH,
+    HIRES_UPSCALERS,
+    HiresFix,
+    InitImage,
+    Redraw,
+    load_init_image,
+    prepare_redraw,
 )
 from .plan import (
     IDENTITY_GUIDANCE,
@@ -101,6 +113,8 @@ from .settings import (
 )
 
 __all__ = [
+    "DEFAULT_HIRES_DENOISE", "DEFAULT_STRENGTH", "HIRES_UPSCALERS", "HiresFix", "InitImage",
+    "Redraw", "load_init_image", "prepare_redraw",
     "MAX_LINES", "MAX_LINE_CHARS", "PromptLine", "PromptsPlan", "PromptsResult",
     "check_basis_once", "image_name", "image_settings", "plan_prompt_lines",
     "read_prompts_file", "render_prompts_file",

@@ -39,6 +39,7 @@ from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from ..loras import apply_loras, resolve_loras, set_key
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
 from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
+from .img2img import HiresFix, InitImage, prepare_redraw
 from .plan import (
     RenderPlan,
     _shared_basis,
@@ -63,7 +64,8 @@ MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
                  "width", "height", "model", "person_noun", "sampler", "schedule_type",
-                 "scheduler_config", "clip_skip", "loras")
+                 "scheduler_config", "clip_skip", "loras", "denoising_strength",
+                 "init_image_sha256", "hires_scale", "hires_steps", "hires_upscaler")
 # Settings earlier releases did not record: compared only when the PNG has them (there the
 # "scheduler" value ddim/dpm/euler says it all).
 NEWER_SETTINGS = ("schedule_type", "scheduler_config")
@@ -314,11 +316,15 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                         components: Components | None = None,
                         group: Group | None = None,
                         clip_skip: int | None = None, loras: Sequence[Any] = (),
-                        lora_dir: str | Path | None = None) -> PromptsResult:
+                        lora_dir: str | Path | None = None,
+                        init_image: str | Path | InitImage | None = None,
+                        strength: float | None = None, hires: HiresFix | None = None
+                        ) -> PromptsResult:
     """Render every prompt of the file ``path`` with seeds ``seed`` .. ``seed + seeds - 1``.
 
     Options mean what they mean for :func:`render_prompt` (``negative`` and ``guidance`` are
-    the same for every line; ``guidance`` None is 10 for lines that name identities, else 7.5).
+    the same for every line, the init image too; ``guidance`` None is 10 for lines that name
+    identities, else 7.5).
     Images already in ``out_dir`` are skipped (see the module docstring). ``group`` (a joined
     :class:`distributed.Group`) shares the images out between the processes of a launch; its
     rank 0 reports ``progress("images", done, total, {})`` over the whole job and gets the
@@ -341,6 +347,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         raise InvalidOption(f"--seeds must be between 1 and {MAX_SEEDS}.")
     check_render_options(num_images=seeds, steps=steps, guidance=guidance, scheduler=scheduler,
                          seed=seed, width=width, height=height, batch_size=batch_size)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps,
+                            width=width, height=height)
     lines = read_prompts_file(path)
     if len(lines) * seeds > MAX_JOB_IMAGES:
         raise InvalidOption(f"{len(lines):,} prompts x {seeds} seeds is more than "
@@ -363,8 +371,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         check_loaded_range(line_skip, components.text_encoders, job.spec.ref)
     if basis is not None:
         check_basis_once(components, basis, job.spec.ref)
-    width = width or components.default_resolution
-    height = height or components.default_resolution
+    width, height, out_width, out_height = redraw.sizes(width, height,
+                                                        components.default_resolution)
     model_hash = model_hashing.result()
     hashes = embedding_hashes(job.identities) if job.identities else {}
     guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
@@ -380,6 +388,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                                   guidance=guidances[index], width=width, height=height,
                                   model_hash=model_hash, ti_hashes=hashes,
                                   schedule_type=schedule_type)
+            made.update(redraw.settings(steps, width, height))
             settings_cache.clear()  # one line's images are near each other: keep few
             settings_cache[index] = made
         return settings_cache[index]
@@ -401,7 +410,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     lora_sets = [set_key(plan.loras) for plan in job.plans]
     mine.sort(key=lambda item: (lora_sets[item[0]], guidances[item[0]],
                                 _chunk_count(job.plans[item[0]])))
-    batch = batch_size or auto_batch_size(components, max(1, len(mine)), width, height)
+    batch = batch_size or auto_batch_size(components, max(1, len(mine)), out_width,
+                                          out_height)
     notes = list(job.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
     fused: Any = None  # the LoRA set fused now (None: not applied yet)
@@ -446,7 +456,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                            for i in needed}
                 generators = [torch.Generator("cpu").manual_seed(s) for _, s in items]
                 with models.quiet_libraries():
-                    images = sample_images(
+                    images = (sample_images if redraw.plain else redraw.sample)(
                         unet_call=unet_call, vae=components.vae,
                         scheduler=noise_scheduler,
                         embeds=_stack([encoded[i] for i, _ in items]),
@@ -468,7 +478,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     everything = {k: v for part in (gathered or [written]) for k, v in part.items()}
     return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
                          written=everything, skipped=skipped, model=job.spec.ref, steps=steps,
-                         scheduler=choice.key, width=width, height=height,
+                         scheduler=choice.key, width=out_width, height=out_height,
                          world_size=launch.world_size, notes=notes,
                          sampler=choice.sampler.name, schedule_type=schedule_type,
                          elapsed_s=time.perf_counter() - started)

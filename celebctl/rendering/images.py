@@ -103,6 +103,13 @@ def image_parameters(settings: dict[str, Any]) -> str:
         from ..loras import lora_hashes_text
 
         fields.append(("Lora hashes", lora_hashes_text(settings["loras"])))
+    # img2img and the hires fix, under the WebUI's keys ("Size" stays the first pass's).
+    if settings.get("denoising_strength") is not None:
+        fields.append(("Denoising strength", f"{settings['denoising_strength']:g}"))
+    if settings.get("hires_scale") is not None:
+        fields += [("Hires upscale", f"{settings['hires_scale']:g}"),
+                   ("Hires steps", str(settings["hires_steps"])),
+                   ("Hires upscaler", settings["hires_upscaler"])]
     if settings.get("pad_conds"):
         # The shorter of prompt and negative was padded with empty chunks, as the WebUI's
         # "Pad prompt/negative prompt" option does; it writes this then (RenderPlan.pads_conds).

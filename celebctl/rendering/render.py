@@ -26,6 +26,7 @@ from .images import (
     png_bytes,
     prompt_slug,
 )
+from .img2img import HiresFix, InitImage, prepare_redraw
 from .plan import check_render_options, default_guidance, plan_render
 from .settings import auto_batch_size, make_scheduler, render_dtype, sampler_choice
 
@@ -61,6 +62,7 @@ class RenderResult:
     schedule_type: str = samplers.AUTOMATIC
     clip_skip: int = 1
     loras: list[dict[str, Any]] = field(default_factory=list)  # name, weight, hash
+    redraw: dict[str, Any] | None = None  # img2img / hires fix settings (Redraw.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (what `celebctl render --json` prints)."""
@@ -87,6 +89,7 @@ class RenderResult:
             "captured": self.captured,
             "clip_skip": self.clip_skip,
             "loras": [dict(entry) for entry in self.loras],
+            **({"redraw": dict(self.redraw)} if self.redraw else {}),
         }
 
 
@@ -182,7 +185,10 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
                   on_file: Callable[[Path], None] | None = None,
                   person_noun: bool = True, capture: bool = True,
                   clip_skip: int | None = None, loras: Sequence[Any] = (),
-                  lora_dir: str | Path | None = None) -> RenderResult:
+                  lora_dir: str | Path | None = None,
+                  init_image: str | Path | InitImage | None = None,
+                  strength: float | None = None, hires: HiresFix | None = None
+                  ) -> RenderResult:
     """Render ``prompt`` (registered identities named in it) to PNG files in ``out_dir``.
 
     Image i uses seed ``seed + i``; images are denoised ``batch_size`` at a time. Everything
@@ -202,7 +208,9 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     ``loras`` (``FILE[:WEIGHT]``) and the prompt's ``<lora:NAME:WEIGHT>`` tags (NAME found in
     ``lora_dir``) are checked before the model loads and fused into it for this render
     (:mod:`celebctl.loras`); given ``components`` keep them fused until a render asks for
-    another set. Returns what was written.
+    another set. ``init_image`` and ``strength`` (the WebUI's denoising strength, 0.75 by
+    default) draw from an image; ``hires`` adds the WebUI's hires fix (:mod:`.img2img`).
+    Returns what was written.
     """
     import torch
 
@@ -214,6 +222,8 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)
+    redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps,
+                            width=width, height=height)
     if components is not None:
         if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
             raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
@@ -243,20 +253,21 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     vectors = identity_vectors_for(plan.coefficients, basis) if basis is not None else {}
     embeds = encode_prompt_pair(components, plan, vectors)
 
-    width = width or components.default_resolution
-    height = height or components.default_resolution
+    width, height, out_width, out_height = redraw.sizes(width, height,
+                                                        components.default_resolution)
     noise_scheduler = make_scheduler(choice, components.scheduler.config)
     schedule_type = samplers.schedule_label(choice, noise_scheduler.config)
     seeds = [seed + i for i in range(num_images)]
-    batch = batch_size or auto_batch_size(components, num_images, width, height)
+    batch = batch_size or auto_batch_size(components, num_images, out_width, out_height)
     notes = list(plan.notes)
     unet_call = UNetCall(components.unet, capture=capture, note=notes.append)
-    counter = {"done": 0, "total": num_images * steps}
+    counter = {"done": 0, "total": num_images * redraw.steps_run(steps)}
 
     settings_base = image_settings(plan, steps=steps, scheduler=choice, guidance=guidance,
                                    width=width, height=height,
                                    model_hash=model_hashing.result(),
                                    schedule_type=schedule_type)
+    settings_base.update(redraw.settings(steps, width, height))
     paths: list[Path] = []
     images: list[Any] = []
     stem = prompt_slug(plan.prompt.plain())
@@ -299,7 +310,7 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
 
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with models.quiet_libraries():
-                batch_images = sample_images(
+                batch_images = (sample_images if redraw.plain else redraw.sample)(
                     unet_call=unet_call, vae=components.vae, scheduler=noise_scheduler,
                     embeds=embeds, family=components.family,
                     generators=generators, steps=steps, guidance=guidance, height=height,
@@ -323,10 +334,12 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
         paths=paths, grid=grid_path, prompt=plan.prompt.text, expanded=plan.prompt.expanded(),
         negative=plan.negative.text, negative_expanded=plan.negative.expanded(),
         identities=list(plan.identities), basis_id=plan.basis_id, model=plan.spec.ref,
-        seeds=seeds, width=width, height=height, steps=steps, guidance=float(guidance),
+        seeds=seeds, width=out_width, height=out_height, steps=steps,
+        guidance=float(guidance),
         scheduler=choice.key, notes=notes, elapsed_s=time.perf_counter() - started,
         captured=unet_call.replays(components.device) and bool(unet_call.graphs),
         sampler=choice.sampler.name, schedule_type=schedule_type,
         clip_skip=plan.clip_skip,
         loras=list(settings_base.get("loras", [])),
+        redraw=redraw.to_dict(steps, width, height) or None,
     )
