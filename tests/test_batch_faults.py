@@ -1,0 +1,118 @@
+"""Hardening III (issue 24, points 1, 2, 4 and 6): `add-many` under faults and hostile input,
+with real FIFOs, symlink loops and concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from celebctl import registry
+from celebctl.fitting import people
+from tests.test_add_many import FIT, people_folder
+
+runner = CliRunner()
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
+TIMEOUT = 600  # only catches a hang; the machine may be busy
+
+
+def invoke(*args):
+    from celebctl.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def celebctl(*args, env_extra=None, cwd=None):
+    """The real entry point in a subprocess, so a hang fails the test instead of stalling it."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "celebctl", *map(str, args)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                          stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def _refused(result, *phrases):
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+# point 1: a manifest that is a FIFO, a link to a device, or too big
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_at_once(tmp_path, no_models):
+    manifest = tmp_path / "fifo.csv"
+    os.mkfifo(manifest)
+    _refused(celebctl("add-many", manifest, *FIT), "fifo.csv is a named pipe (FIFO)",
+             "give a .csv/.tsv text file")
+
+
+def test_a_manifest_linked_to_a_device_is_refused(tmp_path):
+    manifest = tmp_path / "zero.csv"
+    manifest.symlink_to("/dev/zero")
+    _refused(celebctl("add-many", manifest, *FIT), "zero.csv is a device")
+
+
+def test_a_manifest_over_the_cap_is_refused_without_reading_it(tmp_path, monkeypatch, no_models):
+    manifest = tmp_path / "big.csv"
+    with open(manifest, "wb") as f:
+        f.truncate(people.MAX_MANIFEST_BYTES + 1)  # sparse: nothing to read anyway
+    result = invoke("add-many", manifest, *FIT)
+    assert result.exit_code == 1, result.output
+    assert "Error: The manifest" in result.stderr and "is larger than 64 MiB" in result.stderr
+    assert "split it" in result.stderr and no_models == []
+
+
+def test_an_unreadable_manifest_is_an_error_not_a_traceback(tmp_path):
+    manifest = tmp_path / "locked.csv"
+    manifest.write_text("name,photo\n")
+    manifest.chmod(0)
+    if os.access(manifest, os.R_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    _refused(celebctl("add-many", manifest, *FIT), "Cannot read the manifest",
+             "Permission denied")
+
+
+# point 2: symlink loops as a person's folder, as a photo, as a manifest's photo
+
+
+def test_symlink_loops_fail_their_person_only_when_listing(tmp_path):
+    folder = people_folder(tmp_path)
+    (folder / "loopy").symlink_to("loopy")
+    (folder / "bob" / "again.jpg").symlink_to("again.jpg")
+    found = {p.name: p for p in people.read_people(folder)}
+    assert found["alice"].problem is None
+    assert found["loopy"].problem == f"{folder / 'loopy'} is a symlink loop; it points back to " \
+                                     "itself."
+    assert "again.jpg is a symlink loop" in found["bob"].problem
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("name,photo\nalice,people/alice/photo.png\nbob,people/bob/again.jpg\n"
+                        "carol,people/nobody.png\n")
+    rows = {p.name: p.problem for p in people.read_people(manifest)}
+    assert rows["alice"] is None
+    assert rows["bob"].endswith("again.jpg is a symlink loop; it points back to itself.")
+    assert rows["carol"].startswith("Photo not found")
+
+
+def test_a_source_that_is_a_symlink_loop_is_an_error(tmp_path):
+    (tmp_path / "people").symlink_to("people")
+    _refused(celebctl("add-many", tmp_path / "people", *FIT), "is a symlink loop")
+
+
+def test_a_folder_of_folders_with_loops_fits_the_rest(tiny_home, tmp_path):
+    folder = people_folder(tmp_path, names=("alice",))
+    (folder / "loopy").symlink_to("loopy")
+    (folder / "bob").mkdir()
+    (folder / "bob" / "a.png").symlink_to("a.png")
+    result = invoke("add-many", folder, *FIT, "--json")
+    assert result.exit_code == 1, result.output
+    status = {r["name"]: (r["status"], r["reason"]) for r in json.loads(result.stdout)["people"]}
+    assert status["alice"] == ("added", "")
+    assert status["loopy"][0] == "failed" and "symlink loop" in status["loopy"][1]
+    assert status["bob"][0] == "failed" and "a.png is a symlink loop" in status["bob"][1]
+    assert [i.name for i in registry.list_identities().identities] == ["alice"]
