@@ -116,3 +116,39 @@ def test_a_folder_of_folders_with_loops_fits_the_rest(tiny_home, tmp_path):
     assert status["loopy"][0] == "failed" and "symlink loop" in status["loopy"][1]
     assert status["bob"][0] == "failed" and "a.png is a symlink loop" in status["bob"][1]
     assert [i.name for i in registry.list_identities().identities] == ["alice"]
+
+
+# point 6: temp files of a bundle write killed with kill -9
+
+
+def test_a_rerun_removes_the_temp_files_of_killed_bundle_writes_only(home, tmp_path):
+    from tests.helpers import PHOTO
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"name,photo\nalice,{PHOTO}\n")
+    out = tmp_path / "bundles"
+    trace = tmp_path / "trace"
+    first = celebctl("add-many", manifest, *FIT, "--bundles", out,
+                     env_extra={"CELEBCTL_FAULT_TRACE": str(trace)})
+    assert first.returncode == 0, first.stderr
+    checkpoints = [line.split(" ", 2) for line in trace.read_text().splitlines()]
+    write = next(int(n) for n, kind, path in checkpoints
+                 if kind == "write" and "/.alice.celeb.celebctl-tmp-" in path)
+    (out / "alice.celeb").unlink()
+
+    killed = celebctl("add-many", manifest, *FIT, "--bundles", out,
+                      env_extra={"CELEBCTL_FAULT": f"kill@{write}"})
+    assert killed.returncode == -9, killed.stderr
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".alice.celeb.celebctl-tmp-"), left
+    # What is not a dead writer's temp file stays: a living writer's, the user's own files.
+    mine = {f".bob.celeb.celebctl-tmp-{os.getpid()}-0badf00d", ".alice.celeb.celebctl-tmp-notes",
+            "alice.celeb.celebctl-tmp-1-0badf00d.txt", "notes.txt"}
+    for name in mine:
+        (out / name).write_text("keep")
+
+    rerun = celebctl("add-many", manifest, *FIT, "--bundles", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Removed 1 temp file(s) that interrupted bundle writes left" in " ".join(
+        rerun.stderr.split())
+    assert sorted(p.name for p in out.iterdir()) == sorted(mine | {"alice.celeb"})

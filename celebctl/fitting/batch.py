@@ -321,7 +321,10 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     models.resolve_dtype(options.dtype, models.resolve_device(device_for(options.device, launch)))
     started = time.perf_counter()
     people = read_people(source)
+    cleaned: list[str] = []
     with Group(launch) as group:
+        if launch.is_main:  # before any rank can start a bundle of its own
+            cleaned = _clean_bundle_temps(options)
         plan = group.broadcast([_plan_person(p, options) for p in people]
                                if launch.is_main else None)
         registry.check_writable()
@@ -344,16 +347,31 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
         group.add("ranks_done")
         group.wait_for("ranks_done", launch.world_size, poll=view.draw)
         gathered = group.gather((rows, fitter.notes))
-    notes = fitter.notes
+    notes = cleaned + fitter.notes
     if gathered is not None:
         rows = [row for part, _ in gathered for row in part]
-        notes = list(dict.fromkeys(n for _, part in gathered for n in part))
+        notes = cleaned + list(dict.fromkeys(n for _, part in gathered for n in part))
     order = {(p.name, p.where): i for i, p in enumerate(people)}  # the source's own order
     rows.sort(key=lambda r: order.get((r.name, r.where), len(order)))
     notes += _word_names_note([r.name for r in rows if r.status == "added"])
     return BatchResult(rows=rows, notes=notes, elapsed_s=time.perf_counter() - started,
                        pack=fitter.pack if fitter.components is not None else options.pack,
                        world_size=launch.world_size, is_main=launch.is_main)
+
+
+def _clean_bundle_temps(options: BatchOptions) -> list[str]:
+    """Delete the temp files that bundle writes of killed processes left in the bundle folder
+    (``.NAME.celeb.celebctl-tmp-PID-...``, PID gone); a note says how many."""
+    from ..bundles import BUNDLE_SUFFIX
+    from ..storage.userfiles import remove_stale_temp_files
+
+    if options.bundles is None or not options.bundles.is_dir():
+        return []
+    removed = remove_stale_temp_files(options.bundles, BUNDLE_SUFFIX)
+    if not removed:
+        return []
+    return [f"Removed {len(removed)} temp file(s) that interrupted bundle writes left in "
+            f"{options.bundles}."]
 
 
 def _word_names_note(names: list[str]) -> list[str]:

@@ -9,7 +9,8 @@ The job:
 2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
 3. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
-   prompt and settings is skipped, one made otherwise stops the job (nothing is replaced).
+   prompt and settings is skipped, one made otherwise (other steps, size, seed, basis, or an
+   identity fitted anew since: its TI hash differs) stops the job (nothing is replaced).
    Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
 4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
    stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
@@ -59,7 +60,7 @@ MAX_SEEDS = 1000
 MAX_JOB_IMAGES = 1_000_000
 # The settings an existing PNG must share with this job to count as this job's image.
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
-                 "width", "height", "model", "person_noun")
+                 "width", "height", "model", "person_noun", "basis_id", "ti_hashes")
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _DONE_KEY = "prompts/images-done"
 
@@ -229,9 +230,19 @@ def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
         return "was not made by celebctl"
     for key in SAME_SETTINGS:
         if made.get(key) != expected.get(key):
-            return f"was made with other settings ({key}: {made.get(key)!r}, not " \
-                   f"{expected.get(key)!r})"
+            return _other_settings(key, made.get(key), expected.get(key))
     return None
+
+
+def _other_settings(key: str, made: Any, expected: Any) -> str:
+    """Why an image is not this job's: the first setting that differs, in words."""
+    if key == "ti_hashes" and isinstance(made, dict) and isinstance(expected, dict):
+        # An identity replaced or refitted since (`add --replace`, `joint`): its TI hash moved.
+        for name, digest in expected.items():
+            if made.get(name) != digest:
+                return (f"was made with another fit of {name} (TI hash {made.get(name)!r}, "
+                        f"not {digest!r})")
+    return f"was made with other settings ({key}: {made!r}, not {expected!r})"
 
 
 def _todo(job: PromptsPlan, seeds: Sequence[int], out_dir: Path,
