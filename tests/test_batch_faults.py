@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -152,3 +153,97 @@ def test_a_rerun_removes_the_temp_files_of_killed_bundle_writes_only(home, tmp_p
     assert "Removed 1 temp file(s) that interrupted bundle writes left" in " ".join(
         rerun.stderr.split())
     assert sorted(p.name for p in out.iterdir()) == sorted(mine | {"alice.celeb"})
+
+
+# point 4: two add-many on one registry
+
+
+def _six_people(root) -> Path:
+    from tests.test_add_many import variants
+
+    photos = root / "photos"
+    photos.mkdir()
+    rows = ["name,photo"]
+    for name, image in variants().items():
+        image.save(photos / f"{name}.png")
+        rows.append(f"{name},photos/{name}.png")
+    rows.append("frank,photos/alice.png")  # a sixth person (the same face, another name)
+    (root / "people.csv").write_text("\n".join(rows) + "\n")
+    return root / "people.csv"
+
+
+def _add_many(manifest, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "celebctl", "add-many", str(manifest), *FIT, "--pack", "1",
+         "--json", "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def test_two_add_many_at_once_fit_each_person_once_and_both_succeed(tiny_home, tmp_path):
+    manifest = _six_people(tmp_path)
+    jobs = [_add_many(manifest), _add_many(manifest)]
+    reports = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=TIMEOUT)
+        assert job.returncode == 0, (stdout, stderr[-3000:])
+        reports.append({r["name"]: (r["status"], r["reason"])
+                        for r in json.loads(stdout.strip().splitlines()[-1])["people"]})
+    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    for name in names:
+        statuses = sorted(report[name][0] for report in reports)
+        assert statuses == ["added", "skipped"], (name, reports)
+    skipped = [r[n][1] for r in reports for n in names if r[n][0] == "skipped"]
+    assert all("already added with these photos" in why or "being fitted by process" in why
+               for why in skipped), skipped
+    assert not any("--replace" in why for why in skipped)
+    assert sorted(i.name for i in registry.list_identities().identities) == names
+
+
+def test_a_claimed_person_is_skipped_until_its_process_dies(home, tmp_path):
+    from celebctl import paths
+    from celebctl.storage.claims import try_claim
+    from tests.helpers import PHOTO
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"name,photo\ncarol,{PHOTO}\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from celebctl import paths; "
+         "from celebctl.storage.claims import try_claim; "
+         "c = try_claim(paths.claims_dir(), 'carol'); print(type(c).__name__, flush=True); "
+         "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "Claim"
+        assert isinstance(try_claim(paths.claims_dir(), "carol"), dict)  # held: not ours
+        busy = celebctl("add-many", manifest, *FIT, "--json")
+        assert busy.returncode == 0, busy.stderr
+        row = json.loads(busy.stdout)["people"][0]
+        assert row["status"] == "skipped", row
+        assert f"being fitted by process {holder.pid} on " in row["reason"]
+        assert not registry.identity_exists("carol")
+    finally:
+        holder.kill()  # SIGKILL: the claim dies with its process, its file stays behind
+        holder.wait()
+    assert (paths.claims_dir() / "carol.claim").exists()
+    after = invoke("add-many", manifest, *FIT, "--json")
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout)["people"][0]["status"] == "added"
+    assert not (paths.claims_dir() / "carol.claim").exists()  # released claims leave nothing
+
+
+def test_an_identity_saved_meanwhile_from_the_same_photos_is_skipped(home, tmp_path,
+                                                                     monkeypatch):
+    """The registry changed between the plan and the save (a job on a file system without
+    locks): the same photos are `skipped`, exit 0, no --replace advice; other photos fail."""
+    from celebctl.fitting import batch
+    from tests.helpers import PHOTO
+    from tests.test_add_many import variants
+
+    monkeypatch.setattr(batch, "_plan_person", lambda person, options: ("fit", ""))
+    manifest = tmp_path / "m.csv"
+    variants()["bob"].save(tmp_path / "mirror.png")
+    manifest.write_text(f"name,photo\nalice,{PHOTO}\nbob,{tmp_path / 'mirror.png'}\n")
+    result = invoke("add-many", manifest, *FIT, "--json")
+    rows = {r["name"]: (r["status"], r["reason"]) for r in json.loads(result.stdout)["people"]}
+    assert rows["alice"] == ("skipped", "added meanwhile by another process with these photos")
+    assert rows["bob"][0] == "failed" and "Use --replace" in rows["bob"][1]
+    assert result.exit_code == 1  # bob's failure only
