@@ -41,3 +41,8 @@ def config_path() -> Path:
 def lock_path() -> Path:
     """The writer lock shared by every command that changes the data home."""
     return data_home() / ".lock"
+
+
+def claims_dir() -> Path:
+    """Claims of work in progress (who is fitting which person; see storage.claims)."""
+    return data_home() / "claims"

@@ -5,7 +5,9 @@ The job is resumable because the registry is: an identity is written whole or no
 after a crash (or Ctrl-C, or a killed rank) a rerun skips everyone already added with the same
 photos and fits only the rest. One bad person never stops the batch: their row says why.
 With several processes (torchrun, accelerate launch, srun) rank 0 decides who is pending and
-every rank fits its deterministic share (:mod:`celebctl.distributed`).
+every rank fits its deterministic share (:mod:`celebctl.distributed`). Each process claims a
+person in the registry before fitting them (:mod:`celebctl.storage.claims`), so two jobs sharing
+a registry never fit one person twice: the other skips them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import Group, Launch, device_for, launch_from_env, shard
-from ..errors import CelebctlError, InvalidOption
+from ..errors import CelebctlError, IdentityExists, InvalidOption
 from .people import Person, read_people
 from .settings import FitSettings, FitSubject, ProgressCallback
 
@@ -177,6 +179,35 @@ class _Fitter:
         # Until the model is loaded: the pack asked for, else the most any device uses.
         self.pack = options.pack or max(DEFAULT_PACK_GPU, DEFAULT_PACK_SMALL_CPU)
         self.notes: list[str] = []
+        self.claims: dict[str, Any] = {}  # name -> storage.claims.Claim held by this process
+
+    def claim(self, person: Person) -> str | PersonRow:
+        """Claim ``person`` in the registry before fitting them, so that another job sharing it
+        never fits them too: "fit", "export" (added meanwhile; only the bundle is due), or the
+        row of a person another process is fitting (skipped) or added meanwhile."""
+        from .. import paths
+        from ..storage.claims import describe_holder, try_claim
+
+        if person.name in self.claims:  # back in the queue after a pack shrank
+            return "fit"
+        held = try_claim(paths.claims_dir(), person.name)
+        if isinstance(held, dict):
+            return self._row(person, "skipped", f"being fitted by {describe_holder(held)}; "
+                             "its job reports the result")
+        self.claims[person.name] = held
+        status, reason = _plan_person(person, self.options)  # another job may have added them
+        if status in ("fit", "export"):
+            return status
+        self.release(person.name)
+        if status == "skipped":
+            reason = f"{reason} (added meanwhile by another process)"
+        return self._row(person, status, reason)
+
+    def release(self, name: str) -> None:
+        """Give up the claim on ``name`` (once they are registered or failed)."""
+        held = self.claims.pop(name, None)
+        if held is not None:
+            held.release()
 
     def load(self) -> None:
         """Load the face encoder, the model and its basis, once, when the first person of this
@@ -241,6 +272,14 @@ class _Fitter:
                                        self.components, self.spec, self.basis)
             registry.save_identity(write, replace=self.options.replace)
             self.export(person)
+        except IdentityExists as exc:
+            # Added while this process fitted (by a job that does not claim, or on a file
+            # system without locks): the same photos are no failure.
+            status, reason = _same_photos(
+                person, lambda: registry.get_identity(person.name, verify="coefficients").meta,
+                "added meanwhile by another process with these photos",
+                f"'{person.name}' in the registry")
+            return self._row(person, status, reason if status == "skipped" else str(exc))
         except CelebctlError as exc:
             return self._row(person, "failed", str(exc))
         return self._row(person, "added", "", round(seconds, 3))
@@ -323,7 +362,10 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     models.resolve_dtype(options.dtype, models.resolve_device(device_for(options.device, launch)))
     started = time.perf_counter()
     people = read_people(source)
+    cleaned: list[str] = []
     with Group(launch) as group:
+        if launch.is_main:  # before any rank can start a bundle of its own
+            cleaned = _clean_bundle_temps(options)
         plan = group.broadcast([_plan_person(p, options) for p in people]
                                if launch.is_main else None)
         registry.check_writable()
@@ -346,16 +388,31 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
         group.add("ranks_done")
         group.wait_for("ranks_done", launch.world_size, poll=view.draw)
         gathered = group.gather((rows, fitter.notes))
-    notes = fitter.notes
+    notes = cleaned + fitter.notes
     if gathered is not None:
         rows = [row for part, _ in gathered for row in part]
-        notes = list(dict.fromkeys(n for _, part in gathered for n in part))
+        notes = cleaned + list(dict.fromkeys(n for _, part in gathered for n in part))
     order = {(p.name, p.where): i for i, p in enumerate(people)}  # the source's own order
     rows.sort(key=lambda r: order.get((r.name, r.where), len(order)))
     notes += _word_names_note([r.name for r in rows if r.status == "added"])
     return BatchResult(rows=rows, notes=notes, elapsed_s=time.perf_counter() - started,
                        pack=fitter.pack if fitter.components is not None else options.pack,
                        world_size=launch.world_size, is_main=launch.is_main)
+
+
+def _clean_bundle_temps(options: BatchOptions) -> list[str]:
+    """Delete the temp files that bundle writes of killed processes left in the bundle folder
+    (``.NAME.celeb.celebctl-tmp-PID-...``, PID gone); a note says how many."""
+    from ..bundles import BUNDLE_SUFFIX
+    from ..storage.userfiles import remove_stale_temp_files
+
+    if options.bundles is None or not options.bundles.is_dir():
+        return []
+    removed = remove_stale_temp_files(options.bundles, BUNDLE_SUFFIX)
+    if not removed:
+        return []
+    return [f"Removed {len(removed)} temp file(s) that interrupted bundle writes left in "
+            f"{options.bundles}."]
 
 
 def _word_names_note(names: list[str]) -> list[str]:
@@ -374,6 +431,15 @@ def _word_names_note(names: list[str]) -> list[str]:
 def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],
                view: _Progress) -> list[PersonRow]:
     """Fit this process's people, a pack at a time, registering each as it finishes."""
+    try:
+        return _fit_share(fitter, mine, exports, view)
+    finally:
+        for name in list(fitter.claims):
+            fitter.release(name)
+
+
+def _fit_share(fitter: _Fitter, mine: list[Person], exports: set[str],
+               view: _Progress) -> list[PersonRow]:
     rows: list[PersonRow] = []
     queue = list(mine)
     while queue:
@@ -383,6 +449,14 @@ def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],
             person = queue.pop(0)
             if person.name in exports:  # registered with these photos; only the bundle is due
                 settled.append(_export_only(fitter, person))
+                continue
+            claimed = fitter.claim(person)
+            if isinstance(claimed, PersonRow):
+                settled.append(claimed)
+                continue
+            if claimed == "export":
+                settled.append(_export_only(fitter, person))
+                fitter.release(person.name)
                 continue
             try:
                 ready.append((person, _prepare(person)))
@@ -401,6 +475,8 @@ def _run_share(fitter: _Fitter, mine: list[Person], exports: set[str],
                 left = [person for person, _ in ready] + queue
                 settled += [fitter._row(person, "failed", str(exc)) for person in left]
                 queue.clear()
+        for row in settled:  # registered or failed: the claim has done its work
+            fitter.release(row.name)
         rows += settled
         view.settle(settled)
     return rows

@@ -14,6 +14,7 @@ keeps their row with the reason: one bad person never stops the batch.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import stat
@@ -41,22 +42,52 @@ class Person:
     sha256: list[str] = field(default_factory=list)  # of each photo file, once read
 
 
-def _photos_in(folder: Path) -> list[Path]:
+def _unreadable(path: Path | str, exc: OSError) -> str:
+    """Why ``path`` cannot be used, in the words `add` uses (a loop is named as one)."""
+    if exc.errno == errno.ELOOP:
+        return f"{path} is a symlink loop; it points back to itself."
+    if exc.errno == errno.ENOENT:
+        return f"Photo not found: {path}."
+    return f"Cannot read {path}: {exc.strerror or exc}."
+
+
+def _photos_in(folder: Path) -> tuple[list[Path], str | None]:
+    """The photos in ``folder``, and why the person cannot be fitted when one is unusable (a
+    photo that is a symlink loop, a folder that cannot be listed)."""
     found = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        return [], _unreadable(folder, exc)
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.lower().endswith(PHOTO_SUFFIXES):
             continue
-        if entry.name.lower().endswith(PHOTO_SUFFIXES) and entry.is_file():
+        try:
+            is_file = entry.is_file()
+        except OSError as exc:
+            return found, _unreadable(entry.path, exc)
+        if is_file:
             found.append(Path(entry.path))
-    return found
+    return found, None
 
 
 def _read_folder(source: Path) -> list[Person]:
     people = []
-    for entry in sorted(os.scandir(source), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir():
+    try:
+        entries = sorted(os.scandir(source), key=lambda e: e.name)
+    except OSError as exc:
+        raise InvalidOption(f"Cannot list {source}: {exc.strerror or exc}.") from None
+    for entry in entries:
+        if entry.name.startswith("."):
             continue
-        people.append(Person(entry.name, _photos_in(Path(entry.path)), f"{entry.name}/"))
+        try:
+            if not entry.is_dir():
+                continue
+        except OSError as exc:  # a link that loops: that person fails, the others go on
+            people.append(Person(entry.name, [], f"{entry.name}/", _unreadable(entry.path, exc)))
+            continue
+        photos, problem = _photos_in(Path(entry.path))
+        people.append(Person(entry.name, photos, f"{entry.name}/", problem))
     if not people:
         raise InvalidOption(f"{source} has no sub-folders: give a folder with one folder of "
                             "photos per person (people/alice/*.jpg), or a .csv/.tsv manifest.")
@@ -64,9 +95,16 @@ def _read_folder(source: Path) -> list[Person]:
 
 
 def _manifest_rows(source: Path) -> list[tuple[int, list[str]]]:
-    from ..storage.special_files import read_regular_file
+    from ..storage.special_files import FileRefused, read_regular_file
 
-    data = read_regular_file(source, MAX_MANIFEST_BYTES)
+    try:
+        data = read_regular_file(source, MAX_MANIFEST_BYTES)
+    except FileRefused as exc:
+        fix = ("split it into several manifests" if "larger" in exc.reason else
+               "give a .csv/.tsv text file, one person a row")
+        raise InvalidOption(f"The manifest {exc}; {fix}.") from None
+    except OSError as exc:
+        raise InvalidOption(f"Cannot read the manifest {source}: {exc.strerror or exc}.") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -109,6 +147,9 @@ def _check_person(person: Person, seen: dict[str, str]) -> None:
     """Set ``person.problem`` to the first thing that stops their fit (no model needed)."""
     from .. import registry
 
+    if person.problem:  # found while listing (a folder or photo that is a symlink loop)
+        seen.setdefault(person.name, person.where)
+        return
     try:
         registry.validate_name(person.name)
     except CelebctlError as exc:
@@ -128,8 +169,8 @@ def _check_person(person: Person, seen: dict[str, str]) -> None:
         for photo in person.photos:
             try:
                 st = os.stat(photo)
-            except OSError:
-                person.problem = f"Photo not found: {photo}."
+            except OSError as exc:
+                person.problem = _unreadable(photo, exc)
                 return
             if not stat.S_ISREG(st.st_mode):
                 person.problem = f"{photo} is not a regular file."
@@ -139,6 +180,13 @@ def _check_person(person: Person, seen: dict[str, str]) -> None:
 def read_people(source: Path | str) -> list[Person]:
     """Everyone ``source`` lists, in its order, each checked as far as no model is needed."""
     source = Path(source)
+    try:
+        os.stat(source)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidOption(f"{source} is a symlink loop; it points back to itself.") from None
+        if exc.errno != errno.ENOENT:
+            raise InvalidOption(f"Cannot read {source}: {exc.strerror or exc}.") from None
     if not source.exists():
         raise InvalidOption(f"{source} does not exist: give a folder of folders of photos or "
                             "a .csv/.tsv manifest.")

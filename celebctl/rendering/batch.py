@@ -9,7 +9,8 @@ The job:
 2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
 3. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
-   prompt and settings is skipped, one made otherwise stops the job (nothing is replaced).
+   prompt and settings is skipped, one made otherwise (other steps, size, seed, basis, or an
+   identity fitted anew since: its TI hash differs) stops the job (nothing is replaced).
    Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
 4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
    stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
@@ -65,7 +66,8 @@ MAX_JOB_IMAGES = 1_000_000
 SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
                  "width", "height", "model", "person_noun", "sampler", "schedule_type",
                  "scheduler_config", "clip_skip", "loras", "denoising_strength",
-                 "init_image_sha256", "hires_scale", "hires_steps", "hires_upscaler")
+                 "init_image_sha256", "hires_scale", "hires_steps", "hires_upscaler",
+                 "basis_id", "ti_hashes")
 # Settings earlier releases did not record: compared only when the PNG has them (there the
 # "scheduler" value ddim/dpm/euler says it all).
 NEWER_SETTINGS = ("schedule_type", "scheduler_config")
@@ -261,9 +263,19 @@ def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
         if key in NEWER_SETTINGS and key not in made:
             continue
         if made.get(key) != expected.get(key):
-            return f"was made with other settings ({key}: {made.get(key)!r}, not " \
-                   f"{expected.get(key)!r})"
+            return _other_settings(key, made.get(key), expected.get(key))
     return None
+
+
+def _other_settings(key: str, made: Any, expected: Any) -> str:
+    """Why an image is not this job's: the first setting that differs, in words."""
+    if key == "ti_hashes" and isinstance(made, dict) and isinstance(expected, dict):
+        # An identity replaced or refitted since (`add --replace`, `joint`): its TI hash moved.
+        for name, digest in expected.items():
+            if made.get(name) != digest:
+                return (f"was made with another fit of {name} (TI hash {made.get(name)!r}, "
+                        f"not {digest!r})")
+    return f"was made with other settings ({key}: {made!r}, not {expected!r})"
 
 
 def _todo(job: PromptsPlan, seeds: Sequence[int], out_dir: Path,

@@ -13,6 +13,7 @@ process or fail the write at any step (docs/reliability.md).
 - :mod:`.filemodes`: private modes (0700/0600), finding and tightening loose ones; which
   entries of a data home are celebctl's own.
 - :mod:`.locking`: the data home's writer lock.
+- :mod:`.claims`: per-key claims (an OS file lock that dies with its process): who fits whom.
 - :mod:`.checksums`: sha256 of bytes and files.
 
 Callers import the module that names what they use (``from ..storage import atomic``;

@@ -69,7 +69,7 @@ def _tighten(found: list[tuple[Path, int, int]]) -> list[tuple[Path, int, int]]:
 
 # What celebctl itself keeps in a data home. Only these (and temp files of its writes) are ever
 # tightened or cleaned: CELEBCTL_HOME may point at a folder that also holds the user's own files.
-OWN_ENTRIES = ("identities", "bases", "models", "cache", ".lock", HOME_MARKER)
+OWN_ENTRIES = ("identities", "bases", "models", "cache", "claims", ".lock", HOME_MARKER)
 
 
 def own_entries(home: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """Files the user asked for (exports, renders) in the user's own folders: written crash-safely,
-never replacing anything but a regular file, and never touching the folder itself."""
+never replacing anything but a regular file, and never touching the folder itself; the temp
+files a killed writer left there are found by their own name pattern and owner pid."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import StorageError
-from .atomic import _storage_error, _write_temp, fsync_dir
+from .atomic import TMP_MARK, _storage_error, _write_temp, fsync_dir
 from .faults import fault_point
 from .special_files import refuse_special_file
 
@@ -98,3 +99,51 @@ def _link_new(tmp: Path, path: Path) -> bool:
         fault_point("rename", path)
         os.replace(tmp, path)
         return True
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process ``pid`` runs on this machine (a pid of another machine cannot be
+    checked from here)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it runs, as another user
+        return False
+    return False
+
+
+def stale_temp_files(folder: Path, suffix: str) -> list[Path]:
+    """Temp files of :func:`write_user_file` for ``*suffix`` files in ``folder`` whose writer
+    process is gone (``.NAME{suffix}.celebctl-tmp-PID-XXXXXXXX``); nothing else of the user's."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        target, mark, tail = entry.name.partition(TMP_MARK)
+        pid, dash, token = tail.partition("-")
+        if not (mark and target.startswith(".") and target.endswith(suffix) and dash
+                and pid.isdigit() and len(token) == 8
+                and all(c in "0123456789abcdef" for c in token)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and process_gone(int(pid)):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def remove_stale_temp_files(folder: Path, suffix: str) -> list[Path]:
+    """Delete :func:`stale_temp_files`; returns what was deleted (what cannot be is left)."""
+    removed = []
+    for path in stale_temp_files(folder, suffix):
+        with contextlib.suppress(OSError):
+            fault_point("unlink", path)
+            path.unlink()
+            removed.append(path)
+    return removed
