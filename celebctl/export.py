@@ -269,7 +269,7 @@ def _check_folder(folder: Path) -> None:
 
 
 def _make_folder(folder: Path) -> None:
-    """Create the export folder ``folder`` (one level, like ``mkdir``); see :func:`_check_folder`."""
+    """Create the export folder ``folder``, one level like ``mkdir`` (see :func:`_check_folder`)."""
     from .storage.atomic import _storage_error
 
     try:

@@ -6,11 +6,13 @@ The job:
 1. The file is read and checked (:mod:`.promptfile`) and every line planned: identities
    found (an unknown one is reported with its line), one model and one basis for the whole
    file, each line's token count. Nothing loads before this passes.
-2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
-3. Rank 0 lists the images still to make: line N's image with seed S is
+2. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
    prompt and settings is skipped, one made otherwise stops the job (nothing is replaced).
-   Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
+   This is decided before the model loads whenever the image size is known without it
+   (given, a built-in model, a diffusers folder): nothing left to draw loads nothing.
+3. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
+   Every rank takes every ``world_size``-th image of the list (:func:`distributed.shard`).
 4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
    stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
    one guidance scale only (images are grouped so), so no prompt is padded beyond what a
@@ -316,6 +318,45 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     out = _prepare_out_dir(Path(out_dir))
     model_hashing = filehash.BackgroundHash(
         job.spec.path if job.spec.kind == "single_file" else None)
+    hashes = embedding_hashes(job.identities) if job.identities else {}
+    guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
+                 for plan in job.plans]
+    seed_list = [seed + i for i in range(seeds)]
+
+    def decide(side_w: int, side_h: int) -> tuple[list[tuple[int, int]],
+                                                   dict[tuple[int, int], Path]]:
+        """Rank 0 lists what is left to draw (every rank gets its answer); raises when an image
+        was made with other settings."""
+        decided: Any = None
+        if launch.is_main:
+            try:
+                decided = _todo(job, seed_list, out,
+                                _settings_of(job, steps, scheduler, guidances, side_w, side_h,
+                                             model_hashing, hashes))
+            except CelebctlError as exc:
+                decided = exc
+        decided = group.broadcast(decided) if group is not None else decided
+        if isinstance(decided, BaseException):
+            raise decided
+        return decided
+
+    # What is left, and whether an image was made otherwise, is decided before the model loads
+    # whenever the image size is known without it (#24: no load for a job with nothing to do).
+    known = (width, height) if width and height else None
+    if known is None and components is not None:
+        known = (width or components.default_resolution, height or components.default_resolution)
+    if known is None and _resolution_without_loading(job.spec) is not None:
+        side = _resolution_without_loading(job.spec)
+        known = (width or side, height or side)
+    todo, skipped = decide(*known) if known is not None else ([], {})
+    if known is not None and not todo:
+        if progress is not None and launch.is_main:
+            progress("images", 0, 0, {})
+        return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
+                             written={}, skipped=skipped, model=job.spec.ref, steps=steps,
+                             scheduler=scheduler, width=known[0], height=known[1],
+                             world_size=launch.world_size, notes=list(job.notes),
+                             elapsed_s=time.perf_counter() - started)
     basis = basis_mod.load_basis(job.basis_id) if job.basis_id else None
     if components is None:
         torch_device = models.resolve_device(device_for(device, launch))
@@ -326,33 +367,10 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         check_basis_once(components, basis, job.spec.ref)
     width = width or components.default_resolution
     height = height or components.default_resolution
-    model_hash = model_hashing.result()
-    hashes = embedding_hashes(job.identities) if job.identities else {}
-    guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
-                 for plan in job.plans]
-    settings_cache: dict[int, dict[str, Any]] = {}
-
-    def settings(index: int) -> dict[str, Any]:
-        if index not in settings_cache:
-            plan = job.plans[index]
-            made = image_settings(plan, steps=steps, scheduler=scheduler,
-                                  guidance=guidances[index], width=width, height=height,
-                                  model_hash=model_hash, ti_hashes=hashes)
-            settings_cache.clear()  # one line's images are near each other: keep few
-            settings_cache[index] = made
-        return settings_cache[index]
-
-    seed_list = [seed + i for i in range(seeds)]
-    decided: Any = None
-    if launch.is_main:
-        try:
-            decided = _todo(job, seed_list, out, settings)
-        except CelebctlError as exc:
-            decided = exc
-    decided = group.broadcast(decided) if group is not None else decided
-    if isinstance(decided, BaseException):
-        raise decided
-    todo, skipped = decided
+    if known != (width, height):  # the size was not known before loading
+        todo, skipped = decide(width, height)
+    settings = _settings_of(job, steps, scheduler, guidances, width, height, model_hashing,
+                            hashes)
     mine = shard(todo, launch)
     # Batches hold one chunk count and one guidance scale (see the module docstring); Python's
     # sort is stable, so images stay in (line, seed) order within each group.
@@ -421,6 +439,47 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                          scheduler=scheduler, width=width, height=height,
                          world_size=launch.world_size, notes=notes,
                          elapsed_s=time.perf_counter() - started)
+
+
+def _settings_of(job: PromptsPlan, steps: int, scheduler: str, guidances: Sequence[float],
+                 width: int, height: int, model_hashing: filehash.BackgroundHash,
+                 hashes: dict[str, str]) -> Callable[[int], dict[str, Any]]:
+    """Line index -> the settings its PNGs record (the model's hash is waited for only when a
+    line's settings are first needed: a fresh job never needs it before the model loads)."""
+    cache: dict[int, dict[str, Any]] = {}
+
+    def settings(index: int) -> dict[str, Any]:
+        if index not in cache:
+            made = image_settings(job.plans[index], steps=steps, scheduler=scheduler,
+                                  guidance=guidances[index], width=width, height=height,
+                                  model_hash=model_hashing.result(), ti_hashes=hashes)
+            cache.clear()  # one line's images are near each other: keep few
+            cache[index] = made
+        return cache[index]
+
+    return settings
+
+
+def _resolution_without_loading(spec: ModelSpec) -> int | None:
+    """The model's default image size when it is known for certain without loading it: the
+    built-in models, and a diffusers folder's UNet and VAE configs. None otherwise (a single
+    file's size is known once it is loaded)."""
+    import json
+
+    from ..models import BUILTIN_FAMILIES
+
+    if spec.kind in BUILTIN_FAMILIES:
+        return spec.default_resolution
+    if spec.kind != "folder" or spec.path is None:
+        return None
+    try:
+        unet = json.loads((spec.path / "unet" / "config.json").read_text("utf-8"))
+        vae = json.loads((spec.path / "vae" / "config.json").read_text("utf-8"))
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _chunk_count(plan: RenderPlan) -> int:
