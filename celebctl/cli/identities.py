@@ -184,7 +184,7 @@ def _import_one(bundle: Path, as_name: str | None, force: bool) -> tuple[object,
 
 def import_cmd(
     bundle_paths: Annotated[list[Path], typer.Argument(
-        metavar="BUNDLE...", help="One or more .celeb bundles (`celebctl import out/*.celeb`).",
+        metavar="BUNDLE", help="One or more .celeb bundles (`celebctl import out/*.celeb`).",
         show_default=False)],
     as_name: Annotated[str | None, typer.Option("--as", help="Register under another name "
                                                 "(one bundle only).", show_default=False)] = None,
