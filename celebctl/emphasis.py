@@ -157,6 +157,10 @@ _UNSUPPORTED = (
     (re.compile(r"\bAND\b"), "composable prompts (AND)"),
     (re.compile(r"<(?:lora|lyco|hypernet)\s*:[^>]*>", re.IGNORECASE),
      "extra networks (<lora:...>, <hypernet:...>)"),
+    # Any other <word:...> tag (<addnet:...>, an extension's): the WebUI hands it to an
+    # extension and keeps it out of the text; celebctl would encode it as words.
+    (re.compile(r"<(?!(?:lora|lyco|hypernet)\s*:)[A-Za-z_][\w-]*\s*:[^<>]*>", re.IGNORECASE),
+     "extension tags (<addnet:...> and other <word:...>)"),
 )
 _ESCAPED = re.compile(r"\\.")
 

@@ -48,6 +48,7 @@ from .plan import (
     check_widths,
     default_guidance,
     noise_note,
+    unsupported_syntax_notes,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
 from .render import ProgressCallback, check_basis_once, image_settings
@@ -199,10 +200,26 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
             chunks=[c.length - 2 for c in chunks],
             negative_chunks=[c.length - 2 for c in negative_chunks],
             coefficients={n: coefficients[n] for n in parsed.identities}))
+    notes += syntax_notes_by_line(lines, negative, shown)
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return PromptsPlan(source=Path(source), lines=list(lines), plans=plans, identities=names,
                        basis_id=basis_id, spec=spec, notes=notes)
+
+
+def syntax_notes_by_line(lines: Sequence[PromptLine], negative: str, shown: str) -> list[str]:
+    """`render`'s notes for WebUI syntax celebctl reads as text (:func:`unsupported_syntax_notes`),
+    one per kind for the whole file with the lines that use it, and the negative's."""
+    lines_of: dict[str, list[int]] = {}
+    for line in lines:
+        for note in unsupported_syntax_notes(line.text):
+            lines_of.setdefault(note, []).append(line.number)
+    notes = []
+    for note, numbers in lines_of.items():
+        where = ", ".join(str(n) for n in numbers[:10])
+        where += f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+        notes.append(f"Line{'s' if len(numbers) > 1 else ''} {where} of {shown}: {note}")
+    return notes + unsupported_syntax_notes("", negative)
 
 
 def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
