@@ -120,17 +120,21 @@ def parse(text: str, keep_escaped: Iterable[str] = (), label: str = "prompt"
     _check_weights(pieces, label)
 
     out: list[Fragment | _Break] = []
+    last_raw = None  # the unrounded weight of out[-1]: the WebUI merges on exact equality
     for piece_text, raw_weight in pieces:
         weight = round(raw_weight, WEIGHT_DECIMALS)
         parts = _BREAK.split(piece_text)
         for index, part in enumerate(parts):
             if index:
                 out.append(BREAK)
+                last_raw = None
             if part:
-                if out and isinstance(out[-1], Fragment) and out[-1].weight == weight:
+                # ((a))(b:1.21) stays two fragments: 1.1 * 1.1 is 1.2100000000000002, not 1.21.
+                if out and isinstance(out[-1], Fragment) and last_raw == raw_weight:
                     out[-1] = Fragment(out[-1].text + part, weight)
                 else:
                     out.append(Fragment(part, weight))
+                    last_raw = raw_weight
     if not any(isinstance(item, Fragment) for item in out):
         return [item for item in out if item is not BREAK] or []
     return out

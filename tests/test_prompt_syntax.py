@@ -128,6 +128,19 @@ def test_neighbours_of_equal_weight_are_one_fragment_whatever_the_weight(tokeniz
     assert ids_of(window) == ids_of(same)
 
 
+def test_equal_rounded_weights_of_different_floats_stay_apart_as_in_the_webui(tokenizer):
+    """((a))(b:1.21): 1.1 * 1.1 is 1.2100000000000002 and the WebUI, merging on exact equality,
+    keeps two fragments, so the words are tokenized apart (#24 point 16)."""
+    assert emphasis.parse("((red))(dress:1.21)") == [Fragment("red", 1.21),
+                                                      Fragment("dress", 1.21)]
+    assert emphasis.parse("(red:1.21)(dress:1.21)") == [Fragment("reddress", 1.21)]
+    [window] = tokenize_chunks(parse_prompt("((red))(dress:1.21)", []), tokenizer)
+    [split] = tokenize_chunks(parse_prompt("(red:1.21) BREAK", []), tokenizer)
+    assert ids_of(window)[:2] == ids_of(split)[:2]  # "red" on its own, then "dress"
+    [merged] = tokenize_chunks(parse_prompt("((reddress))", []), tokenizer)
+    assert ids_of(window) != ids_of(merged)
+
+
 def test_break_inside_a_weighted_group_is_a_break():
     # The WebUI sends the word "BREAK" to the encoder there; celebctl keeps the break.
     assert emphasis.parse("((a BREAK b))") == [Fragment("a", 1.21), BREAK, Fragment("b", 1.21)]
