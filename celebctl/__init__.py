@@ -1,4 +1,4 @@
-"""celebctl: put a real person into Stable Diffusion from one photo (Celeb Basis).
+"""celebctl: put a real person into Stable Diffusion from 1 to 16 face photos (Celeb Basis).
 
 The public API mirrors the CLI; heavy libraries (torch, diffusers, transformers) load only when
 a function that needs them is called, so ``import celebctl`` stays fast::

@@ -121,17 +121,21 @@ def parse(text: str, keep_escaped: Iterable[str] = (), label: str = "prompt"
     _check_weights(pieces, label)
 
     out: list[Fragment | _Break] = []
+    last_raw = None  # the unrounded weight of out[-1]: the WebUI merges on exact equality
     for piece_text, raw_weight in pieces:
         weight = round(raw_weight, WEIGHT_DECIMALS)
         parts = _BREAK.split(piece_text)
         for index, part in enumerate(parts):
             if index:
                 out.append(BREAK)
+                last_raw = None
             if part:
-                if out and isinstance(out[-1], Fragment) and out[-1].weight == weight:
+                # ((a))(b:1.21) stays two fragments: 1.1 * 1.1 is 1.2100000000000002, not 1.21.
+                if out and isinstance(out[-1], Fragment) and last_raw == raw_weight:
                     out[-1] = Fragment(out[-1].text + part, weight)
                 else:
                     out.append(Fragment(part, weight))
+                    last_raw = raw_weight
     if not any(isinstance(item, Fragment) for item in out):
         return [item for item in out if item is not BREAK] or []
     return out
@@ -158,6 +162,10 @@ _UNSUPPORTED = (
     (re.compile(r"\bAND\b"), "composable prompts (AND)"),
     (re.compile(r"<(?:lyco|hypernet)\s*:[^>]*>", re.IGNORECASE),
      "extra networks (<hypernet:...>, <lyco:...>)"),
+    # Any other <word:...> tag (<addnet:...>, an extension's): the WebUI hands it to an
+    # extension and keeps it out of the text; celebctl would encode it as words.
+    (re.compile(r"<(?!(?:lora|lyco|hypernet)\s*:)[A-Za-z_][\w-]*\s*:[^<>]*>", re.IGNORECASE),
+     "extension tags (<addnet:...> and other <word:...>)"),
 )
 _ESCAPED = re.compile(r"\\.")
 

@@ -209,12 +209,13 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     An existing file is never replaced unless ``overwrite``. Nothing is written on error.
     """
     from . import bundles, registry
-    from .storage.atomic import _storage_error
     from .storage.special_files import refuse_special_file
     from .storage.userfiles import write_user_file
 
     if fmt not in FORMATS:
         raise InvalidOption(f"Unknown export format '{fmt}': use {', '.join(FORMATS)}.")
+    # "embeddings/" means a folder even before it exists (Path() drops the slash).
+    as_folder = str(output).endswith(("/", os.sep))
     output = Path(output).expanduser()
     if fmt == "celeb":
         path = bundles.export_bundle(name, output, include_face=include_face,
@@ -224,8 +225,11 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     ident = registry.get_identity(name, verify="all")
     family = str(ident.meta.get("family") or "sd1")
     if fmt == "a1111":
-        if output.is_dir():
-            output = output / f"{name}.safetensors"  # an embeddings folder: the usual file name
+        folder = output if as_folder or output.is_dir() else None
+        if folder is not None:
+            # An embeddings folder, created if missing as for diffusers: the usual file name.
+            _check_folder(folder)
+            output = folder / f"{name}.safetensors"
         if output.suffix.lower() != ".safetensors":
             raise InvalidOption(f"{output}: a WebUI embedding must end in .safetensors "
                                 f"(for example {name}.safetensors).")
@@ -233,6 +237,8 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
         if os.path.lexists(output) and not overwrite:
             raise CelebctlError(f"{output} already exists. Pick another path or pass --force.")
         data = a1111_bytes(name)
+        if folder is not None:
+            _make_folder(folder)
         write_user_file(output, data, overwrite=overwrite)
         triggers, usage = a1111_usage(output, name, family)
         return ExportResult(name, fmt, output, [output], output.stem, triggers, usage)
@@ -246,13 +252,27 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
             refuse_special_file(target)
         if os.path.lexists(target) and not overwrite:
             raise CelebctlError(f"{target} already exists. Pick another folder or pass --force.")
-    if not output.parent.is_dir():
-        raise CelebctlError(f"The folder {output.parent} does not exist.")
-    try:
-        output.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise _storage_error(exc, output, user_file=True) from exc
+    _check_folder(output)
+    _make_folder(output)
     for target, (_, data) in zip(targets, files, strict=True):
         write_user_file(target, data, overwrite=overwrite)
     triggers, usage = diffusers_usage(output, name, family)
     return ExportResult(name, fmt, output, targets, diffusers_token(name), triggers, usage)
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse an export folder that is a file or whose parent is missing (before any write)."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise CelebctlError(f"{folder} is a file, not a folder. Pick a folder or a file name.")
+    if not folder.parent.is_dir():
+        raise CelebctlError(f"The folder {folder.parent} does not exist. Create it first.")
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the export folder ``folder``, one level like ``mkdir`` (see :func:`_check_folder`)."""
+    from .storage.atomic import _storage_error
+
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise _storage_error(exc, folder, user_file=True) from exc

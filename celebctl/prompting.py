@@ -11,6 +11,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from . import emphasis
@@ -180,20 +181,28 @@ def clean_prompt(text: str, allow_empty: bool = False, label: str = "prompt") ->
 
 
 def word_name_note(name: str) -> str | None:
-    """A warning when ``name`` is also an ordinary word, else None.
+    """A warning when ``name`` is also a word prompts commonly use, else None.
 
-    "An ordinary word" is a whole word of the CLIP vocabulary (one token with the end-of-word
-    mark), which every SD text encoder shares: such a name takes over that word in every prompt
-    ("dancing with grace" draws the identity grace). ``\\grace`` writes the plain word.
+    Only names in ``data/word_names.txt`` (grace, will, rose, mark, hope, ...) warn: such a name
+    takes over that word in every prompt ("dancing with grace" draws the identity grace).
+    ``\\grace`` writes the plain word. Most given names (alice, bob) are in CLIP's vocabulary
+    too but rarely appear in a prompt as anything else, so they do not warn.
     """
-    from .models.tokenizers import clip_vocab_and_merges
-
-    vocab, _ = clip_vocab_and_merges()
-    if f"{name.lower()}</w>" not in vocab:
+    if name.lower() not in common_word_names():
         return None
-    return (f"'{name}' is also an ordinary word (one token of the text encoder's vocabulary): "
-            f"every '{name}' in a prompt draws this identity, \"dancing with {name}\" too. "
+    return (f"'{name}' is also an ordinary word that prompts use: every '{name}' in a prompt "
+            f"draws this identity, \"dancing with {name}\" too. "
             f"Write \\{name} for the plain word, or pick a name that is not a word.")
+
+
+@lru_cache(maxsize=1)
+def common_word_names() -> frozenset[str]:
+    """The given names that prompts commonly use as words (``data/word_names.txt``)."""
+    from importlib import resources
+
+    text = resources.files("celebctl").joinpath("data", "word_names.txt").read_text("utf-8")
+    return frozenset(line.strip().lower() for line in text.splitlines()
+                     if line.strip() and not line.startswith("#"))
 
 
 def parse_prompt(text: str, known: Iterable[str], allow_empty: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def test_add_shows_progress(tiny_home, photo_path):
     assert result.exit_code == 0
     assert "Fitting" in result.stderr and "3/3" in result.stderr and "loss" in result.stderr
     assert "Added 'alice'" in result.stdout
+    # 3 steps have no "first/last 10 steps" to average: the line says what it shows.
+    line = " ".join(result.stdout.split())
+    assert "mean of first/last 10" not in line
+    assert re.search(r"3 steps in \d+\.\d s, loss \d+\.\d{4} -> \d+\.\d{4} "
+                     r"\(first -> last step\)\.", line), line
 
 
 @pytest.mark.parametrize("kind", ["missing", "text", "empty", "noface", "directory"])

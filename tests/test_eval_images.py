@@ -202,6 +202,12 @@ def test_absurd_guidance_is_refused_before_loading(home, built, value, tmp_path)
     ("just a prompt", "just a prompt"),
     ("a cat\nSteps: 20, Sampler: Euler", "a cat"),
     ("Negative prompt: ugly\nSteps: 20, Seed: 3", None),
+    # The WebUI's rule: a last line of three or more "Key: value" pairs is settings, whatever
+    # comes first; fewer is prompt text (#24 point 17).
+    ("a cat\nSampler: Euler a, Seed: 3, Size: 512x512", "a cat"),
+    ("a cat\nNegative prompt: ugly\nSize: 64x64, Model: \"a, b\", Version: v1", "a cat"),
+    ("a cat\nmood: calm, light: soft", "a cat\nmood: calm, light: soft"),
+    ("Seed: 3, Size: 512x512, Model: x", None),
     ("", None),
     (None, None),
 ])

@@ -172,3 +172,14 @@ def test_prompt_sets():
 def test_options_are_checked_first(home, args, match):
     result = invoke("eval", "alice", *args, "--no-clip")
     assert result.exit_code == 1 and match in result.stderr
+
+
+def test_the_eval_bar_counts_images_not_steps(home, tmp_path):
+    """20 prompts x 1 seed at 2 steps: the bar goes to 20 images, not 40 steps (#24 point 14)."""
+    calls = []
+    evaluation.evaluate(["alice"], seeds=1, steps=2, clip=None, record=False,
+                        out_dir=tmp_path, progress=lambda *a: calls.append(a))
+    counts = [(done, total) for phase, done, total, _ in calls if phase == "eval"]
+    assert {total for _, total in counts} == {20}
+    assert counts[-1][0] == 20 and all(0 <= d <= 20 for d, _ in counts)
+    assert [d for d, _ in counts] == sorted(d for d, _ in counts)

@@ -174,6 +174,26 @@ def test_diffusers_textual_inversion_renders_what_celebctl_renders(home, tmp_pat
 
 
 
+def test_a1111_export_to_a_new_folder_with_a_trailing_slash(home, tmp_path):
+    """`-o embeddings/` names a folder even before it exists: created, alice.safetensors inside,
+    as the diffusers export creates its folder; nothing is created when the export fails."""
+    folder = tmp_path / "embeddings"
+    result = invoke("export", "alice", "--format", "a1111", "-o", f"{folder}/")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["alice.safetensors"]
+    assert f"Wrote {folder / 'alice.safetensors'}" in " ".join(result.stdout.split())
+    result = invoke("export", "alice", "--format", "a1111", "-o", f"{folder}/")
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    missing = tmp_path / "no" / "embeddings"
+    result = invoke("export", "alice", "--format", "a1111", "-o", f"{missing}/")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    assert not (tmp_path / "no").exists()
+    # Without the slash a name that is not .safetensors is still refused, not made a folder.
+    result = invoke("export", "alice", "--format", "a1111", "-o", tmp_path / "alice")
+    assert result.exit_code == 1 and "must end in .safetensors" in result.stderr
+    assert not (tmp_path / "alice").exists()
+
+
 def test_export_says_what_to_type_where(home, tmp_path):
     # An embeddings folder as the target: the file is NAME.safetensors inside it.
     folder = tmp_path / "embeddings"

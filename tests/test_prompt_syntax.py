@@ -3,6 +3,8 @@ token ids computed by hand from the CLIP vocabulary, and the encodings they lead
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -126,6 +128,19 @@ def test_neighbours_of_equal_weight_are_one_fragment_whatever_the_weight(tokeniz
     assert ids_of(window) == ids_of(same)
 
 
+def test_equal_rounded_weights_of_different_floats_stay_apart_as_in_the_webui(tokenizer):
+    """((a))(b:1.21): 1.1 * 1.1 is 1.2100000000000002 and the WebUI, merging on exact equality,
+    keeps two fragments, so the words are tokenized apart (#24 point 16)."""
+    assert emphasis.parse("((red))(dress:1.21)") == [Fragment("red", 1.21),
+                                                      Fragment("dress", 1.21)]
+    assert emphasis.parse("(red:1.21)(dress:1.21)") == [Fragment("reddress", 1.21)]
+    [window] = tokenize_chunks(parse_prompt("((red))(dress:1.21)", []), tokenizer)
+    [split] = tokenize_chunks(parse_prompt("(red:1.21) BREAK", []), tokenizer)
+    assert ids_of(window)[:2] == ids_of(split)[:2]  # "red" on its own, then "dress"
+    [merged] = tokenize_chunks(parse_prompt("((reddress))", []), tokenizer)
+    assert ids_of(window) != ids_of(merged)
+
+
 def test_break_inside_a_weighted_group_is_a_break():
     # The WebUI sends the word "BREAK" to the encoder there; celebctl keeps the break.
     assert emphasis.parse("((a BREAK b))") == [Fragment("a", 1.21), BREAK, Fragment("b", 1.21)]
@@ -172,7 +187,11 @@ def test_the_weight_limit_names_the_negative_prompt_and_spares_plain_spaces():
     ("a cat <lora:film_grain:0.8>", []),  # a LoRA: celebctl loads it (tests/test_lora.py)
     ("[a|b] AND <hypernet:x:1>", ["alternation [a|b]", "composable prompts (AND)",
                                   "extra networks (<hypernet:...>, <lyco:...>)"]),
-    ("a cat and a dog, [soft], 16:9, <alice>", []),
+    ("a cat <addnet:film:0.8>", ["extension tags (<addnet:...> and other <word:...>)"]),
+    ("<hypernet:b:1> <Addnet_2 : x>", [
+        "extra networks (<hypernet:...>, <lyco:...>)",
+        "extension tags (<addnet:...> and other <word:...>)"]),
+    ("a cat and a dog, [soft], 16:9, <alice>, <3, a <b>", []),
     ("\\[cat:dog:0.5\\] \\[a|b\\]", []),  # escaped brackets: text in the WebUI too
 ])
 def test_unsupported_webui_syntax_is_named(text, found):
@@ -390,3 +409,21 @@ def test_dry_run_shows_chunks_weights_and_other_tools_prompts(home):
     data = json.loads(result.stdout)
     assert data["chunks"] == [61, 23] and data["weighted"] is True
     assert data["webui"].endswith("(alice person:1.2)")
+
+
+def test_render_prompts_notes_unsupported_syntax_as_render_does(home, tmp_path):
+    """`render --prompts` gives `render`'s notes (#24 point 15), once per kind with its lines."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alice [cat:dog:0.5]\na plain line\nbob AND a dog\n"
+                       "<addnet:film:1> alice\n[a:b:0.5] castle\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["render", "--prompts", str(prompts), "--model", "tiny",
+                                      "--negative", "ugly AND blurry", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    notes = [n for n in json.loads(result.stdout)["notes"] if "does not support" in n]
+    single = rendering.plan_render("a [cat:dog:0.5] photo", model="tiny").notes
+    editing = next(n for n in single if "prompt editing" in n)
+    assert notes[0] == f"Lines 1, 5 of {prompts}: {editing}"
+    assert notes[1].startswith(f"Line 3 of {prompts}: The prompt uses the WebUI's composable")
+    assert notes[2].startswith(f"Line 4 of {prompts}: The prompt uses the WebUI's extension tags")
+    assert notes[3].startswith("The negative prompt uses the WebUI's composable prompts (AND)")
+    assert len(notes) == 4

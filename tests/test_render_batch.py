@@ -132,6 +132,29 @@ def test_a_stopped_job_resumes_and_other_settings_are_refused(home, tmp_path):
     assert gone.read_bytes() == original[:-20]
 
 
+def test_a_rerun_with_nothing_left_or_other_settings_loads_no_model(home, tmp_path, built):
+    """Both decisions come before the model loads (#24 point 13): a finished job's rerun and a
+    job stopped by an image made with other steps build no torch module."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alice\na castle\n", encoding="utf-8")
+    out = tmp_path / "out"
+    first = invoke("render", "--prompts", prompts, "--steps", 2, "--model", "tiny", "-o", out,
+                   "-q")
+    assert first.exit_code == 0, first.output
+    assert built  # this one did load the model
+    built.clear()
+    again = invoke("render", "--prompts", prompts, "--steps", 2, "--model", "tiny", "-o", out,
+                   "--json", "-q")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert (summary["written"], summary["skipped"], summary["width"]) == (0, 2, 64)
+    assert built == []
+    other = invoke("render", "--prompts", prompts, "--steps", 3, "--model", "tiny", "-o", out,
+                   "-q")
+    assert other.exit_code == 1 and "made with other settings (steps: 2, not 3)" in other.stderr
+    assert built == []
+
+
 # --------------------------------------------------------------------------------------------
 # batching across prompts
 

@@ -141,9 +141,21 @@ def test_a_broken_checkpoint_file_is_refused_with_a_message(tmp_path):
 # ---- names that are words
 
 
-def test_word_names_are_found_in_the_vocabulary():
+def test_only_names_that_prompts_use_as_words_warn():
     assert word_name_note("grace") and "\\grace" in word_name_note("grace")
-    assert word_name_note("xena") is None and word_name_note("bob_2") is None
+    for word in ("will", "rose", "mark", "hope", "Grace"):
+        assert word_name_note(word), word
+    # Whole words of CLIP's vocabulary, but names in practice: the README's own names.
+    for name in ("alice", "bob", "xena", "bob_2", "carol"):
+        assert word_name_note(name) is None, name
+
+
+def test_the_readme_names_add_without_a_word_warning(tiny_home, photo_path):
+    for name in ("alice", "bob"):
+        result = runner.invoke(app, ["add", name, str(photo_path), "--model", "tiny",
+                                     "--steps", "2", "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert "ordinary word" not in result.stderr and "also a" not in result.stderr
 
 
 def test_add_rename_and_import_warn_about_word_names(home, tmp_path, photo_path):

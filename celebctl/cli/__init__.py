@@ -14,7 +14,7 @@ from . import basis, doctor, evaluate, fit, identities, render
 from .common import out, typer_factory
 
 app = typer_factory(
-    help="Put a real person into Stable Diffusion from one photo (Celeb Basis).\n\n"
+    help="Put a real person into Stable Diffusion from 1 to 16 face photos (Celeb Basis).\n\n"
     "Identities live in a local registry (see `celebctl path`).",
     add_completion=True,
 )
@@ -35,7 +35,7 @@ def _root(
                      help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """Put a real person into Stable Diffusion from one photo (Celeb Basis)."""
+    """Put a real person into Stable Diffusion from 1 to 16 face photos (Celeb Basis)."""
     doctor.repair_modes_before(ctx.invoked_subcommand)
 
 

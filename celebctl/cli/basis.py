@@ -64,9 +64,11 @@ def build_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Build the basis for a model's text encoder (loads only the tokenizer and text encoder)."""
-    if quiet or json_out:
-        info, created = core.build_basis(model, names_path=names, components=components,
-                                         force=force)
+    if quiet or json_out or not err.is_terminal:
+        # Not a terminal (a log, a pipe): each step as a plain line instead of a spinner.
+        info, created = core.build_basis(
+            model, names_path=names, components=components, force=force,
+            progress=None if quiet or json_out else lambda message: err.print(f"{message} ..."))
     else:
         with err.status(styled("Building basis ...")) as status:
             info, created = core.build_basis(

@@ -62,11 +62,19 @@ def _report(outcome, json_out: bool, verb: str) -> None:
         })
         return
     names = ", ".join(f"'{i.name}'" for i in outcome.identities)
-    out.print(
-        f"{verb} {names}: {summary['steps']} steps in {summary['wall_time_s']:.1f} s, loss "
-        f"{summary['loss_mean_first10']:.4f} -> {summary['loss_mean_last10']:.4f} "
-        f"(mean of first/last 10 steps)."
-    )
+    out.print(f"{verb} {names}: {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
+              f"{_loss_words(summary)}.")
+
+
+def _loss_words(summary: dict) -> str:
+    """How the loss moved, in words that fit the step count (10-step means need 20 steps)."""
+    if summary["steps"] >= 20:
+        return (f"loss {summary['loss_mean_first10']:.4f} -> {summary['loss_mean_last10']:.4f} "
+                "(mean of first/last 10 steps)")
+    if summary["steps"] >= 2:
+        return (f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} "
+                "(first -> last step)")
+    return f"loss {summary['loss_first']:.4f} (one step)"
 
 
 def add_cmd(

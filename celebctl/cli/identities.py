@@ -140,9 +140,11 @@ def path_cmd() -> None:
 
 def export_cmd(
     name: NameArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help=(
+    # str, not Path: a trailing slash ("embeddings/") says "a folder" and Path drops it.
+    output: Annotated[str, typer.Option("--output", "-o", help=(
         "File to write (`celeb`: NAME.celeb, `a1111`: NAME.safetensors, or an embeddings "
-        "folder to write NAME.safetensors in); a folder for `diffusers`."),
+        "folder, existing or ending in /, to write NAME.safetensors in); a folder for "
+        "`diffusers`."),
         show_default=False)],
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help=(
         "`celeb`: a registry bundle for `celebctl import`; it contains the person's face crop "
@@ -182,7 +184,7 @@ def _import_one(bundle: Path, as_name: str | None, force: bool) -> tuple[object,
 
 def import_cmd(
     bundle_paths: Annotated[list[Path], typer.Argument(
-        metavar="BUNDLE...", help="One or more .celeb bundles (`celebctl import out/*.celeb`).",
+        metavar="BUNDLE", help="One or more .celeb bundles (`celebctl import out/*.celeb`).",
         show_default=False)],
     as_name: Annotated[str | None, typer.Option("--as", help="Register under another name "
                                                 "(one bundle only).", show_default=False)] = None,

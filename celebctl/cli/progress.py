@@ -1,9 +1,13 @@
-"""Rich progress bars driven by the core's progress callbacks."""
+"""Progress driven by the core's progress callbacks: rich bars on a terminal, plain lines at a
+steady pace when stderr is a file or a pipe (`make demo | tee log`, CI, nohup), where bars
+would only show their final state."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.progress import (
@@ -44,11 +48,79 @@ class RateColumn(TextColumn):
         return Text(f"{speed:.2f} it/s" if speed else "- it/s", style="progress.data.speed")
 
 
+def _duration(seconds: float) -> str:
+    """12 s, 3m05s, 2h04m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class PlainProgress:
+    """A progress callback that writes one plain line per phase every 10 % of the work or every
+    ``every_s`` seconds, whichever comes first, and at the end: what, done/total, the rate and
+    the time left. For logs and pipes, where a bar cannot redraw itself."""
+
+    def __init__(self, write: Callable[[str], None], every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.write, self.every_s, self.clock = write, every_s, clock
+        # phase -> [start time, done at start, last line's time, last tenth, finished]
+        self.phases: dict[str, list[Any]] = {}
+
+    def __call__(self, phase: str, done: float, total: int | None, info: dict[str, Any]) -> None:
+        if phase == "note":
+            self.write(str(info.get("message", "")))
+            return
+        if phase == "load":
+            model = visible(str(info.get("model", "the model")))
+            part = visible(str(info.get("part", "")))
+            if done == 0:
+                self.write(f"Loading {model}" + (f": {part}" if part else "") + " ...")
+            else:
+                self.write(f"Loaded {model} in {info.get('seconds', 0):.1f} s")
+            return
+        now = self.clock()
+        state = self.phases.get(phase)
+        if state is None or done < state[1]:  # a new phase, or the same phase started again
+            state = self.phases[phase] = [now, done, None, -1, False]
+        tenth = math.floor(10 * done / total) if total else -1
+        finished = bool(total) and done >= total
+        due = (state[2] is None or tenth > state[3] or now - state[2] >= self.every_s
+               or (finished and not state[4]))
+        if not due or (state[4] and finished):
+            return
+        state[2], state[3], state[4] = now, tenth, finished
+        self.write(self._line(phase, done, total, info, now - state[0], done - state[1]))
+
+    @staticmethod
+    def _line(phase: str, done: float, total: int | None, info: dict[str, Any],
+              elapsed: float, progressed: float) -> str:
+        parts = [f"{PHASES.get(phase, phase)}: {int(done)}"
+                 + (f"/{total} ({100 * done / total:.0f} %)" if total else "")]
+        if "loss" in info:
+            parts.append(f"loss {info['loss']:.4f}")
+        elif info.get("rate"):
+            parts.append(visible(str(info["rate"])))
+        rate = progressed / elapsed if elapsed > 0 and progressed > 0 else None
+        if rate:
+            parts.append(f"{rate:.2f} it/s")
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if rate and total and done < total:
+            parts.append(f"ETA {_duration((total - done) / rate)}")
+        return ", ".join(parts)
+
+
 @contextlib.contextmanager
 def progress_callback(quiet: bool = False) -> Iterator[Any]:
-    """Yield a callback(phase, done, total, info) that draws bars on stderr (or nothing)."""
+    """Yield a callback(phase, done, total, info) that draws bars on stderr (or nothing); plain
+    lines (:class:`PlainProgress`) when stderr is not a terminal."""
     if quiet:
         yield None
+        return
+    if not err.is_terminal:
+        yield PlainProgress(lambda line: err.print(line, crop=False))
         return
     progress = Progress(
         SpinnerColumn(),

@@ -111,16 +111,25 @@ class FolderResult:
 
 
 _SETTINGS_LINE = re.compile(r"^\s*Steps:\s*\d+")
+# One "Key: value" of a settings line as the WebUI reads it: a key of word characters, spaces,
+# dashes or slashes, then a quoted value or one up to the next comma.
+_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
+
+
+def is_settings_line(line: str) -> bool:
+    """True when the WebUI reads ``line``, the last line of ``parameters``, as its settings:
+    three or more ``Key: value`` pairs (whatever the first key), or celebctl's own ``Steps:``."""
+    return len(_SETTING.findall(line)) >= 3 or bool(_SETTINGS_LINE.match(line))
 
 
 def prompt_from_parameters(text: str | None) -> str | None:
     """The prompt of a WebUI ``parameters`` text: the lines before "Negative prompt:" and
-    before the settings line ("Steps: ..."); None when there is none."""
+    before the settings line (see :func:`is_settings_line`); None when there is none."""
     if not text:
         return None
     lines = text.strip().split("\n")
-    if lines and _SETTINGS_LINE.match(lines[-1]):
+    if lines and is_settings_line(lines[-1]):
         lines = lines[:-1]
     prompt: list[str] = []
     for line in lines:

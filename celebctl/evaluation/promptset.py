@@ -60,7 +60,7 @@ MAX_STEPS = 1000
 # Far above any useful scale (7.5 and 10 are usual); higher only burns the image.
 MAX_GUIDANCE = 100.0
 
-ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
+ProgressCallback = Callable[[str, float, int, dict[str, Any]], None]  # done may be fractional
 
 
 def prompt_set(names: Sequence[str]) -> list[tuple[str, str]]:
@@ -263,14 +263,14 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     runs = [(p, c, False) for p, c in prompts]
     if baseline:
         runs += [(c, c, True) for _, c in prompts]
-    total = len(runs) * seeds * steps
+    total = len(runs) * seeds  # the bar counts images; a run's steps move it in fractions
     done = [0]
     # One guidance for every run, baseline included, so the two are comparable.
     used_guidance = guidance if guidance is not None else rendering.default_guidance(True)
 
     def step_progress(phase: str, count: int, of: int, info: dict[str, Any]) -> None:
-        if progress is not None and phase == "render":
-            progress("eval", done[0] + count, total, {})
+        if progress is not None and phase == "render" and of:
+            progress("eval", done[0] + seeds * count / of, total, {})
 
     records: list[ImageRecord] = []
     thumbnails: list[Any] = []
@@ -282,7 +282,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
             sampler=sampler, schedule=schedule,
             out_dir=out, components=components, progress=step_progress,
             clip_skip=plan.clip_skip)
-        done[0] += seeds * steps
+        done[0] += seeds
         schedule_type = result.schedule_type
         for note in result.notes:
             if note not in notes:

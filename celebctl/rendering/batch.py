@@ -6,12 +6,14 @@ The job:
 1. The file is read and checked (:mod:`.promptfile`) and every line planned: identities
    found (an unknown one is reported with its line), one model and one basis for the whole
    file, each line's token count. Nothing loads before this passes.
-2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
-3. Rank 0 lists the images still to make: line N's image with seed S is
+2. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
    prompt and settings is skipped, one made otherwise (other steps, size, seed, basis, or an
    identity fitted anew since: its TI hash differs) stops the job (nothing is replaced).
-   Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
+   This is decided before the model loads whenever the image size and schedule type are known
+   without it (given, a built-in model, a diffusers folder): nothing left to draw loads nothing.
+3. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
+   Every rank takes every ``world_size``-th image of the list (:func:`distributed.shard`).
 4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
    stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
    one guidance scale only (images are grouped so), so no prompt is padded beyond what a
@@ -51,6 +53,7 @@ from .plan import (
     default_guidance,
     lora_requests_of,
     noise_note,
+    unsupported_syntax_notes,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
 from .render import ProgressCallback, check_basis_once, image_settings
@@ -229,10 +232,26 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
             negative_chunks=[c.length - 2 for c in negative_chunks],
             coefficients={n: coefficients[n] for n in parsed.identities},
             clip_skip=line_skip, loras=uses))
+    notes += syntax_notes_by_line(lines, negative, shown)
     if spec.is_noise_model:
         notes.append(noise_note(spec))
     return PromptsPlan(source=Path(source), lines=list(lines), plans=plans, identities=names,
                        basis_id=basis_id, spec=spec, notes=notes)
+
+
+def syntax_notes_by_line(lines: Sequence[PromptLine], negative: str, shown: str) -> list[str]:
+    """`render`'s notes for WebUI syntax celebctl reads as text (:func:`unsupported_syntax_notes`),
+    one per kind for the whole file with the lines that use it, and the negative's."""
+    lines_of: dict[str, list[int]] = {}
+    for line in lines:
+        for note in unsupported_syntax_notes(line.text):
+            lines_of.setdefault(note, []).append(line.number)
+    notes = []
+    for note, numbers in lines_of.items():
+        where = ", ".join(str(n) for n in numbers[:10])
+        where += f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+        notes.append(f"Line{'s' if len(numbers) > 1 else ''} {where} of {shown}: {note}")
+    return notes + unsupported_syntax_notes("", negative)
 
 
 def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
@@ -373,6 +392,48 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     out = _prepare_out_dir(Path(out_dir))
     model_hashing = filehash.BackgroundHash(
         job.spec.path if job.spec.kind == "single_file" else None)
+    hashes = embedding_hashes(job.identities) if job.identities else {}
+    guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
+                 for plan in job.plans]
+    seed_list = [seed + i for i in range(seeds)]
+
+    def decide(side_w: int, side_h: int, schedule_type: str
+               ) -> tuple[list[tuple[int, int]], dict[tuple[int, int], Path]]:
+        """Rank 0 lists what is left to draw (every rank gets its answer); raises when an image
+        was made with other settings."""
+        decided: Any = None
+        if launch.is_main:
+            try:
+                decided = _todo(job, seed_list, out,
+                                _settings_of(job, steps, choice, guidances, side_w, side_h,
+                                             model_hashing, hashes, schedule_type, redraw))
+            except CelebctlError as exc:
+                decided = exc
+        decided = group.broadcast(decided) if group is not None else decided
+        if isinstance(decided, BaseException):
+            raise decided
+        return decided
+
+    # What is left, and whether an image was made otherwise, is decided before the model loads
+    # whenever the image size is known without it (#24: no load for a job with nothing to do).
+    side = (components.default_resolution if components is not None
+            else _resolution_without_loading(job.spec))
+    known = None
+    if (width and height) or redraw.init is not None or side is not None:
+        known = redraw.sizes(width, height, side or 0)[:2]  # an init image's own size counts
+    early_schedule = _schedule_type_without_loading(choice, job.spec, components)
+    if early_schedule is None:  # the model's scheduler decides the PNG's schedule type
+        known = None
+    todo, skipped = decide(*known, early_schedule) if known is not None else ([], {})
+    if known is not None and not todo:
+        if progress is not None and launch.is_main:
+            progress("images", 0, 0, {})
+        return PromptsResult(source=Path(path), out_dir=out, lines=job.lines, seeds=seed_list,
+                             written={}, skipped=skipped, model=job.spec.ref, steps=steps,
+                             scheduler=choice.key, width=known[0], height=known[1],
+                             world_size=launch.world_size, notes=list(job.notes),
+                             sampler=choice.sampler.name, schedule_type=early_schedule,
+                             elapsed_s=time.perf_counter() - started)
     basis = basis_mod.load_basis(job.basis_id) if job.basis_id else None
     if components is None:
         torch_device = models.resolve_device(device_for(device, launch))
@@ -385,37 +446,12 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         check_basis_once(components, basis, job.spec.ref)
     width, height, out_width, out_height = redraw.sizes(width, height,
                                                         components.default_resolution)
-    model_hash = model_hashing.result()
-    hashes = embedding_hashes(job.identities) if job.identities else {}
-    guidances = [guidance if guidance is not None else default_guidance(bool(plan.identities))
-                 for plan in job.plans]
-    settings_cache: dict[int, dict[str, Any]] = {}
     noise_scheduler = make_scheduler(choice, components.scheduler.config)
     schedule_type = samplers.schedule_label(choice, noise_scheduler.config)
-
-    def settings(index: int) -> dict[str, Any]:
-        if index not in settings_cache:
-            plan = job.plans[index]
-            made = image_settings(plan, steps=steps, scheduler=choice,
-                                  guidance=guidances[index], width=width, height=height,
-                                  model_hash=model_hash, ti_hashes=hashes,
-                                  schedule_type=schedule_type)
-            made.update(redraw.settings(steps, width, height))
-            settings_cache.clear()  # one line's images are near each other: keep few
-            settings_cache[index] = made
-        return settings_cache[index]
-
-    seed_list = [seed + i for i in range(seeds)]
-    decided: Any = None
-    if launch.is_main:
-        try:
-            decided = _todo(job, seed_list, out, settings)
-        except CelebctlError as exc:
-            decided = exc
-    decided = group.broadcast(decided) if group is not None else decided
-    if isinstance(decided, BaseException):
-        raise decided
-    todo, skipped = decided
+    if known != (width, height) or early_schedule != schedule_type:
+        todo, skipped = decide(width, height, schedule_type)  # not known before loading
+    settings = _settings_of(job, steps, choice, guidances, width, height, model_hashing,
+                            hashes, schedule_type, redraw)
     mine = shard(todo, launch)
     # Batches hold one LoRA set, one chunk count and one guidance scale (see the module
     # docstring); Python's sort is stable, so images stay in (line, seed) order in each group.
@@ -494,6 +530,79 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                          world_size=launch.world_size, notes=notes,
                          sampler=choice.sampler.name, schedule_type=schedule_type,
                          elapsed_s=time.perf_counter() - started)
+
+
+def _settings_of(job: PromptsPlan, steps: int, choice: samplers.SamplerChoice,
+                 guidances: Sequence[float], width: int, height: int,
+                 model_hashing: filehash.BackgroundHash, hashes: dict[str, str],
+                 schedule_type: str, redraw: Any) -> Callable[[int], dict[str, Any]]:
+    """Line index -> the settings its PNGs record (the model's hash is waited for only when a
+    line's settings are first needed: a fresh job never needs it before the model loads)."""
+    cache: dict[int, dict[str, Any]] = {}
+
+    def settings(index: int) -> dict[str, Any]:
+        if index not in cache:
+            made = image_settings(job.plans[index], steps=steps, scheduler=choice,
+                                  guidance=guidances[index], width=width, height=height,
+                                  model_hash=model_hashing.result(), ti_hashes=hashes,
+                                  schedule_type=schedule_type)
+            made.update(redraw.settings(steps, width, height))
+            cache.clear()  # one line's images are near each other: keep few
+            cache[index] = made
+        return cache[index]
+
+    return settings
+
+
+def _schedule_type_without_loading(choice: samplers.SamplerChoice, spec: ModelSpec,
+                                   components: Components | None) -> str | None:
+    """The schedule type the PNGs will record, when known before the model loads: a sampler
+    chosen by name has its own; an older `--scheduler` value reads the model's scheduler
+    config (loaded parts, a built-in model, a diffusers folder). None otherwise."""
+    import json
+
+    from ..models import BUILTIN_FAMILIES
+
+    if choice.legacy is None:
+        return choice.schedule
+    config: Any = None
+    if components is not None:
+        config = components.scheduler.config
+    elif spec.kind in BUILTIN_FAMILIES:
+        from ..models.builtin import _sd_scheduler_config
+
+        config = _sd_scheduler_config()
+    elif spec.kind == "folder" and spec.path is not None:
+        try:
+            config = json.loads((spec.path / "scheduler" / "scheduler_config.json")
+                                .read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+    if not isinstance(config, dict) and not hasattr(config, "get"):
+        return None
+    return samplers.schedule_label(choice, config)
+
+
+def _resolution_without_loading(spec: ModelSpec) -> int | None:
+    """The model's default image size when it is known for certain without loading it: the
+    built-in models, and a diffusers folder's UNet and VAE configs. None otherwise (a single
+    file's size is known once it is loaded)."""
+    import json
+
+    from ..models import BUILTIN_FAMILIES
+
+    if spec.kind in BUILTIN_FAMILIES:
+        return spec.default_resolution
+    if spec.kind != "folder" or spec.path is None:
+        return None
+    try:
+        unet = json.loads((spec.path / "unet" / "config.json").read_text("utf-8"))
+        vae = json.loads((spec.path / "vae" / "config.json").read_text("utf-8"))
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _chunk_count(plan: RenderPlan) -> int:
