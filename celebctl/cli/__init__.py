@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import basis, doctor, evaluate, fit, identities, render
+from . import basis, doctor, evaluate, fit, identities, render, serve
 from .common import out, typer_factory
 
 app = typer_factory(
@@ -44,6 +44,7 @@ identities.register(app)
 doctor.register(app)
 render.register(app)
 evaluate.register(app)
+serve.register(app)
 app.add_typer(basis.app, name="basis")
 
 

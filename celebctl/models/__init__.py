@@ -11,6 +11,7 @@
 - :mod:`.families`: what differs between SD 1.x, SD 2.x and SDXL (text encoders, added
   conditions).
 - :mod:`.convolutions`: which CPU convolution kernels a fit of a given UNet uses.
+- :mod:`.warm`: loaded components kept for reuse by a long-running process (`serve`).
 
 Everything public is re-exported here, so ``from celebctl import models`` is all a caller needs.
 """
@@ -95,6 +96,7 @@ from .tokenizers import (
     embedding_table_sha256,
     tokenizer_sha256,
 )
+from .warm import forget_warm_components, is_warm, warm_components, warm_key
 
 __all__ = [
     "BUILTIN_FAMILIES", "FAMILIES", "OPENCLIP_PAD_TOKEN", "SDXL_RANDOM", "TINY_KINDS",
@@ -113,4 +115,5 @@ __all__ = [
     "load_text_model", "model_for_identities", "quiet_libraries", "resolve_device",
     "resolve_dtype", "resolve_model_spec", "sd15_text_config", "sd15_unet_config",
     "sd15_vae_config", "tiny_model_dir", "tokenizer_sha256", "unavailable",
+    "forget_warm_components", "is_warm", "warm_components", "warm_key",
 ]
