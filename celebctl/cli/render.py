@@ -137,6 +137,7 @@ def render_cmd(
         if grid:
             raise typer.BadParameter("a contact sheet is for one prompt; it does not go with "
                                      "--prompts.", param_hint="--grid")
+        redraw = _checked(redraw, steps=steps, width=width, height=height)
         _render_prompts_file(
             prompts_file, seeds=1 if seeds is None else seeds, seed=seed, negative=negative,
             steps=steps, guidance=guidance, scheduler=scheduler.value, width=width,
@@ -150,8 +151,8 @@ def render_cmd(
     if seeds is not None:
         raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
                                  "--num-images.", param_hint="--seeds")
+    redraw = _checked(redraw, steps=steps, width=width, height=height)
     if dry_run:
-        rendering.prepare_redraw(steps=steps, width=width, height=height, **redraw)
         plan = rendering.plan_render(prompt, negative, model, person_noun=person)
         if json_out:
             print_json(plan.to_dict())
@@ -218,9 +219,6 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
     from .. import distributed
 
     if dry_run:
-        rendering.prepare_redraw(init_image=options["init_image"], strength=options["strength"],
-                                 hires=options["hires"], steps=options["steps"],
-                                 width=options["width"], height=options["height"])
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
                                            person_noun=options["person_noun"], source=path)
@@ -260,6 +258,13 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
               f"{f' ({len(result.skipped)} already there, skipped)' if result.skipped else ''}"
               f" to {result.out_dir}"
               f"{f' with {result.world_size} processes' if result.world_size > 1 else ''}.")
+
+
+def _checked(redraw: dict, **sizes) -> dict:
+    """The img2img/hires options checked and the init image read once, before anything heavy
+    loads (a bad image is refused in a moment)."""
+    checked = rendering.prepare_redraw(**sizes, **redraw)
+    return {**redraw, "init_image": checked.init}
 
 
 def _hires_fix(scale: float | None, steps: int | None, denoise: float | None,
