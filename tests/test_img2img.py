@@ -407,3 +407,9 @@ def test_too_large_init_image_names_the_fix(home, tmp_path, built):
     result = invoke("render", "alice", "--init-image", path, "--width", 512, "--height", 64,
                     "--dry-run")
     assert result.exit_code == 0, result.output
+    assert ("Init image: wide.png (2100x80), denoising strength 0.75: 37 of 50 steps run"
+            in result.stdout)
+    result = invoke("render", "alice", "--hires", 2, "--steps", 20, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert ("Hires fix:  x2, 20 steps, denoising strength 0.7, Latent upscaler"
+            in result.stdout)

@@ -180,6 +180,7 @@ def render_cmd(
         shown = guidance if guidance is not None else rendering.default_guidance(
             bool(plan.identities))
         out.print(f"Guidance:   {shown:g}" + ("" if guidance is not None else " (default)"))
+        _print_redraw(redraw, steps)
         for note in plan.notes:
             warn(note)
         return
@@ -258,6 +259,22 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
               f"{f' ({len(result.skipped)} already there, skipped)' if result.skipped else ''}"
               f" to {result.out_dir}"
               f"{f' with {result.world_size} processes' if result.world_size > 1 else ''}.")
+
+
+def _print_redraw(redraw: dict, steps: int) -> None:
+    """--dry-run's lines for img2img and the hires fix."""
+    init, hires = redraw["init_image"], redraw["hires"]
+    if init is not None:
+        strength = (rendering.DEFAULT_STRENGTH if redraw["strength"] is None
+                    else redraw["strength"])
+        width, height = init.size
+        out.print(f"Init image: {init.name} ({width}x{height}), denoising strength "
+                  f"{strength:g}: {rendering.img2img.img2img_steps(steps, strength)} of "
+                  f"{steps} steps run")
+    if hires is not None:
+        out.print(f"Hires fix:  x{hires.scale:g}, {hires.steps_for(steps)} steps, denoising "
+                  f"strength {hires.denoise:g}, "
+                  f"{rendering.HIRES_UPSCALERS[hires.upscaler]} upscaler")
 
 
 def _checked(redraw: dict, **sizes) -> dict:
