@@ -143,6 +143,27 @@ def test_sdxl_img2img_draws_what_diffusers_xl_img2img_draws(tiny_home, init_png,
                       guidance_scale=7.5, generator=generator(2)).images[0]
     np.testing.assert_array_equal(pixels(result.paths[0]), pixels(theirs))
 
+    # The hires fix on SDXL: its txt2img pipeline's latents, upscaled, then its img2img.
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    hires = rendering.render_prompt(PROMPT, steps=3, seed=2, guidance=7.5, components=parts,
+                                    out_dir=tmp_path, scheduler="euler",
+                                    hires=rendering.HiresFix(scale=1.5, steps=2, denoise=0.5))
+    txt2img = StableDiffusionXLPipeline(**pipe.components)
+    txt2img.scheduler = rendering.make_scheduler("euler", parts.scheduler.config)
+    txt2img.set_progress_bar_config(disable=True)
+    pipe.scheduler = rendering.make_scheduler("euler", parts.scheduler.config)
+    with models.quiet_libraries():
+        latents = txt2img(PROMPT, num_inference_steps=3, guidance_scale=7.5,
+                          generator=generator(2), output_type="latent").images
+        start = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear",
+                                                antialias=False)
+        theirs = pipe(PROMPT, image=start, strength=2.5 / 4, num_inference_steps=4,
+                      guidance_scale=7.5, generator=generator(2)).images[0]
+    assert rendering.img2img.hires_schedule(2, 0.5) == (4, 2)
+    np.testing.assert_array_equal(pixels(hires.paths[0]), pixels(theirs))
+
 
 @pytest.mark.parametrize(("upscaler", "scheduler"), [("latent", "ddim"), ("latent", "dpm"),
                                                      ("lanczos", "euler")])
@@ -386,3 +407,9 @@ def test_too_large_init_image_names_the_fix(home, tmp_path, built):
     result = invoke("render", "alice", "--init-image", path, "--width", 512, "--height", 64,
                     "--dry-run")
     assert result.exit_code == 0, result.output
+    assert ("Init image: wide.png (2100x80), denoising strength 0.75: 37 of 50 steps run"
+            in result.stdout)
+    result = invoke("render", "alice", "--hires", 2, "--steps", 20, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert ("Hires fix:  x2, 20 steps, denoising strength 0.7, Latent upscaler"
+            in result.stdout)

@@ -147,6 +147,7 @@ def render_cmd(
         if grid:
             raise typer.BadParameter("a contact sheet is for one prompt; it does not go with "
                                      "--prompts.", param_hint="--grid")
+        redraw = _checked(redraw, steps=steps, width=width, height=height)
         _render_prompts_file(
             prompts_file, seeds=1 if seeds is None else seeds, seed=seed, negative=negative,
             steps=steps, guidance=guidance, **sampling, width=width,
@@ -161,8 +162,8 @@ def render_cmd(
     if seeds is not None:
         raise typer.BadParameter("--seeds goes with --prompts; for one prompt use "
                                  "--num-images.", param_hint="--seeds")
+    redraw = _checked(redraw, steps=steps, width=width, height=height)
     if dry_run:
-        rendering.prepare_redraw(steps=steps, width=width, height=height, **redraw)
         plan = rendering.plan_render(prompt, negative, model, person_noun=person,
                                      clip_skip=clip_skip, loras=lora or [],
                                      lora_dir=lora_dir)
@@ -198,6 +199,7 @@ def render_cmd(
         out.print(f"Sampler:    {choice.sampler.name}, schedule type {choice.schedule}")
         if plan.clip_skip != 1:
             out.print(f"Clip skip:  {plan.clip_skip}")
+        _print_redraw(redraw, steps)
         for note in plan.notes:
             warn(note)
         return
@@ -238,9 +240,6 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
     from .. import distributed
 
     if dry_run:
-        rendering.prepare_redraw(init_image=options["init_image"], strength=options["strength"],
-                                 hires=options["hires"], steps=options["steps"],
-                                 width=options["width"], height=options["height"])
         lines = rendering.read_prompts_file(path)
         plan = rendering.plan_prompt_lines(lines, options["negative"], options["model"],
                                            person_noun=options["person_noun"], source=path,
@@ -284,6 +283,29 @@ def _render_prompts_file(path: Path, *, dry_run: bool, quiet: bool, json_out: bo
               f"{f' ({len(result.skipped)} already there, skipped)' if result.skipped else ''}"
               f" to {result.out_dir}"
               f"{f' with {result.world_size} processes' if result.world_size > 1 else ''}.")
+
+
+def _print_redraw(redraw: dict, steps: int) -> None:
+    """--dry-run's lines for img2img and the hires fix."""
+    init, hires = redraw["init_image"], redraw["hires"]
+    if init is not None:
+        strength = (rendering.DEFAULT_STRENGTH if redraw["strength"] is None
+                    else redraw["strength"])
+        width, height = init.size
+        out.print(f"Init image: {init.name} ({width}x{height}), denoising strength "
+                  f"{strength:g}: {rendering.img2img.img2img_steps(steps, strength)} of "
+                  f"{steps} steps run")
+    if hires is not None:
+        out.print(f"Hires fix:  x{hires.scale:g}, {hires.steps_for(steps)} steps, denoising "
+                  f"strength {hires.denoise:g}, "
+                  f"{rendering.HIRES_UPSCALERS[hires.upscaler]} upscaler")
+
+
+def _checked(redraw: dict, **sizes) -> dict:
+    """The img2img/hires options checked and the init image read once, before anything heavy
+    loads (a bad image is refused in a moment)."""
+    checked = rendering.prepare_redraw(**sizes, **redraw)
+    return {**redraw, "init_image": checked.init}
 
 
 def _hires_fix(scale: float | None, steps: int | None, denoise: float | None,

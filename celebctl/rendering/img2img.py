@@ -161,16 +161,18 @@ class StartLatents:
         if self.latents is not None:
             clean = _rows(self.latents, count).to(device=device, dtype=dtype)
         else:
-            clean = encode_latents(vae, _rows(self.pixels, count), generators, device, dtype)
+            pixels = self.pixels if self.pixels.shape[0] == 1 else _rows(self.pixels, count)
+            clean = encode_latents(vae, pixels, generators, device, dtype)
         noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g, dtype=dtype)
                            for g in generators]).to(device)
         return scheduler.add_noise(clean, noise, timesteps[:1].repeat(count)), timesteps
 
 
 def encode_latents(vae, pixels, generators, device, dtype):
-    """Each row of ``pixels`` through the VAE encoder, its latent sampled with its own
-    generator, scaled as the img2img pipelines scale it. A VAE whose config asks for it
-    (``force_upcast``, SDXL's) encodes in fp32 and is put back to its dtype afterwards."""
+    """Each row of ``pixels`` (or its one row, for every generator) through the VAE encoder,
+    its latent sampled with its own generator, scaled as the img2img pipelines scale it. A VAE
+    whose config asks for it (``force_upcast``, SDXL's) encodes in fp32 and is put back to its
+    dtype afterwards."""
     import torch
 
     image = pixels.to(device=device, dtype=dtype)
@@ -181,8 +183,14 @@ def encode_latents(vae, pixels, generators, device, dtype):
             image = image.float()
             vae.to(torch.float32)
         try:
-            latents = torch.cat([vae.encode(image[i:i + 1]).latent_dist.sample(generator)
-                                 for i, generator in enumerate(generators)])
+            if image.shape[0] == 1:
+                # One picture for every image (an init image): encoded once, sampled per seed
+                # (the same bits as encoding it for each image, as the pipelines do).
+                dist = vae.encode(image[:1]).latent_dist
+                latents = torch.cat([dist.sample(generator) for generator in generators])
+            else:
+                latents = torch.cat([vae.encode(image[i:i + 1]).latent_dist.sample(generator)
+                                     for i, generator in enumerate(generators)])
         finally:
             if upcast:
                 vae.to(own_dtype)

@@ -212,18 +212,19 @@ def render_prompt(prompt: str, *, negative: str = "", num_images: int = 1, steps
     default) draw from an image; ``hires`` adds the WebUI's hires fix (:mod:`.img2img`).
     Returns what was written.
     """
-    import torch
-
-    from .. import basis as basis_mod
-    from .. import models
-
     started = time.perf_counter()
     choice = sampler_choice(scheduler, sampler, schedule)
     check_render_options(num_images=num_images, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, width=width, height=height,
                          batch_size=batch_size)
+    # Before torch loads: a bad init image is refused in a moment.
     redraw = prepare_redraw(init_image=init_image, strength=strength, hires=hires, steps=steps,
                             width=width, height=height)
+    import torch
+
+    from .. import basis as basis_mod
+    from .. import models
+
     if components is not None:
         if model is not None and models.resolve_model_spec(model).ref != components.spec.ref:
             raise InvalidOption(f"The loaded components are {components.spec.ref}, not {model}.")
