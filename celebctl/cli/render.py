@@ -118,7 +118,8 @@ def render_cmd(
     if dry_run:
         plan = rendering.plan_render(prompt, negative, model, person_noun=person)
         if json_out:
-            print_json(plan.to_dict())
+            print_json({**plan.to_dict(), "sampler": choice.sampler.name,
+                        "schedule_type": choice.schedule})
             return
         out.print(f"Prompt:     {plan.prompt.expanded()}")
         if plan.negative.text:
