@@ -488,6 +488,10 @@ def test_dry_run_shows_the_sampler(tiny_home):
                     "--dry-run")
     assert result.exit_code == 0 and "Sampler:    DPM++ 2M SDE, schedule type Automatic" in \
         result.stdout
+    result = invoke("render", PROMPT, "--model", "tiny", "--sampler", "euler", "--schedule",
+                    "karras", "--dry-run", "--json")
+    made = json.loads(result.stdout)
+    assert (made["sampler"], made["schedule_type"]) == ("Euler", "Karras")
 
 
 def test_cli_render_with_a_webui_sampler(tiny_home, tmp_path):

@@ -168,7 +168,8 @@ def render_cmd(
                                      clip_skip=clip_skip, loras=lora or [],
                                      lora_dir=lora_dir)
         if json_out:
-            print_json(plan.to_dict())
+            print_json({**plan.to_dict(), "sampler": choice.sampler.name,
+                        "schedule_type": choice.schedule})
             return
         out.print(f"Prompt:     {plan.prompt.expanded()}")
         if plan.negative.text:
