@@ -448,3 +448,35 @@ def test_the_cli_renders_with_lora_options_and_shows_them_in_a_dry_run(lhome, tm
     assert "--lora" in invoke("render", "--help").stdout
     # A fit takes no LoRA: `add` has no such option.
     assert invoke("add", "carol", "x.png", "--lora", str(grain)).exit_code == 2
+
+
+def test_a_fused_lora_leaves_the_parts_frozen(lhome, parts, tmp_path):
+    rendering.render_prompt("a cat <lora:film>", steps=1, components=parts,
+                            out_dir=tmp_path / "o")
+    for module in (parts.unet, parts.text_encoder):
+        assert not any(m.training for m in module.modules())
+        assert not any(p.requires_grad for p in module.parameters())
+    assert not hasattr(parts.unet, "peft_config")
+    loras.restore(parts)
+
+
+@pytest.mark.gpu
+def test_cuda_captured_renders_with_a_lora_match_eager_ones(lhome, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = models.load_pipeline_components("tiny", "cuda", "fp32")
+    eager = rendering.render_prompt("alice <lora:film:0.9>", num_images=2, batch_size=2,
+                                    steps=STEPS, seed=1, components=cuda, capture=False,
+                                    out_dir=tmp_path / "eager")
+    captured = rendering.render_prompt("alice <lora:film:0.9>", num_images=2, batch_size=2,
+                                       steps=STEPS, seed=1, components=cuda,
+                                       out_dir=tmp_path / "captured")
+    assert captured.captured and not eager.captured
+    for a, b in zip(eager.paths, captured.paths, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # Another set afterwards: the weights change in place, the next render captures afresh.
+    plain = rendering.render_prompt("alice", steps=STEPS, seed=1, components=cuda,
+                                    out_dir=tmp_path / "plain")
+    assert plain.captured and loras.fused_names(cuda) == []
