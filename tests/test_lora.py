@@ -480,3 +480,50 @@ def test_cuda_captured_renders_with_a_lora_match_eager_ones(lhome, tmp_path):
     plain = rendering.render_prompt("alice", steps=STEPS, seed=1, components=cuda,
                                     out_dir=tmp_path / "plain")
     assert plain.captured and loras.fused_names(cuda) == []
+
+
+def _header_only_lora(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("shapes", "fmt", "label", "widths"), [
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+      (4, 768),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768)},
+     "kohya", "SD 1.x", [768]),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_v_lora.down"
+      ".weight": (4, 1024),
+      "text_encoder.text_model.encoder.layers.3.self_attn.k_proj.lora_linear_layer.down"
+      ".weight": (4, 1024)}, "diffusers", "SD 2.x", [1024]),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
+      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": (),
+      "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 768),
+      "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight": (4, 1280)},
+     "kohya", "SDXL", [768, 1280]),
+    ({"unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 2048),
+      "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 1280)},
+     "diffusers", "SDXL", [768, 1280]),
+])
+def test_the_family_is_read_from_real_size_shapes(tmp_path, shapes, fmt, label, widths):
+    info = loras.inspect_lora(_header_only_lora(tmp_path / "x.safetensors", shapes), "x")
+    assert info.format == fmt and info.family_label == label
+    loras.check_lora_fits(info, "x", widths, "model", "sd1")  # fits its own family
+    for other in ([768], [1024], [768, 1280]):
+        if other != widths:
+            with pytest.raises(LoraError, match=f"'x' .* was made for {label} "):
+                loras.check_lora_fits(info, "x", other, "model", None)
+
+
+def test_keys_of_other_models_are_refused(tmp_path):
+    path = _header_only_lora(tmp_path / "flux.safetensors", {
+        "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": (4, 3072)})
+    with pytest.raises(LoraError, match="not a LoRA for Stable Diffusion 1.x, 2.x or SDXL"):
+        loras.inspect_lora(path, "flux")
+    path = _header_only_lora(tmp_path / "emb.safetensors", {
+        "lora_te_text_model_embeddings_token_embedding.lora_down.weight": (4, 768)})
+    with pytest.raises(LoraError, match="changes the text encoder's token embeddings"):
+        loras.inspect_lora(path, "emb")
