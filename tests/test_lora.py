@@ -527,3 +527,19 @@ def test_keys_of_other_models_are_refused(tmp_path):
         "lora_te_text_model_embeddings_token_embedding.lora_down.weight": (4, 768)})
     with pytest.raises(LoraError, match="changes the text encoder's token embeddings"):
         loras.inspect_lora(path, "emb")
+
+
+def test_a_prompts_file_dry_run_shows_each_lines_loras(lhome, tmp_path, no_models):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alice at the beach <lora:film:0.5>\na cat\n")
+    grain = lhome / "loras" / "styles" / "grain.safetensors"
+    result = invoke("render", "--prompts", prompts, "--lora", f"{grain}:0.3", "--model", "tiny",
+                    "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "line 1: <alice> person at the beach <lora:film:0.5> <lora:grain:0.3>" in result.stdout
+    assert "line 2: a cat <lora:grain:0.3>" in result.stdout
+    prompts.write_text("a cat\na dog <lora:nowhere>\n")
+    result = invoke("render", "--prompts", prompts, "--model", "tiny", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "Line 2 of" in result.stderr and "No LoRA 'nowhere'" in result.stderr
+    assert no_models == []
