@@ -448,3 +448,98 @@ def test_the_cli_renders_with_lora_options_and_shows_them_in_a_dry_run(lhome, tm
     assert "--lora" in invoke("render", "--help").stdout
     # A fit takes no LoRA: `add` has no such option.
     assert invoke("add", "carol", "x.png", "--lora", str(grain)).exit_code == 2
+
+
+def test_a_fused_lora_leaves_the_parts_frozen(lhome, parts, tmp_path):
+    rendering.render_prompt("a cat <lora:film>", steps=1, components=parts,
+                            out_dir=tmp_path / "o")
+    for module in (parts.unet, parts.text_encoder):
+        assert not any(m.training for m in module.modules())
+        assert not any(p.requires_grad for p in module.parameters())
+    assert not hasattr(parts.unet, "peft_config")
+    loras.restore(parts)
+
+
+@pytest.mark.gpu
+def test_cuda_captured_renders_with_a_lora_match_eager_ones(lhome, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = models.load_pipeline_components("tiny", "cuda", "fp32")
+    eager = rendering.render_prompt("alice <lora:film:0.9>", num_images=2, batch_size=2,
+                                    steps=STEPS, seed=1, components=cuda, capture=False,
+                                    out_dir=tmp_path / "eager")
+    captured = rendering.render_prompt("alice <lora:film:0.9>", num_images=2, batch_size=2,
+                                       steps=STEPS, seed=1, components=cuda,
+                                       out_dir=tmp_path / "captured")
+    assert captured.captured and not eager.captured
+    for a, b in zip(eager.paths, captured.paths, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # Another set afterwards: the weights change in place, the next render captures afresh.
+    plain = rendering.render_prompt("alice", steps=STEPS, seed=1, components=cuda,
+                                    out_dir=tmp_path / "plain")
+    assert plain.captured and loras.fused_names(cuda) == []
+
+
+def _header_only_lora(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("shapes", "fmt", "label", "widths"), [
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+      (4, 768),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768)},
+     "kohya", "SD 1.x", [768]),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_v_lora.down"
+      ".weight": (4, 1024),
+      "text_encoder.text_model.encoder.layers.3.self_attn.k_proj.lora_linear_layer.down"
+      ".weight": (4, 1024)}, "diffusers", "SD 2.x", [1024]),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
+      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": (),
+      "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 768),
+      "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight": (4, 1280)},
+     "kohya", "SDXL", [768, 1280]),
+    ({"unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 2048),
+      "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 1280)},
+     "diffusers", "SDXL", [768, 1280]),
+])
+def test_the_family_is_read_from_real_size_shapes(tmp_path, shapes, fmt, label, widths):
+    info = loras.inspect_lora(_header_only_lora(tmp_path / "x.safetensors", shapes), "x")
+    assert info.format == fmt and info.family_label == label
+    loras.check_lora_fits(info, "x", widths, "model", "sd1")  # fits its own family
+    for other in ([768], [1024], [768, 1280]):
+        if other != widths:
+            with pytest.raises(LoraError, match=f"'x' .* was made for {label} "):
+                loras.check_lora_fits(info, "x", other, "model", None)
+
+
+def test_keys_of_other_models_are_refused(tmp_path):
+    path = _header_only_lora(tmp_path / "flux.safetensors", {
+        "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": (4, 3072)})
+    with pytest.raises(LoraError, match="not a LoRA for Stable Diffusion 1.x, 2.x or SDXL"):
+        loras.inspect_lora(path, "flux")
+    path = _header_only_lora(tmp_path / "emb.safetensors", {
+        "lora_te_text_model_embeddings_token_embedding.lora_down.weight": (4, 768)})
+    with pytest.raises(LoraError, match="changes the text encoder's token embeddings"):
+        loras.inspect_lora(path, "emb")
+
+
+def test_a_prompts_file_dry_run_shows_each_lines_loras(lhome, tmp_path, no_models):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alice at the beach <lora:film:0.5>\na cat\n")
+    grain = lhome / "loras" / "styles" / "grain.safetensors"
+    result = invoke("render", "--prompts", prompts, "--lora", f"{grain}:0.3", "--model", "tiny",
+                    "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "line 1: <alice> person at the beach <lora:film:0.5> <lora:grain:0.3>" in result.stdout
+    assert "line 2: a cat <lora:grain:0.3>" in result.stdout
+    prompts.write_text("a cat\na dog <lora:nowhere>\n")
+    result = invoke("render", "--prompts", prompts, "--model", "tiny", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "Line 2 of" in result.stderr and "No LoRA 'nowhere'" in result.stderr
+    assert no_models == []

@@ -386,6 +386,9 @@ def resolve_loras(requests: Sequence[LoraRequest], spec: Any,
         if any(u.path == path for u in uses):
             raise LoraError(f"LoRA '{visible(request.name)}' is asked for twice; give it once, "
                             "with the weight you want.")
+        if any(u.name == request.name for u in uses):
+            raise LoraError(f"Two LoRA files are named '{visible(request.name)}' in this "
+                            "render; the PNG text could not tell them apart. Rename one.")
         if any(c in request.name for c in "<>:,"):
             raise LoraError(f"LoRA file {visible(str(path))}: its name cannot be written in a "
                             "<lora:NAME> tag (it holds < > : or ,); rename the file.")

@@ -3,7 +3,9 @@
 A prompt names identities; each expands in place to its two token vectors (see
 :mod:`celebctl.prompting`), and the frozen pipeline runs as usual on the resulting
 ``prompt_embeds``. Nothing here mutates the model: the tokenizer and the embedding table stay
-as loaded, so renders in one process never leak into each other.
+as loaded, so renders in one process never leak into each other. LoRAs (``<lora:NAME:W>``,
+``--lora``) are the one exception, kept to :mod:`celebctl.loras`: fused for the renders that
+ask for them, and the loaded weights put back exactly for the next render that does not.
 
 Images go to a normal user folder as ``<prompt-slug>-<seed>.png`` (never overwriting a file) and
 carry their settings as PNG text chunks: ``parameters`` in the WebUI's form and ``celebctl`` as
