@@ -167,3 +167,20 @@ def test_ctrl_c_mid_fit_finishes_the_fit_and_exits_cleanly(tmp_path, _tiny_templ
     doctor = server.celebctl("doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert not list(home.rglob("*.tmp*"))
+
+
+def test_eval_sheet_paths_stay_out_of_bundles(celebctl_home, tmp_path):
+    import zipfile
+
+    from celebctl import bundles, registry
+    from celebctl.documents import parse_toml
+    from tests.helpers import add_identity
+
+    add_identity("alice")
+    registry.append_history(["alice"], "evals", {"date": "2026-12-07", "identity_alice": 0.5,
+                                                 "sheet": "/home/someone/evals/sheet.png"})
+    assert registry.get_identity("alice").meta["evals"][0]["sheet"].endswith("sheet.png")
+    out = bundles.export_bundle("alice", tmp_path / "a.celeb")
+    with zipfile.ZipFile(out) as archive:
+        meta = parse_toml(archive.read("identity.toml"))
+    assert meta["evals"] == [{"date": "2026-12-07", "identity_alice": 0.5}]

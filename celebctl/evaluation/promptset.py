@@ -147,6 +147,8 @@ class EvalResult:
         }
         if self.guidance is not None:
             record["guidance"] = float(self.guidance)
+        if self.sheet is not None:  # `serve`'s gallery shows the latest sheet
+            record["sheet"] = str(Path(self.sheet).resolve())
         for scope, baseline in (("", False), ("baseline_", True)):
             if not any(r.baseline == baseline for r in self.images):
                 continue
