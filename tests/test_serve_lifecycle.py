@@ -42,6 +42,14 @@ def test_api_auth_must_be_user_colon_password(value):
     assert "--api-auth takes USER:PASS" in result.output
 
 
+def test_an_unknown_model_fails_before_the_port_opens(tmp_path):
+    from celebctl.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
+
+
 def test_exposure_rules():
     from celebctl.server.security import check_exposure
 
