@@ -308,6 +308,32 @@ def part_sdxl_step(ctx: Context) -> dict:
             "timed_steps": steps, "untimed_steps": untimed_lead(components.device.type)}
 
 
+def part_serve(ctx: Context) -> dict:
+    """`celebctl serve --model FOLDER` (its own process, loaded once): one image of alice
+    through POST /sdapi/v1/txt2img after a warm-up request; the answer's wall time, the job's
+    own render time (render_prompt's elapsed_s) and the difference."""
+    import signal
+
+    from benchmarks.bench_serve import _post, start_server
+
+    size = 512 if ctx.cuda and not ctx.quick else 64
+    steps = ctx.mode["render_steps"]
+    process, url = start_server(Path(os.environ["CELEBCTL_HOME"]), str(ctx.folder), ctx.device)
+    body = {"prompt": RENDER_PROMPT, "steps": steps, "width": size, "height": size,
+            "sampler_name": "DDIM", "eta": 0, "seed": 0}
+    try:
+        _post(f"{url}/sdapi/v1/txt2img", {**body, "steps": 1})
+        started = time.perf_counter()
+        answer = _post(f"{url}/sdapi/v1/txt2img", body)
+        wall = time.perf_counter() - started
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(120)
+    render = json.loads(answer["info"])["celebctl"]["elapsed_s"]
+    return {"ok": len(answer["images"]) == 1, "steps": steps, "size": size,
+            "warm_s": round(wall, 4), "render_s": render, "overhead_s": round(wall - render, 4)}
+
+
 PARTS = {
     "gpu_tests": part_gpu_tests,
     "save_folder": part_save_folder,
@@ -317,6 +343,7 @@ PARTS = {
     "render_1": part_render_1,
     "render_8": part_render_8,
     "diffusers": part_diffusers,
+    "serve": part_serve,
     "sdxl_step": part_sdxl_step,
 }
 

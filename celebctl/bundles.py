@@ -60,6 +60,8 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
         files = {role: entry for role, entry in files.items() if role == "coefficients"}
         meta.pop("sources", None)  # photo names, hashes and face boxes go with the faces
     meta["files"] = files
+    if meta.get("evals"):  # where this machine kept eval sheets is no one else's business
+        meta["evals"] = [{k: v for k, v in e.items() if k != "sheet"} for e in meta["evals"]]
     members = {registry.IDENTITY_TOML: tomli_w.dumps(meta).encode("utf-8")}
     for entry in files.values():
         members[entry["path"]] = (ident.path / entry["path"]).read_bytes()

@@ -68,6 +68,8 @@ class ServerProcess:
                 answer = httpx.get(f"{self.url}/api/status", auth=self.auth, timeout=5)
                 if answer.status_code == 200 and answer.json()["ready"]:
                     return
+                if answer.status_code == 200 and answer.json()["load_error"]:
+                    raise RuntimeError(f"the model did not load: {answer.json()}")
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)

@@ -263,6 +263,23 @@ def test_api_lists_shows_and_serves_face_crops(server):
     assert "/sdapi/v1/txt2img" in schema["paths"] and "/api/render" in schema["paths"]
 
 
+def test_api_shows_the_latest_eval_and_its_sheet(server, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from celebctl import registry
+
+    sheet = tmp_path / "eval-bob-sheet.png"
+    Image.new("RGB", (8, 8), "white").save(sheet)
+    monkeypatch.setenv("CELEBCTL_HOME", str(server.home))
+    registry.append_history(["bob"], "evals", {"date": "2026-12-07T12:00:00+00:00",
+                                               "identity_bob": 0.61, "sheet": str(sheet)})
+    bob = next(i for i in httpx.get(f"{server.url}/api/identities").json()["identities"]
+               if i["name"] == "bob")
+    assert bob["latest_eval"]["identity_bob"] == 0.61
+    answer = httpx.get(f"{server.url}{bob['sheet_url']}")
+    assert answer.status_code == 200 and answer.content == sheet.read_bytes()
+
+
 def test_api_render_job_with_server_sent_events(server):
     answer = httpx.post(f"{server.url}/api/render",
                         json={"prompt": "alice at the beach", **SMALL, "seed": 4})

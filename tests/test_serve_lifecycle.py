@@ -42,6 +42,14 @@ def test_api_auth_must_be_user_colon_password(value):
     assert "--api-auth takes USER:PASS" in result.output
 
 
+def test_an_unknown_model_fails_before_the_port_opens(tmp_path):
+    from celebctl.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
+
+
 def test_exposure_rules():
     from celebctl.server.security import check_exposure
 
@@ -167,3 +175,20 @@ def test_ctrl_c_mid_fit_finishes_the_fit_and_exits_cleanly(tmp_path, _tiny_templ
     doctor = server.celebctl("doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert not list(home.rglob("*.tmp*"))
+
+
+def test_eval_sheet_paths_stay_out_of_bundles(celebctl_home, tmp_path):
+    import zipfile
+
+    from celebctl import bundles, registry
+    from celebctl.documents import parse_toml
+    from tests.helpers import add_identity
+
+    add_identity("alice")
+    registry.append_history(["alice"], "evals", {"date": "2026-12-07", "identity_alice": 0.5,
+                                                 "sheet": "/home/someone/evals/sheet.png"})
+    assert registry.get_identity("alice").meta["evals"][0]["sheet"].endswith("sheet.png")
+    out = bundles.export_bundle("alice", tmp_path / "a.celeb")
+    with zipfile.ZipFile(out) as archive:
+        meta = parse_toml(archive.read("identity.toml"))
+    assert meta["evals"] == [{"date": "2026-12-07", "identity_alice": 0.5}]

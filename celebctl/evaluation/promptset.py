@@ -151,6 +151,8 @@ class EvalResult:
             record["guidance"] = float(self.guidance)
         record["sampler"] = self.sampler
         record["schedule_type"] = self.schedule_type
+        if self.sheet is not None:  # `serve`'s gallery shows the latest sheet
+            record["sheet"] = str(Path(self.sheet).resolve())
         for scope, baseline in (("", False), ("baseline_", True)):
             if not any(r.baseline == baseline for r in self.images):
                 continue

@@ -96,7 +96,13 @@ from .tokenizers import (
     embedding_table_sha256,
     tokenizer_sha256,
 )
-from .warm import forget_warm_components, is_warm, warm_components, warm_key
+from .warm import (
+    forget_warm_components,
+    is_warm,
+    peek_warm_components,
+    warm_components,
+    warm_key,
+)
 
 __all__ = [
     "BUILTIN_FAMILIES", "FAMILIES", "OPENCLIP_PAD_TOKEN", "SDXL_RANDOM", "TINY_KINDS",
@@ -115,5 +121,6 @@ __all__ = [
     "load_text_model", "model_for_identities", "quiet_libraries", "resolve_device",
     "resolve_dtype", "resolve_model_spec", "sd15_text_config", "sd15_unet_config",
     "sd15_vae_config", "tiny_model_dir", "tokenizer_sha256", "unavailable",
-    "forget_warm_components", "is_warm", "warm_components", "warm_key",
+    "forget_warm_components", "is_warm", "peek_warm_components", "warm_components",
+    "warm_key",
 ]

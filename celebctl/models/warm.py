@@ -57,7 +57,13 @@ def warm_components(spec: str | ModelSpec | None = None, device: Any = "auto",
 def is_warm(spec: str | ModelSpec | None = None, device: Any = "auto",
             dtype: Any = "auto") -> bool:
     """True when :func:`warm_components` would return without loading."""
-    return warm_key(spec, device, dtype) in _WARM
+    return peek_warm_components(spec, device, dtype) is not None
+
+
+def peek_warm_components(spec: str | ModelSpec | None = None, device: Any = "auto",
+                         dtype: Any = "auto") -> Components | None:
+    """The kept components of ``spec``, or None (never loads)."""
+    return _WARM.get(warm_key(spec, device, dtype))
 
 
 def forget_warm_components() -> None:

@@ -56,8 +56,11 @@ async def render(body: RenderRequest, state: State
 @router.get("/status", summary="The served model, the queue and the version")
 async def status(state: State) -> dict[str, Any]:
     current = state.queue.current
+    load = state.load_job
+    loaded = state.ready.is_set() and (load is None or load.state == "done")
     return {"version": __version__, "model": state.model_entry()["title"],
-            "model_ref": state.settings.spec().ref, "ready": state.ready.is_set(),
+            "model_ref": state.settings.spec().ref, "ready": loaded,
+            "load_error": load.error if load is not None else None,
             "busy": current.to_dict() if current else None, "waiting": state.queue.waiting(),
             "limits": {"steps": state.settings.max_steps,
                        "images": state.settings.max_images,

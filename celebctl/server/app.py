@@ -146,8 +146,9 @@ def create_app(settings: work.ServerSettings | None = None,
     async def lifespan(app: FastAPI):
         state.queue.start()
         if load_model:
-            job = state.queue.submit("load", "load the model", work.load_model(state.settings))
-            job.on_finish(state.ready.set)
+            state.load_job = state.queue.submit("load", "load the model",
+                                                work.load_model(state.settings))
+            state.load_job.on_finish(state.ready.set)
         else:
             state.ready.set()
         try:

@@ -34,7 +34,8 @@ class ServeState:
     settings: ServerSettings
     rules: AccessRules = field(default_factory=AccessRules)
     queue: JobQueue = field(default_factory=JobQueue)
-    ready: threading.Event = field(default_factory=threading.Event)  # the model is loaded
+    ready: threading.Event = field(default_factory=threading.Event)  # the load job ended
+    load_job: Job | None = None
     _model_entry: dict[str, Any] | None = None
 
     def model_entry(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidOption
+from .jobs import QueueClosed
 from .state import JobFailed, ServeState, State, wait_for_job
 from .work import RenderOptions, check_render
 from .work import render as render_job
@@ -172,9 +173,13 @@ async def txt2img(body: Txt2ImgRequest, request: Request,
     await state.run_blocking(check_render, state.settings, options)
     job = state.queue.submit("render", f"txt2img: {options.prompt[:60]}",
                              render_job(state.settings, options))
-    await wait_for_job(request, job, state.queue)
+    if not await wait_for_job(request, job, state.queue):
+        return {"images": [], "parameters": {}, "info": "{}"}  # the client has gone
     if job.error:
         raise JobFailed(job.error)
+    if job.state == "cancelled":
+        raise QueueClosed("The render was cancelled before it started (the server is "
+                          "shutting down, or the job was cancelled through /api/jobs).")
     result = job.result or {}
     seeds = [int(options.seed or 0) + i for i in range(len(job.outputs))]
     parameters = {k: v for k, v in body.model_dump().items()}

@@ -78,7 +78,19 @@ def check_render(settings: ServerSettings, options: RenderOptions) -> Any:
         scheduler=options.scheduler, seed=options.seed, width=options.width,
         height=options.height, batch_size=options.batch_size)
     return rendering.plan_render(options.prompt, options.negative, settings.spec(),
+                                 tokenizer=_warm_tokenizer(settings),
                                  person_noun=options.person_noun)
+
+
+def _warm_tokenizer(settings: ServerSettings) -> Any:
+    """The loaded model's tokenizer once it is warm (planning then reads nothing from disk)."""
+    from .. import models
+    from ..rendering import render_dtype
+
+    device = models.resolve_device(settings.device)
+    components = models.peek_warm_components(settings.spec(), device,
+                                             render_dtype(settings.dtype, device))
+    return components.tokenizer if components is not None else None
 
 
 def load_model(settings: ServerSettings):
@@ -106,10 +118,8 @@ def render(settings: ServerSettings, options: RenderOptions):
     def run(job: Job) -> dict[str, Any]:
         from .. import models, rendering
 
-        plan = rendering.plan_render(options.prompt, options.negative, settings.spec(),
-                                     person_noun=options.person_noun)
         device = models.resolve_device(settings.device)
-        components = models.warm_components(plan.spec, device,
+        components = models.warm_components(settings.spec(), device,
                                             rendering.render_dtype(settings.dtype, device),
                                             progress=job.progress)
         folder = Path(tempfile.mkdtemp(prefix="celebctl-serve-"))

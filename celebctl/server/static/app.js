@@ -36,7 +36,9 @@ function fmt(value) {
 async function loadStatus() {
   try {
     const s = await api("/api/status");
-    $("status").textContent = `${s.model} · ${s.ready ? "ready" : "loading the model…"}` +
+    const state = s.load_error ? `the model did not load: ${s.load_error.message}`
+      : (s.ready ? "ready" : "loading the model…");
+    $("status").textContent = `${s.model} · ${state}` +
       (s.waiting ? ` · ${s.waiting} job(s)` : "");
   } catch (e) {
     $("status").textContent = `not reachable: ${e.message}`;
