@@ -86,7 +86,8 @@ class PromptsPlan:
             "identities": list(self.identities),
             "lines": [{"line": line.number, "prompt": plan.prompt.text,
                        "expanded": plan.prompt.expanded(), "identities": list(plan.identities),
-                       "tokens": plan.token_count, "chunks": list(plan.chunks)}
+                       "tokens": plan.token_count, "chunks": list(plan.chunks),
+                       "clip_skip": plan.clip_skip}
                       for line, plan in zip(self.lines, self.plans, strict=True)],
             "notes": list(self.notes),
         }
