@@ -101,7 +101,8 @@ class PromptsPlan:
                        "expanded": plan.prompt.expanded(), "identities": list(plan.identities),
                        "tokens": plan.token_count, "chunks": list(plan.chunks),
                        "loras": [{"name": u.name, "weight": u.weight, "path": str(u.path)}
-                                 for u in plan.loras]}
+                                 for u in plan.loras],
+                       "clip_skip": plan.clip_skip}
                       for line, plan in zip(self.lines, self.plans, strict=True)],
             "notes": list(self.notes),
         }
