@@ -17,7 +17,11 @@ import pytest
 
 from benchmarks.bench_startup import LIGHT_COMMANDS
 from celebctl.models import OPENCLIP_PAD_TOKEN, build_clip_tokenizer, tokenizer_sha256
-from celebctl.models.lighttokenizer import PlanTokenizer, packaged_plan_tokenizer
+from celebctl.models.lighttokenizer import (
+    PACKAGED_TOKENIZER_SHA256,
+    PlanTokenizer,
+    packaged_plan_tokenizer,
+)
 from celebctl.models.tokenizers import clip_vocab_and_merges
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +41,7 @@ def test_the_plan_tokenizer_is_the_clip_tokenizer(pad):
             real(text, add_special_tokens=False, verbose=False)["input_ids"], text
     assert (light.bos_token_id, light.eos_token_id, light.pad_token_id) == \
         (real.bos_token_id, real.eos_token_id, real.pad_token_id)
-    assert tokenizer_sha256(light) == tokenizer_sha256(real)
+    assert tokenizer_sha256(light) == tokenizer_sha256(real) == PACKAGED_TOKENIZER_SHA256
 
 
 def test_light_commands_import_no_heavy_library(home, tmp_path):

@@ -57,6 +57,11 @@ class PlanTokenizer:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
 
+# tokenizer_sha256 of the packaged vocabulary (any pad token: "!" is in the vocabulary). Hashing
+# 49,408 entries takes a second a process; tests/test_startup.py recomputes it from the file.
+PACKAGED_TOKENIZER_SHA256 = "a585be00c916322bebaca97b7c2bd151e7c79dff4954df7c5b7eb20bc5328173"
+
+
 @lru_cache(maxsize=1)
 def packaged_plan_tokenizer() -> PlanTokenizer:
     """The packaged CLIP vocabulary as a :class:`PlanTokenizer` (built once per process)."""

@@ -111,12 +111,10 @@ class RenderPlan:
 @functools.lru_cache(maxsize=1)
 def _packaged_tokenizer() -> tuple[Any, str]:
     """The packaged CLIP tokenizer and its sha256, built once per process (never mutated)."""
-    from .. import models
-    from ..models.lighttokenizer import packaged_plan_tokenizer
+    from ..models.lighttokenizer import PACKAGED_TOKENIZER_SHA256, packaged_plan_tokenizer
 
     # The same tokenizer without importing transformers (planning must stay light: #24).
-    tokenizer = packaged_plan_tokenizer()
-    return tokenizer, models.tokenizer_sha256(tokenizer)
+    return packaged_plan_tokenizer(), PACKAGED_TOKENIZER_SHA256
 
 
 def _tokenizer_for_plan(spec: ModelSpec) -> tuple[Any, str | None]:
