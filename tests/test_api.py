@@ -20,5 +20,5 @@ def test_every_export_resolves():
 def test_import_is_light():
     code = "import sys, celebctl; celebctl.list_identities; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=900)
     assert result.stdout.strip() == "False"

@@ -172,7 +172,7 @@ def test_ctrl_c_in_a_real_process(tiny_home, photo_path):
     try:
         # Wait until the model is loading or fitting (the basis note is printed just before; on a
         # pipe rich draws the bar only at the end), then press Ctrl-C.
-        deadline = time.time() + 120
+        deadline = time.time() + 900
         seen = b""
         fd = proc.stderr.fileno()
         os.set_blocking(fd, False)

@@ -153,7 +153,7 @@ def test_debug_shows_traceback(monkeypatch):
 def _run(*args, env=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "celebctl", *args], capture_output=True,
-                          text=True, env=full_env, timeout=120)
+                          text=True, env=full_env, timeout=900)
 
 
 def test_entry_point_subprocess(celebctl_home):
@@ -180,6 +180,6 @@ def test_list_and_show_do_not_import_heavy_libraries(command, celebctl_home):
         "sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ))
+                            timeout=900, env=dict(os.environ))
     assert "HEAVY=\n" in result.stderr, result.stderr
     assert '"alice"' in result.stdout

@@ -300,3 +300,29 @@ def test_a_long_prompt_is_cut_in_the_table_and_kept_whole_in_json(home, tmp_path
     data = json.loads(invoke("eval", "alice", "--images", folder, "--no-clip", "--json",
                              "--prompt", long_prompt).stdout)
     assert data["images"][0]["prompt"] == long_prompt.strip()
+
+
+def test_sheet_captions_wrap_file_names_at_their_parts_and_keep_scores_whole(monkeypatch):
+    """A long file name gives way; "no face" and the prompt score are drawn whole (#24 p. 10)."""
+    from PIL import ImageDraw
+
+    from celebctl.rendering import contact_sheet
+
+    drawn: list[str] = []
+    original = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **k: drawn.append(text)
+                        or original(self, xy, text, *a, **k))
+    name = "L00012-s0000003-a-photo-of-alice-riding-a-bicycle-along-the-beach.png"
+    image = Image.new("RGB", (64, 64))
+    contact_sheet([image], columns=1, title="t",
+                  row_labels=["a photo of alice riding a bicycle along the beach at dawn"],
+                  captions=[f"{name}\nno face\nprompt 0.254"])
+    assert "no face" in drawn and "prompt 0.254" in drawn
+    pieces = [line for line in drawn if len(line) > 3 and line.removesuffix("...") in name]
+    assert pieces and pieces[0].startswith("L00012-") and pieces[-1].endswith("...")
+    assert all(p.endswith(("-", "...")) for p in pieces[:-1]), pieces  # split after a dash
+    words = "a photo of alice riding a bicycle along the beach at dawn".split()
+    label = [line for line in drawn if line.split() and set(line.replace("...", "").split())
+             <= set(words)]
+    assert label and all(w in words for line in label for w in line.replace("...", "").split())

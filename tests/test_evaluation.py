@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,16 @@ def test_eval_table_baseline_and_pairs(home, tmp_path):
     assert baseline and all("alice" not in img["prompt"] for img in baseline)
     assert baseline[0]["prompt"] == "a photo of a person shaking hands with another person"
     assert data["baseline_summary"]["images"] == len(baseline)
+    # The baseline per prompt, beside the identity's numbers (#24 point 10).
+    first = data["per_prompt"][0]
+    assert first["baseline"]["prompt"] == baseline[0]["prompt"]
+    assert first["baseline"]["images"] == 1 and "identity.alice" in first["baseline"]
+    singles = [row for row in data["per_prompt"] if row["prompt"].startswith("a photo of ")
+               and "shaking" not in row["prompt"]]
+    assert singles and all(row["baseline"]["prompt"].startswith("a photo of a person")
+                           for row in singles)
+    assert len({img["prompt"] for img in baseline}) == len(baseline)  # each text rendered once
+    assert "baseline alice" in text and "baseline prompt" in text
 
 
 def test_no_clip_skips_the_column(home, tmp_path):
@@ -183,3 +194,29 @@ def test_the_eval_bar_counts_images_not_steps(home, tmp_path):
     assert {total for _, total in counts} == {20}
     assert counts[-1][0] == 20 and all(0 <= d <= 20 for d, _ in counts)
     assert [d for d, _ in counts] == sorted(d for d, _ in counts)
+
+
+def _record(prompt, clip_text, baseline, seed, faces=0):
+    return evaluation.ImageRecord(
+        prompt=prompt, clip_text=clip_text, seed=seed, path=Path(f"{prompt}-{seed}.png"),
+        baseline=baseline, faces=faces, identity={"alice": None}, told_apart=None,
+        prompt_similarity=0.25)
+
+
+def test_the_sheet_puts_each_baseline_beside_its_prompt():
+    from celebctl.evaluation import promptset
+
+    images = [_record(p, c, False, s) for p, c in (("alice 1", "person 1"),
+                                                   ("alice 2", "person 2")) for s in (0, 1)]
+    images += [_record(c, c, True, s) for c in ("person 1", "person 2") for s in (0, 1)]
+    result = promptset.EvalResult(names=["alice"], model="tiny", prompt_set="v", seeds=[0, 1],
+                                  steps=1, guidance=10.0, clip=None, images=images, sheet=None,
+                                  created="now")
+    order = [(r.prompt, r.seed) for r in promptset.sheet_records(result)]
+    assert order == [("alice 1", 0), ("alice 1", 1), ("person 1", 0), ("person 1", 1),
+                     ("alice 2", 0), ("alice 2", 1), ("person 2", 0), ("person 2", 1)]
+    assert promptset.sheet_columns(result) == 4
+    _, labels, captions = promptset.sheet_caption_rows(result)
+    assert labels == ["alice 1", "alice 2"]
+    assert captions[0] == "no face\nprompt 0.250"
+    assert captions[2] == "a person\nno face\nprompt 0.250"

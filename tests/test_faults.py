@@ -71,7 +71,7 @@ def celebctl(home: Path, *args: str, **extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -109,7 +109,7 @@ def temp_files(home: Path) -> set[str]:
 
 
 def wait_for_line(trace: Path, number: int, proc: subprocess.Popen, kind: str | None = None,
-                  timeout: float = 240) -> None:
+                  timeout: float = 900) -> None:
     """Wait until a process's CELEBCTL_FAULT_TRACE file reaches checkpoint ``number``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -285,7 +285,7 @@ def run_driver(template: Template, tmp_path: Path, scenario: Scenario) -> dict:
     plan_file.write_text(json.dumps(plan))
     proc = subprocess.run([sys.executable, str(DRIVER), str(plan_file)], cwd=ROOT,
                           env=subprocess_env(template.base), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     report_file = tmp_path / "work" / "report.json"
     assert report_file.exists(), (proc.returncode, proc.stdout, proc.stderr[-3000:])
     report = json.loads(report_file.read_text())
@@ -343,14 +343,14 @@ def test_plain_processes_killed_at_seeded_points(template, tmp_path):
 def test_read_only_home_fails_before_the_fit(argv, template, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(template.base, home, symlinks=True)
-    start = time.monotonic()
     code, _, err = finish(celebctl(home, *argv, CELEBCTL_FAULT="EROFS@1"))
     assert code == 1 and err.startswith("Error: Could not write"), err
     assert "the file system is read-only; point CELEBCTL_HOME at a writable folder" in err
     assert "Traceback" not in err
     assert identity_state(home) == identity_state(template.base)
     assert temp_files(home) == set()
-    assert time.monotonic() - start < 60  # no model was loaded, nothing was fitted
+    # No model was loaded, nothing was fitted: progress goes to the pipe as plain lines.
+    assert "Loading" not in err and "Fitting" not in err, err
 
 
 def test_reading_a_read_only_home_still_works(template, tmp_path):

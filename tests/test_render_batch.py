@@ -292,7 +292,7 @@ def test_two_torchrun_processes_write_every_image_once(home, tmp_path):
                "-m", "celebctl", "render", "--prompts", str(prompts), "--seeds", "2",
                "--steps", "2", "--model", "tiny", "--device", "cpu", "-o", str(out),
                "--json", "-q"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120,
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # rank 0 alone prints

@@ -126,18 +126,35 @@ class EvalResult:
         return out
 
     def per_prompt(self, baseline: bool = False) -> list[dict[str, Any]]:
-        """One row per prompt: mean similarities and misses over its seeds."""
+        """One row per prompt: mean similarities and misses over its seeds. A row of the
+        identity's prompts carries, under "baseline", the same numbers for its "a person"
+        version when the run had --baseline."""
         rows = []
         for prompt in dict.fromkeys(r.prompt for r in self.images if r.baseline == baseline):
             mine = [r for r in self.images if r.prompt == prompt and r.baseline == baseline]
-            row: dict[str, Any] = {"prompt": prompt, "images": len(mine)}
-            for name in self.names:
-                values = [r.identity.get(name) for r in mine]
-                row[f"identity.{name}"] = mean(values)
-                row[f"misses.{name}"] = sum(v is None for v in values)
-            row["prompt_similarity"] = mean([r.prompt_similarity for r in mine])
+            row = self._means(prompt, mine)
+            if not baseline:
+                theirs = self.baseline_of(prompt)
+                if theirs:
+                    row["baseline"] = self._means(theirs[0].prompt, theirs)
             rows.append(row)
         return rows
+
+    def baseline_of(self, prompt: str) -> list[ImageRecord]:
+        """The baseline images of the identity prompt ``prompt`` (its CLIP text rendered as
+        the prompt, "a person" in the identity's place); [] without --baseline."""
+        clip_text = next((r.clip_text for r in self.images
+                          if r.prompt == prompt and not r.baseline), None)
+        return [r for r in self.images if r.baseline and r.prompt == clip_text]
+
+    def _means(self, prompt: str, records: list[ImageRecord]) -> dict[str, Any]:
+        row: dict[str, Any] = {"prompt": prompt, "images": len(records)}
+        for name in self.names:
+            values = [r.identity.get(name) for r in records]
+            row[f"identity.{name}"] = mean(values)
+            row[f"misses.{name}"] = sum(v is None for v in values)
+        row["prompt_similarity"] = mean([r.prompt_similarity for r in records])
+        return row
 
     def history_record(self) -> dict[str, Any]:
         """What goes into each identity's eval history (TOML: no None values)."""
@@ -214,11 +231,28 @@ def sheet_caption_rows(result: EvalResult) -> tuple[str, list[str], list[str | N
         title += (" | baseline ('a person'): "
                   + sheets.summary_text(result.names, result.summary(True)))
     labels: list[str] = []
-    for record in result.images[::len(result.seeds)]:
-        labels.append(f"baseline: {record.prompt}" if record.baseline else record.prompt)
-    captions = [sheets.caption(result.names, r.faces, r.identity, r.prompt_similarity)
-                for r in result.images]
+    captions: list[str | None] = []
+    for record in sheet_records(result)[::sheet_columns(result)]:
+        labels.append(record.prompt)
+    for record in sheet_records(result):
+        text = sheets.caption(result.names, record.faces, record.identity,
+                              record.prompt_similarity)
+        captions.append(f"a person\n{text}" if record.baseline else text)
     return title, labels, captions
+
+
+def sheet_columns(result: EvalResult) -> int:
+    """Images per sheet row: a prompt's seeds, then its baseline's seeds beside them."""
+    return len(result.seeds) * (2 if any(r.baseline for r in result.images) else 1)
+
+
+def sheet_records(result: EvalResult) -> list[ImageRecord]:
+    """The images in sheet order: each identity prompt's, then its baseline's beside them."""
+    ordered: list[ImageRecord] = []
+    for prompt in dict.fromkeys(r.prompt for r in result.images if not r.baseline):
+        ordered += [r for r in result.images if r.prompt == prompt and not r.baseline]
+        ordered += result.baseline_of(prompt)
+    return ordered
 
 
 def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "auto",
@@ -264,7 +298,8 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
     seed_list = list(range(seeds))
     runs = [(p, c, False) for p, c in prompts]
     if baseline:
-        runs += [(c, c, True) for _, c in prompts]
+        # Each "a person" text once (two identities' singles share theirs).
+        runs += [(c, c, True) for c in dict.fromkeys(c for _, c in prompts)]
     total = len(runs) * seeds  # the bar counts images; a run's steps move it in fractions
     done = [0]
     # One guidance for every run, baseline included, so the two are comparable.
@@ -275,7 +310,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
             progress("eval", done[0] + seeds * count / of, total, {})
 
     records: list[ImageRecord] = []
-    thumbnails: list[Any] = []
+    thumbnails: dict[Path, Any] = {}
     schedule_type = choice.schedule
     notes = list(plan.notes)
     for prompt, clip_text, is_baseline in runs:
@@ -302,7 +337,7 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
                 prompt=prompt, clip_text=clip_text, seed=seed_value, path=path,
                 baseline=is_baseline, faces=scored.faces, identity=scored.matched,
                 told_apart=scored.told_apart, prompt_similarity=similarity))
-            thumbnails.append(sheets.thumbnail(image))
+            thumbnails[path] = sheets.thumbnail(image)
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     evaluation = EvalResult(names=names, model=spec.ref, prompt_set=PROMPT_SET_VERSION,
                             seeds=seed_list, steps=steps, guidance=used_guidance,
@@ -311,7 +346,9 @@ def evaluate(names: Sequence[str], *, model: str | None = None, device: str = "a
                             sampler=choice.sampler.name, schedule_type=schedule_type)
     if thumbnails:
         title, labels, captions = sheet_caption_rows(evaluation)
-        data = sheets.sheet_png(thumbnails, seeds, title, labels, captions)  # a row per prompt
+        # A row per prompt, its baseline's images beside its own.
+        data = sheets.sheet_png([thumbnails[r.path] for r in sheet_records(evaluation)],
+                                sheet_columns(evaluation), title, labels, captions)
         evaluation.sheet = sheets.write_sheet(data, path=sheet_target, folder=out,
                                               stem="eval-" + "-".join(names) + "-sheet")
     if record:

@@ -226,7 +226,14 @@ def _labelled_sheet(images: Sequence[Any], columns: int, rows: int, title: str |
             out += _wrap(measure, part, font, width)
         return _cut(measure, out, font, width, max_lines)
 
-    caption_lines = [lines_of(c, cell_w - 2 * pad, 4) for c in (captions or [None] * len(images))]
+    def caption_of(text: str | None, width: int, max_lines: int) -> list[str]:
+        # The first line (a file name) gives way: the lines after it (the scores) stay whole.
+        first, _, rest = (text or "").partition("\n")
+        kept = lines_of(rest, width, max_lines - 1) if rest else []
+        return lines_of(first, width, max_lines - len(kept)) + kept
+
+    caption_lines = [caption_of(c, cell_w - 2 * pad, 4)
+                     for c in (captions or [None] * len(images))]
     caption_h = max((len(lines) for lines in caption_lines), default=0) * line_h
     row_h = pad + image_h + (pad + caption_h if caption_h else 0) + pad
     sheet_w = label_w + columns * cell_w
@@ -279,8 +286,12 @@ def _drawable(text: str, font: Any) -> str:
     return out
 
 
+_WORD_PARTS = re.compile(r"[^-_./]+[-_./]*|[-_./]+")
+
+
 def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
-    """Word-wrap ``text`` to ``width`` px; a word wider than a line is split."""
+    """Word-wrap ``text`` to ``width`` px; a word wider than a line is split after a dash,
+    underscore, dot or slash (file names), and only where none fits, between characters."""
     lines: list[str] = []
     line = ""
     for word in _drawable(text, font).split():
@@ -291,11 +302,18 @@ def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
         if line:
             lines.append(line)
         line = ""
-        for char in word:
-            if line and draw.textlength(line + char, font=font) > width:
+        for piece in _WORD_PARTS.findall(word):
+            if draw.textlength(line + piece, font=font) <= width:
+                line += piece
+                continue
+            if line:
                 lines.append(line)
                 line = ""
-            line += char
+            for char in piece:  # only a piece wider than a line is cut between characters
+                if line and draw.textlength(line + char, font=font) > width:
+                    lines.append(line)
+                    line = ""
+                line += char
     if line:
         lines.append(line)
     return lines

@@ -118,10 +118,10 @@ class RenderPlan:
 @functools.lru_cache(maxsize=1)
 def _packaged_tokenizer() -> tuple[Any, str]:
     """The packaged CLIP tokenizer and its sha256, built once per process (never mutated)."""
-    from .. import models
+    from ..models.lighttokenizer import PACKAGED_TOKENIZER_SHA256, packaged_plan_tokenizer
 
-    tokenizer = models.build_clip_tokenizer()
-    return tokenizer, models.tokenizer_sha256(tokenizer)
+    # The same tokenizer without importing transformers (planning must stay light: #24).
+    return packaged_plan_tokenizer(), PACKAGED_TOKENIZER_SHA256
 
 
 def _tokenizer_for_plan(spec: ModelSpec) -> tuple[Any, str | None]:
@@ -133,6 +133,11 @@ def _tokenizer_for_plan(spec: ModelSpec) -> tuple[Any, str | None]:
     from .. import models
 
     if spec.kind == "folder" and spec.path is not None and (spec.path / "tokenizer").is_dir():
+        from ..models.lighttokenizer import folder_plan_tokenizer
+
+        light = folder_plan_tokenizer(spec.path / "tokenizer")
+        if light is not None:
+            return light, models.tokenizer_sha256(light)
         with contextlib.suppress(Exception), models.quiet_libraries(include_diffusers=False):
             from transformers import CLIPTokenizer
 
