@@ -133,6 +133,10 @@ def test_sillytavern_request_shape(server):
         "automatic"]
     assert httpx.post(f"{base}/sdapi/v1/options",
                       json={"sd_model_checkpoint": "tiny"}).status_code == 200
+    # The lists its settings panel asks for: answered, and empty where celebctl has none.
+    assert [u["name"] for u in httpx.get(f"{base}/sdapi/v1/upscalers").json()] == ["None"]
+    assert httpx.get(f"{base}/sdapi/v1/latent-upscale-modes").json() == []
+    assert httpx.get(f"{base}/sdapi/v1/sd-vae").json() == []
     body = {
         "prompt": "alice and bob, best quality", "negative_prompt": "lowres",
         "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "steps": 2, "cfg_scale": 7,
