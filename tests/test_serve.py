@@ -243,6 +243,22 @@ def test_a_client_that_disconnects_mid_render_stops_its_job(server):
     assert answer.status_code == 200
 
 
+def test_interrupt_stops_the_running_render_and_cancel_drops_a_queued_one(server):
+    long = {"prompt": "alice", "width": 64, "height": 64, "steps": 150, "scheduler": "euler"}
+    running = httpx.post(f"{server.url}/api/render", json=long).json()["job"]["id"]
+    queued = httpx.post(f"{server.url}/api/render", json=long).json()["job"]["id"]
+    cancelled = httpx.post(f"{server.url}/api/jobs/{queued}/cancel").json()
+    assert cancelled["state"] == "cancelled"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline, "the render never started"
+        time.sleep(0.2)
+    assert httpx.post(f"{server.url}/sdapi/v1/interrupt").json() == {"interrupted": running}
+    job = wait_job(server, running, timeout=120)
+    assert job["state"] == "interrupted" and job["progress"]["done"] < 150
+    assert wait_job(server, queued)["started"] is None  # it never ran
+
+
 # --------------------------------------------------------------------------------------------
 # celebctl's API
 
