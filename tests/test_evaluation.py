@@ -57,6 +57,7 @@ def test_eval_end_to_end(home, tmp_path):
     history = registry.get_identity("alice").meta["evals"]
     assert len(history) == 1 and history[0]["prompt_set"] == evaluation.PROMPT_SET_VERSION
     assert history[0]["miss_rate_alice"] == 1.0 and history[0]["model"] == "tiny"
+    assert history[0]["sheet"] == str(Path(data["sheet"]).resolve())  # `serve` shows it
     assert "evals 1:" in invoke("show", "alice").stdout
     # A second run keeps the first run's images and appends to the history.
     again = json.loads(invoke("eval", "alice", *FAST, "--out", tmp_path / "ev", "--json").stdout)

@@ -133,6 +133,10 @@ def test_sillytavern_request_shape(server):
         "automatic"]
     assert httpx.post(f"{base}/sdapi/v1/options",
                       json={"sd_model_checkpoint": "tiny"}).status_code == 200
+    # The lists its settings panel asks for: answered, and empty where celebctl has none.
+    assert [u["name"] for u in httpx.get(f"{base}/sdapi/v1/upscalers").json()] == ["None"]
+    assert httpx.get(f"{base}/sdapi/v1/latent-upscale-modes").json() == []
+    assert httpx.get(f"{base}/sdapi/v1/sd-vae").json() == []
     body = {
         "prompt": "alice and bob, best quality", "negative_prompt": "lowres",
         "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "steps": 2, "cfg_scale": 7,
@@ -237,6 +241,22 @@ def test_a_client_that_disconnects_mid_render_stops_its_job(server):
     answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300,
                         json={"prompt": "bob", **SMALL, "sampler_name": "Euler"})
     assert answer.status_code == 200
+
+
+def test_interrupt_stops_the_running_render_and_cancel_drops_a_queued_one(server):
+    long = {"prompt": "alice", "width": 64, "height": 64, "steps": 150, "scheduler": "euler"}
+    running = httpx.post(f"{server.url}/api/render", json=long).json()["job"]["id"]
+    queued = httpx.post(f"{server.url}/api/render", json=long).json()["job"]["id"]
+    cancelled = httpx.post(f"{server.url}/api/jobs/{queued}/cancel").json()
+    assert cancelled["state"] == "cancelled"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline, "the render never started"
+        time.sleep(0.2)
+    assert httpx.post(f"{server.url}/sdapi/v1/interrupt").json() == {"interrupted": running}
+    job = wait_job(server, running, timeout=120)
+    assert job["state"] == "interrupted" and job["progress"]["done"] < 150
+    assert wait_job(server, queued)["started"] is None  # it never ran
 
 
 # --------------------------------------------------------------------------------------------

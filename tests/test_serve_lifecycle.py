@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -153,6 +154,12 @@ def test_ctrl_c_mid_fit_finishes_the_fit_and_exits_cleanly(tmp_path, _tiny_templ
                                 files=[("photos", ("p.png", photo, "image/png"))])
             assert answer.status_code == 202, answer.text
             jobs.append(answer.json()["job"]["id"])
+        waiting: list[httpx.Response] = []  # a WebUI client whose render waits behind them
+        client = threading.Thread(target=lambda: waiting.append(httpx.post(
+            f"{server.url}/sdapi/v1/txt2img", timeout=300,
+            json={"prompt": "gina", "width": 64, "height": 64, "steps": 2,
+                  "sampler_name": "Euler"})))
+        client.start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             job = httpx.get(f"{server.url}/api/jobs/{jobs[0]}").json()
@@ -161,7 +168,10 @@ def test_ctrl_c_mid_fit_finishes_the_fit_and_exits_cleanly(tmp_path, _tiny_templ
             time.sleep(0.1)
         else:
             raise AssertionError("the fit never started")
+        while len(httpx.get(f"{server.url}/api/jobs").json()["jobs"]) < 4:
+            time.sleep(0.1)  # load, two adds and the render are all in
         code = server.stop(timeout=300)
+        client.join(60)
     finally:
         if server.process.poll() is None:
             server.process.kill()
@@ -169,6 +179,9 @@ def test_ctrl_c_mid_fit_finishes_the_fit_and_exits_cleanly(tmp_path, _tiny_templ
     assert code == 130, log  # the shell's code for Ctrl-C, as every celebctl command
     assert "identity 'gina' was written in full" in log
     assert "Traceback" not in log
+    # The waiting client was answered, not left hanging: its render was cancelled.
+    assert waiting[0].status_code == 503
+    assert "cancelled before it started" in waiting[0].json()["message"]
     # The running fit finished whole; the queued one never started.
     listing = json.loads(server.celebctl("list", "--json").stdout)
     assert [i["name"] for i in listing["identities"]] == ["gina"]

@@ -207,6 +207,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request,
     }
     images = ([base64.b64encode(png).decode("ascii") for png in job.outputs]
               if body.send_images else [])
+    job.outputs = []  # answered inline: not kept in memory with the job
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
@@ -246,6 +247,22 @@ async def samplers() -> list[dict[str, Any]]:
 async def schedulers() -> list[dict[str, Any]]:
     return [{"name": name, "label": label, "aliases": None, "default_rho": -1,
              "need_inner_model": False} for name, label in SCHEDULE_NAMES.items()]
+
+
+@router.get("/upscalers", summary="Upscalers: only 'None' (no hires fix)")
+async def upscalers() -> list[dict[str, Any]]:
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
+             "scale": 4}]
+
+
+@router.get("/latent-upscale-modes", summary="Latent upscale modes (none)")
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/sd-vae", summary="Separate VAEs (none: the model's own is used)")
+async def sd_vae() -> list[dict[str, Any]]:
+    return []
 
 
 @router.get("/scripts", summary="WebUI scripts (none)")
