@@ -103,6 +103,10 @@ class FitError(CelebctlError):
     """A fit that cannot start or that failed (for example non-finite loss)."""
 
 
+class ProcessesMissing(CelebctlError):
+    """A process of a multi-process job never arrived, or stopped answering."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """Return the closest candidate to ``word``, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
