@@ -7,23 +7,52 @@ Each process takes a deterministic share of the work (:func:`shard`), runs on
 ``cuda:LOCAL_RANK``, and writes through the registry's writer lock. A small gloo process group
 carries metadata only: the work list rank 0 decided on, progress counters in the group's
 key-value store, and the rows of the final table.
+
+Nothing waits forever for a process that is not there. Joining waits at most
+``CELEBCTL_RENDEZVOUS_TIMEOUT`` seconds (default 300) for every process to arrive, telling the
+caller who waits for how many at which ``MASTER_ADDR:MASTER_PORT`` meanwhile; every process then
+shows a sign of life in the store every few seconds, and a wait for the others (the end of a job)
+stops with the rank named when one has shown none for as long.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from .errors import InvalidOption
+from .errors import InvalidOption, ProcessesMissing
 
 T = TypeVar("T")
 # A batch job can run for days; a collective that waits for the slowest rank must not time out.
 GROUP_TIMEOUT = timedelta(days=7)
 _PREFIX = "celebctl/"
+RENDEZVOUS_TIMEOUT_ENV = "CELEBCTL_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+FIRST_WAIT_NOTE_S = 5.0  # a quick join says nothing
+WAIT_NOTE_EVERY_S = 30.0
+
+Notify = Callable[[str], None]
+
+
+def rendezvous_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds to wait for every process to arrive, and for a silent process before it is
+    taken for gone (``CELEBCTL_RENDEZVOUS_TIMEOUT``, default 300)."""
+    raw = (os.environ if environ is None else environ).get(RENDEZVOUS_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 10**7:
+        raise InvalidOption(f"{RENDEZVOUS_TIMEOUT_ENV}={raw!r} is not a number of seconds "
+                            "(for example 600).")
+    return value
 
 
 @dataclass(frozen=True)
@@ -107,13 +136,20 @@ class Group:
     """The metadata channel between the processes of one job (a no-op for one process).
 
     Use as a context manager: entering joins the gloo process group (when the launch is
-    distributed), leaving destroys it.
+    distributed), leaving destroys it. ``notify`` gets a line now and then while this process
+    waits for the others to arrive (the CLI prints it; the core never does).
     """
 
-    def __init__(self, launch: Launch):
+    def __init__(self, launch: Launch, notify: Notify | None = None):
         self.launch = launch
+        self.notify = notify
         self._store: Any = None
         self._joined = False
+        self._timeout = DEFAULT_RENDEZVOUS_TIMEOUT_S
+        self._where = ""
+        self._beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (beats, when they last moved)
 
     def __enter__(self) -> Group:
         if self.launch.distributed:
@@ -122,19 +158,118 @@ class Group:
             if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
                 raise InvalidOption("MASTER_ADDR and MASTER_PORT must be set for a job of "
                                     "several processes (torchrun sets them).")
+            self._timeout = rendezvous_timeout()
+            self._where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             if not dist.is_initialized():
+                self._join()
+        return self
+
+    def _who(self) -> str:
+        return f"Rank {self.launch.rank} of {self.launch.world_size}"
+
+    def _missing(self, count: int | None, waited: float) -> str:
+        others = (f"{count} more process(es)" if count is not None else
+                  f"the other {self.launch.world_size - 1} process(es)")
+        return f"{self._who()} waited {waited:.0f} s for {others} at {self._where}"
+
+    def _join(self) -> None:
+        """Rendezvous, then wait in the store until every process has arrived (bounded, with
+        a note now and then), then build the gloo group, which finds everyone there."""
+        import torch.distributed as dist
+
+        started = time.monotonic()
+        arrived: list[int | None] = [None]
+        done = threading.Event()
+
+        def note_while_waiting() -> None:
+            wait = FIRST_WAIT_NOTE_S
+            while not done.wait(wait):
+                if self.notify:
+                    count = arrived[0]
+                    more = (f"{self.launch.world_size - count} more process(es)"
+                            if count is not None else
+                            f"the other {self.launch.world_size - 1} process(es)")
+                    self.notify(f"{self._who()} is waiting for {more} at {self._where} "
+                                f"({time.monotonic() - started:.0f} s of {self._timeout:.0f} s; "
+                                f"{RENDEZVOUS_TIMEOUT_ENV} sets the limit).")
+                wait = WAIT_NOTE_EVERY_S
+
+        ticker = threading.Thread(target=note_while_waiting, daemon=True)
+        ticker.start()
+        try:
+            try:
                 # The store comes from the same env:// rendezvous torchrun prepares; holding it
                 # gives counters that any rank can bump without a collective.
                 store, rank, world = next(dist.rendezvous(
                     "env://", rank=self.launch.rank, world_size=self.launch.world_size,
-                    timeout=GROUP_TIMEOUT))
-                dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                        timeout=GROUP_TIMEOUT)
-                self._joined = True
-                self._store = dist.PrefixStore(_PREFIX, store)
-        return self
+                    timeout=timedelta(seconds=self._timeout)))
+            except (RuntimeError, OSError) as exc:  # torch's DistStoreError is a RuntimeError
+                raise ProcessesMissing(
+                    f"{self._missing(None, time.monotonic() - started)}; they never arrived "
+                    f"({_first_line(exc)}). Check that every process was started (torchrun "
+                    "--nnodes, srun --ntasks) and can reach that address; "
+                    f"{RENDEZVOUS_TIMEOUT_ENV}=SECONDS waits longer.") from None
+            self._store = dist.PrefixStore(_PREFIX, store)
+            key = f"arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            arrived[0] = self._call(self._store.add, key, 1)
+            while arrived[0] < self.launch.world_size:
+                if time.monotonic() - started > self._timeout:
+                    raise ProcessesMissing(
+                        f"{self._missing(self.launch.world_size - arrived[0], self._timeout)}; "
+                        "they never arrived. Check that every process was started (torchrun "
+                        "--nnodes, srun --ntasks); "
+                        f"{RENDEZVOUS_TIMEOUT_ENV}=SECONDS waits longer.")
+                time.sleep(0.2)
+                arrived[0] = self._call(self._store.add, key, 0)
+        finally:
+            done.set()
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=GROUP_TIMEOUT)
+        self._joined = True
+        self._beat_thread = threading.Thread(target=self._beat, daemon=True)
+        self._beat_thread.start()
+
+    def _beat(self) -> None:
+        """Show a sign of life in the store until the group is left."""
+        every = max(0.2, min(5.0, self._timeout / 4))
+        while not self._beating.wait(every):
+            try:
+                self._store.add(f"beat/{self.launch.rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone; the main thread will say so
+                return
+
+    def _call(self, op: Callable[..., T], *args: Any) -> T:
+        """A store operation; a store that stopped answering is a missing process."""
+        try:
+            return op(*args)
+        except (RuntimeError, OSError) as exc:
+            raise ProcessesMissing(
+                f"{self._who()} lost the job's store at {self._where} ({_first_line(exc)}): "
+                "the process or launcher that holds it (rank 0's) has stopped. Everything "
+                "finished so far is kept; run the same command again for the rest.") from None
+
+    def check_peers(self) -> None:
+        """Raise ProcessesMissing, naming the rank, when another process has shown no sign of
+        life for the rendezvous timeout (killed, out of memory, its machine lost)."""
+        if self._store is None:
+            return
+        now = time.monotonic()
+        for rank in range(self.launch.world_size):
+            if rank == self.launch.rank:
+                continue
+            beats = self._call(self._store.add, f"beat/{rank}", 0)
+            last = self._seen.get(rank)
+            if last is None or last[0] != beats:
+                self._seen[rank] = (beats, now)
+            elif now - last[1] > self._timeout:
+                raise ProcessesMissing(
+                    f"Rank {rank} of {self.launch.world_size} stopped answering: no sign of "
+                    f"life for {now - last[1]:.0f} s (killed, out of memory, or its machine "
+                    f"lost?). {self._who()} stops waiting for it. Everything finished so far is "
+                    "kept; run the same command again for the rest.")
 
     def __exit__(self, *exc: Any) -> None:
+        self._beating.set()
         if self._joined:
             import torch.distributed as dist
 
@@ -169,7 +304,7 @@ class Group:
             counters = self.__dict__.setdefault("_local", {})
             counters[key] = counters.get(key, 0) + amount
             return counters[key]
-        return int(self._store.add(key, amount))
+        return int(self._call(self._store.add, key, amount))
 
     def count(self, key: str) -> int:
         """The current total of a counter."""
@@ -178,10 +313,17 @@ class Group:
     def wait_for(self, key: str, total: int, poll: Callable[[], None] | None = None,
                  every_s: float = 1.0) -> None:
         """Wait until counter ``key`` reaches ``total``, calling ``poll`` between looks (rank 0
-        uses it to redraw the progress view while the others finish)."""
+        uses it to redraw the progress view while the others finish). A process that shows no
+        sign of life for the rendezvous timeout stops the wait with ProcessesMissing."""
         while self.count(key) < total:
+            self.check_peers()
             if poll:
                 poll()
             time.sleep(every_s)
         if poll:
             poll()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__

@@ -107,6 +107,10 @@ class LoraError(CelebctlError):
     """A LoRA that cannot be used: not found, not a LoRA, or made for another model family."""
 
 
+class ProcessesMissing(CelebctlError):
+    """A process of a multi-process job never arrived, or stopped answering."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """Return the closest candidate to ``word``, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

@@ -18,6 +18,7 @@ from .common import (
     QuietOpt,
     SeedOpt,
     cell,
+    err,
     out,
     print_json,
     warn,
@@ -261,7 +262,7 @@ def add_many_cmd(
     options = batch.BatchOptions(model=model, device=device, dtype=dtype, settings=settings,
                                  pack=pack, replace=replace, bundles=bundles)
     with progress_callback(quiet) as progress:
-        result = batch.add_many(source, options, progress=progress)
+        result = batch.add_many(source, options, progress=progress, notify=_say)
     if not result.is_main:
         if result.failed:
             raise typer.Exit(EXIT_ERROR)
@@ -269,6 +270,11 @@ def add_many_cmd(
     _report_batch(result, json_out)
     if result.failed:
         raise typer.Exit(EXIT_ERROR)
+
+
+def _say(message: str) -> None:
+    """A line on stderr while a job waits for its other processes."""
+    err.print(cell(message))
 
 
 def _report_batch(result, json_out: bool) -> None:

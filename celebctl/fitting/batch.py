@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,13 +343,15 @@ class _Progress:
 
 def add_many(source: Path | str, options: BatchOptions | None = None, *,
              launch: Launch | None = None,
-             progress: ProgressCallback | None = None) -> BatchResult:
+             progress: ProgressCallback | None = None,
+             notify: Callable[[str], None] | None = None) -> BatchResult:
     """Fit everyone ``source`` lists who is not registered yet (see the module docstring).
 
     Names, photos' presence and options are checked before any model loads; failures of one
     person (no face, unreadable photo, name taken, a diverged fit) become that person's row.
     Under a launcher, call it in every process: each fits its share, and rank 0 gets every
-    rank's rows (the others get their own).
+    rank's rows (the others get their own). ``notify`` gets a line now and then while this
+    process waits for the others to arrive (:class:`celebctl.distributed.Group`).
     """
     from .. import models, registry
     from .identities import with_clip_skip
@@ -363,7 +365,7 @@ def add_many(source: Path | str, options: BatchOptions | None = None, *,
     started = time.perf_counter()
     people = read_people(source)
     cleaned: list[str] = []
-    with Group(launch) as group:
+    with Group(launch, notify) as group:
         if launch.is_main:  # before any rank can start a bundle of its own
             cleaned = _clean_bundle_temps(options)
         plan = group.broadcast([_plan_person(p, options) for p in people]

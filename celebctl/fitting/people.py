@@ -7,8 +7,9 @@ loading any model.
   relative to the manifest's folder. A first row whose first cell is ``name`` is a header;
   blank rows and rows whose first cell starts with ``#`` are skipped.
 
-A person who cannot be fitted (a bad name, no photo, a missing photo, a name listed twice)
-keeps their row with the reason: one bad person never stops the batch.
+A person who cannot be fitted (a bad name, no photo, a missing photo, a symlink loop, a name
+listed twice) keeps their row with the reason: one bad person never stops the batch. A source
+that cannot be read at all (a FIFO, a device, too big) is an error, before anything else.
 """
 
 from __future__ import annotations
