@@ -543,3 +543,17 @@ def test_a_prompts_file_dry_run_shows_each_lines_loras(lhome, tmp_path, no_model
     assert result.exit_code == 1
     assert "Line 2 of" in result.stderr and "No LoRA 'nowhere'" in result.stderr
     assert no_models == []
+
+
+def test_a_hostile_lora_folder_neither_hangs_nor_loops(tmp_path, no_models):
+    import os
+
+    folder = tmp_path / "loras"
+    (folder / "a").mkdir(parents=True)
+    os.symlink(folder, folder / "a" / "back-up")  # a cycle
+    os.mkfifo(folder / "a" / "pipe.safetensors")
+    with pytest.raises(LoraError, match="No LoRA 'film'"):
+        loras.find_lora("film", folder)
+    with pytest.raises(LoraError, match="is not a regular file"):
+        loras.inspect_lora(loras.find_lora("pipe", folder), "pipe")
+    assert no_models == []
