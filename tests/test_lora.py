@@ -255,6 +255,7 @@ def test_a_one_encoder_lora_is_refused_for_sdxl_and_the_other_way(lhome, no_mode
 # drawing with LoRAs
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # 2 adapters
 def test_a_render_with_loras_is_what_diffusers_draws_with_them(lhome, parts, tmp_path):
     """Two LoRAs (kohya and diffusers keys, UNet and text encoder), with weights, and an
     identity: celebctl fuses them; diffusers' pipeline loads them as adapters on the same
@@ -451,8 +452,17 @@ def test_the_cli_renders_with_lora_options_and_shows_them_in_a_dry_run(lhome, tm
 
 
 def test_a_fused_lora_leaves_the_parts_frozen(lhome, parts, tmp_path):
+    def shape(module):  # what a denoising step runs: module types, processors, hooks
+        return ([type(m).__name__ for m in module.modules()],
+                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()))
+
+    loaded = (shape(parts.unet), shape(parts.text_encoder),
+              {k: type(v) for k, v in parts.unet.attn_processors.items()})
     rendering.render_prompt("a cat <lora:film>", steps=1, components=parts,
                             out_dir=tmp_path / "o")
+    assert loras.fused_names(parts) == ["film"]
+    assert (shape(parts.unet), shape(parts.text_encoder),
+            {k: type(v) for k, v in parts.unet.attn_processors.items()}) == loaded
     for module in (parts.unet, parts.text_encoder):
         assert not any(m.training for m in module.modules())
         assert not any(p.requires_grad for p in module.parameters())
@@ -542,4 +552,18 @@ def test_a_prompts_file_dry_run_shows_each_lines_loras(lhome, tmp_path, no_model
     result = invoke("render", "--prompts", prompts, "--model", "tiny", "--out", tmp_path / "o")
     assert result.exit_code == 1
     assert "Line 2 of" in result.stderr and "No LoRA 'nowhere'" in result.stderr
+    assert no_models == []
+
+
+def test_a_hostile_lora_folder_neither_hangs_nor_loops(tmp_path, no_models):
+    import os
+
+    folder = tmp_path / "loras"
+    (folder / "a").mkdir(parents=True)
+    os.symlink(folder, folder / "a" / "back-up")  # a cycle
+    os.mkfifo(folder / "a" / "pipe.safetensors")
+    with pytest.raises(LoraError, match="No LoRA 'film'"):
+        loras.find_lora("film", folder)
+    with pytest.raises(LoraError, match="is not a regular file"):
+        loras.inspect_lora(loras.find_lora("pipe", folder), "pipe")
     assert no_models == []

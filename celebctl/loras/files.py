@@ -215,7 +215,17 @@ def find_lora(name: str, folder: Path) -> Path:
         found, stems = [], []
         pickles = []
         seen = 0
+        visited: set[tuple[int, int]] = set()
         for root, dirs, files in os.walk(folder, followlinks=True):
+            try:
+                stat = os.stat(root)
+            except OSError:
+                dirs[:] = []
+                continue
+            if (stat.st_dev, stat.st_ino) in visited:  # a link back up: no endless walk
+                dirs[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
             dirs.sort()
             for file in sorted(files):
                 seen += 1
@@ -253,8 +263,11 @@ def inspect_lora(path: Path, name: str) -> LoraInfo:
     """Read ``path``'s safetensors header (never its tensors) and say what LoRA it is.
     LoraError naming ``name`` when it is not a safetensors file or not an SD/SDXL LoRA."""
     from ..documents import visible
+    from ..storage.special_files import is_regular_file
 
     label = f"LoRA '{visible(name)}' ({visible(str(path))})"
+    if not is_regular_file(path):
+        raise LoraError(f"{label} is not a regular file; give a .safetensors file.")
     try:
         from safetensors import safe_open
 

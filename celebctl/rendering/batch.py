@@ -181,6 +181,7 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
     parsed_negative = parse_prompt(negative or "", known, allow_empty=True)
     parsed_lines = []
     requests = []
+    loras = lora_requests_of("", negative, loras)[1]  # --lora values read once, not per line
     for line in lines:
         try:
             text, wanted = lora_requests_of(line.text, negative, loras)
