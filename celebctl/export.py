@@ -196,7 +196,8 @@ def diffusers_bytes(name: str, token: str | None = None) -> bytes:
 
 
 def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
-                    overwrite: bool = False, include_face: bool = True) -> ExportResult:
+                    overwrite: bool = False, include_face: bool = True,
+                    with_basis: bool = False) -> ExportResult:
     """Export identity ``name`` in format ``fmt`` to ``output``.
 
     - ``celeb``: a ``.celeb`` bundle for ``celebctl import``; it contains the face crop and
@@ -219,7 +220,7 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     output = Path(output).expanduser()
     if fmt == "celeb":
         path = bundles.export_bundle(name, output, include_face=include_face,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, with_basis=with_basis)
         return ExportResult(name, fmt, path, [path], None)
     # A clear IdentityNotFound before anything else.
     ident = registry.get_identity(name, verify="all")

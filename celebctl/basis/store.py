@@ -262,16 +262,15 @@ def get_basis_info(basis_id: str, allow_prefix: bool = False) -> BasisInfo:
 
 
 def info_for_identities(basis_id: str, names: Sequence[str]) -> Any:
-    """The metadata of the basis identities use, or BasisNotFound that says how to get it."""
+    """The metadata of the basis identities use. A basis that is not here is built from the
+    model they were fitted with, as `add` does (an imported bundle without its basis works on
+    a fresh machine); BasisNotFound says how to get it when that model is not here either."""
     try:
         return get_basis_info(basis_id)
     except BasisNotFound:
-        raise BasisNotFound(
-            f"{', '.join(names)} use{'s' if len(names) == 1 else ''} basis {basis_id}, which is "
-            "not on this machine. Fetch it from whoever sent the identity (`celebctl basis "
-            "fetch`), or build it with `celebctl basis build --model MODEL` for the model the "
-            "identity was fitted with."
-        ) from None
+        from ..bundlebasis import build_missing_basis
+
+        return build_missing_basis(basis_id, names)
 
 
 def basis_users(basis_id: str) -> list[str]:
