@@ -201,7 +201,7 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     """Export identity ``name`` in format ``fmt`` to ``output``.
 
     - ``celeb``: a ``.celeb`` bundle for ``celebctl import``; it contains the face crop and
-      face embedding unless ``include_face`` is False.
+      face embedding unless ``include_face`` is False, and the basis with ``with_basis``.
     - ``a1111``: one ``.safetensors`` file for the WebUI's/ComfyUI's embeddings folder (the
       file name is the prompt word there).
     - ``diffusers``: a folder holding ``learned_embeds.safetensors`` for
