@@ -6,13 +6,11 @@ The job:
 1. The file is read and checked (:mod:`.promptfile`) and every line planned: identities
    found (an unknown one is reported with its line), one model and one basis for the whole
    file, each line's token count. Nothing loads before this passes.
-2. Rank 0 lists the images still to make: line N's image with seed S is
+2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
+3. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
    prompt and settings is skipped, one made otherwise stops the job (nothing is replaced).
-   This is decided before the model loads whenever the image size is known without it
-   (given, a built-in model, a diffusers folder): nothing left to draw loads nothing.
-3. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
-   Every rank takes every ``world_size``-th image of the list (:func:`distributed.shard`).
+   Every rank takes every ``world_size``-th image of that list (:func:`distributed.shard`).
 4. Each rank denoises its images in batches that mix prompts: the prompts' embeddings are
    stacked, one row per image. A batch holds prompts of one length in 75-token chunks and
    one guidance scale only (images are grouped so), so no prompt is padded beyond what a
@@ -20,6 +18,10 @@ The job:
    PNG's parameters, which is what makes those parameters a recipe.
 5. PNGs are written crash-safely (a temp file, then a link to the final name), so a PNG is
    there in full or not at all, and a rerun carries on where a stopped job ended.
+
+Steps 2 and 3 swap whenever the image size is known without the model (given, a built-in
+model, a diffusers folder): what is left, and an image made otherwise, are decided before the
+model loads, so a job with nothing left to draw loads nothing.
 
 Rank 0 reports progress over the whole job (the group's counters) and gathers every rank's
 rows for the summary.
