@@ -9,15 +9,12 @@ basis is registered as `basis fetch` registers one.
 
 Without one, the first command that needs the basis (`render`, `eval`) builds it from the
 model the identity was fitted with, as `add` does, and uses it only if its id is the one the
-identity names.
+identity names (:func:`celebctl.basis.firstuse.build_missing_basis`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from .errors import BasisMismatch, BasisNotFound, BundleError, CelebctlError
+from .errors import BundleError, CelebctlError
 
 CARRIED_FILES = ("basis.toml", "basis.safetensors")  # basis.META_FILE, basis.TENSORS_FILE
 
@@ -87,31 +84,3 @@ def register_carried_basis(raw: bytes, raw_meta: bytes, source: str) -> bool:
     except FetchError as exc:
         raise BundleError(str(exc)) from None
     return created
-
-
-def build_missing_basis(basis_id: str, names: Sequence[str], progress: Any = None) -> Any:
-    """Build the basis ``basis_id`` of identities ``names`` from the model they were fitted with
-    (as `add` does) and return its info; raises BasisNotFound when that model is not here, or
-    BasisMismatch when it gives another basis."""
-    from . import basis, models, registry
-    from .errors import ModelUnavailable
-
-    model = str(registry.get_identity(names[0]).meta.get("model") or "")
-    advice = (f"{', '.join(names)} use{'s' if len(names) == 1 else ''} basis {basis_id}, which "
-              "is not on this machine. Import a bundle that carries it (`celebctl export "
-              "--with-basis` on the sender's machine), fetch it (`celebctl basis fetch`), or "
-              "build it with `celebctl basis build --model MODEL` for the model the identity "
-              "was fitted with")
-    if not model:
-        raise BasisNotFound(advice + ".")
-    try:
-        info = basis.ensure_basis(models.resolve_model_spec(model), progress=progress)
-    except ModelUnavailable as exc:
-        raise BasisNotFound(f"{advice} ({model!r}, which could not be loaded here: {exc})") \
-            from None
-    if info.id != basis_id:
-        raise BasisMismatch(f"Built the basis of {model!r} for {', '.join(names)}, but it is "
-                            f"{info.id}, not their basis {basis_id}: the model here differs "
-                            "from the one they were fitted with. Fetch their basis (`celebctl "
-                            "basis fetch`) or import a bundle that carries it.")
-    return info

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,18 +259,6 @@ def get_basis_info(basis_id: str, allow_prefix: bool = False) -> BasisInfo:
     """Metadata of one basis (exact id, or a prefix with ``allow_prefix``), without loading its
     tensors."""
     return _read_meta(_resolve_folder(basis_id, allow_prefix))
-
-
-def info_for_identities(basis_id: str, names: Sequence[str]) -> Any:
-    """The metadata of the basis identities use. A basis that is not here is built from the
-    model they were fitted with, as `add` does (an imported bundle without its basis works on
-    a fresh machine); BasisNotFound says how to get it when that model is not here either."""
-    try:
-        return get_basis_info(basis_id)
-    except BasisNotFound:
-        from ..bundlebasis import build_missing_basis
-
-        return build_missing_basis(basis_id, names)
 
 
 def basis_users(basis_id: str) -> list[str]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from .. import filehash
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from .early import resolution_without_loading, syntax_notes_by_line
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
 from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
 from .plan import (
@@ -50,7 +51,6 @@ from .plan import (
     check_widths,
     default_guidance,
     noise_note,
-    unsupported_syntax_notes,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
 from .render import ProgressCallback, check_basis_once, image_settings
@@ -209,21 +209,6 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                        basis_id=basis_id, spec=spec, notes=notes)
 
 
-def syntax_notes_by_line(lines: Sequence[PromptLine], negative: str, shown: str) -> list[str]:
-    """`render`'s notes for WebUI syntax celebctl reads as text (:func:`unsupported_syntax_notes`),
-    one per kind for the whole file with the lines that use it, and the negative's."""
-    lines_of: dict[str, list[int]] = {}
-    for line in lines:
-        for note in unsupported_syntax_notes(line.text):
-            lines_of.setdefault(note, []).append(line.number)
-    notes = []
-    for note, numbers in lines_of.items():
-        where = ", ".join(str(n) for n in numbers[:10])
-        where += f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
-        notes.append(f"Line{'s' if len(numbers) > 1 else ''} {where} of {shown}: {note}")
-    return notes + unsupported_syntax_notes("", negative)
-
-
 def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
     """None when ``path`` is a complete PNG made with ``expected``'s settings; else why not."""
     import json
@@ -364,8 +349,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     known = (width, height) if width and height else None
     if known is None and components is not None:
         known = (width or components.default_resolution, height or components.default_resolution)
-    if known is None and _resolution_without_loading(job.spec) is not None:
-        side = _resolution_without_loading(job.spec)
+    if known is None and resolution_without_loading(job.spec) is not None:
+        side = resolution_without_loading(job.spec)
         known = (width or side, height or side)
     todo, skipped = decide(*known) if known is not None else ([], {})
     if known is not None and not todo:
@@ -477,28 +462,6 @@ def _settings_of(job: PromptsPlan, steps: int, scheduler: str, guidances: Sequen
         return cache[index]
 
     return settings
-
-
-def _resolution_without_loading(spec: ModelSpec) -> int | None:
-    """The model's default image size when it is known for certain without loading it: the
-    built-in models, and a diffusers folder's UNet and VAE configs. None otherwise (a single
-    file's size is known once it is loaded)."""
-    import json
-
-    from ..models import BUILTIN_FAMILIES
-
-    if spec.kind in BUILTIN_FAMILIES:
-        return spec.default_resolution
-    if spec.kind != "folder" or spec.path is None:
-        return None
-    try:
-        unet = json.loads((spec.path / "unet" / "config.json").read_text("utf-8"))
-        vae = json.loads((spec.path / "vae" / "config.json").read_text("utf-8"))
-        size = unet["sample_size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
 
 
 def _chunk_count(plan: RenderPlan) -> int:
