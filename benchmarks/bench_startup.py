@@ -94,7 +94,7 @@ def time_all(home: Path, tmp: Path, runs: int) -> dict[str, float]:
     (tmp / "prompts.txt").write_text("alice riding a bike\na castle\n", encoding="utf-8")
     jobs = {"python -c pass": [sys.executable, "-c", "pass"]}
     for command in LIGHT_COMMANDS + [["export", "--help"], ["render", "--help"], ["--help"]]:
-        jobs["celebctl " + " ".join(command)] = [
+        jobs["celebctl " + " ".join(command).replace("{tmp}/", "")] = [
             sys.executable, "-m", "celebctl", *(a.format(tmp=tmp) for a in command)]
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(runs):
@@ -136,9 +136,10 @@ def main() -> None:
     listing = medians["celebctl list"]
     slow = [n for n, v in medians.items() if n.startswith("celebctl") and v - listing > TARGET_S]
     verdict = ("every light command within 0.5 s of `celebctl list`" if not slow
-               else f"over 0.5 s above `celebctl list`: {', '.join(slow)}")
-    body = (f"Machine: {machine_description()}.\n\nMedian of {args.runs} fresh processes each "
-            f"(`python benchmarks/bench_startup.py`), run round-robin: {verdict}.\n\n"
+               else "more than 0.5 s above `celebctl list`: "
+               + ", ".join(f"`{name}`" for name in slow))
+    body = (f"Machine: {machine_description()}.\n\nMedian of {args.runs} fresh processes each\n"
+            f"(`python benchmarks/bench_startup.py`), run round-robin; {verdict}.\n\n"
             f"{table(medians)}\n")
     print(body)
     if args.write:

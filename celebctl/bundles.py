@@ -26,8 +26,8 @@ from .storage import checksums, special_files, userfiles
 
 BUNDLE_SUFFIX = ".celeb"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
-# The TOML, the coefficients, and a face crop and embedding per photo.
-MAX_MEMBERS = 2 + 2 * registry.MAX_PHOTOS
+# The TOML, the coefficients, a face crop and embedding per photo, and a carried basis's two.
+MAX_MEMBERS = 2 + 2 * registry.MAX_PHOTOS + 2
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
 MAX_TOTAL_BYTES = 32 * 1024 * 1024
 MAX_RATIO = 200  # uncompressed / compressed, for members over 64 KiB
@@ -41,11 +41,14 @@ BUNDLE_FILE_MODE = 0o600  # it holds a face crop and face embedding
 # export
 
 
-def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bool = False) -> Path:
+def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bool = False,
+                  with_basis: bool = False) -> Path:
     """Write identity ``name`` as a ``.celeb`` zip at ``out``.
 
     The bundle contains the face crop and face embedding unless ``include_face`` is False; an
     identity imported from a face-less bundle renders but cannot be refitted with `joint`.
+    ``with_basis`` adds the identity's basis (see :mod:`celebctl.bundlebasis`), so the bundle
+    renders on a machine that has neither the basis nor the model to build it.
     """
     ident = registry.get_identity(name, verify="all")
     out = Path(out)
@@ -65,6 +68,10 @@ def export_bundle(name: str, out: Path, include_face: bool = True, overwrite: bo
     members = {registry.IDENTITY_TOML: tomli_w.dumps(meta).encode("utf-8")}
     for entry in files.values():
         members[entry["path"]] = (ident.path / entry["path"]).read_bytes()
+    if with_basis:
+        from .bundlebasis import basis_members
+
+        members.update(basis_members(ident.basis_id))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for member, data in members.items():
@@ -203,6 +210,7 @@ class BundlePlan:
     write: registry.IdentityWrite
     original_name: str
     notes: list[str] = field(default_factory=list)
+    basis: tuple[bytes, bytes] | None = None  # a carried basis (tensors, toml), checked
 
 
 def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
@@ -223,7 +231,12 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
         raise BundleError(str(exc)) from None
     original = meta["name"]
     files = meta["files"]
+    from .bundlebasis import CARRIED_FILES, check_carried_basis
+
+    carried = check_carried_basis(members, meta["basis_id"])
     expected = {registry.IDENTITY_TOML} | {entry["path"] for entry in files.values()}
+    if carried is not None:
+        expected |= set(CARRIED_FILES)
     if set(members) != expected:
         extra = sorted(set(members) - expected)
         missing = sorted(expected - set(members))
@@ -280,20 +293,18 @@ def check_bundle(data: bytes, new_name: str | None = None) -> BundlePlan:
     basis_toml = paths.bases_dir() / meta["basis_id"] / "basis.toml"
     if basis_toml.exists():
         _check_against_basis(meta)
-    else:
+    elif carried is None:
         notes.append(
-            f"Basis {meta['basis_id']} is not on this machine, so '{name}' cannot be rendered "
-            "yet. Ask the sender for it (`celebctl basis fetch`), or build the basis of the "
-            "model the identity was fitted with (`celebctl basis build --model MODEL`; the "
-            f"bundle says it was {meta['model']!r}, which celebctl has not checked)."
-        )
+            f"Basis {meta['basis_id']} is not on this machine yet: the first render builds it "
+            f"from {meta['model']!r}, the model the bundle names, as `add` does (or import a "
+            "bundle exported with --with-basis, or `celebctl basis fetch` it).")
     keep = {k: v for k, v in meta.items() if k not in ("files", "name", "schema_version")}
     keep.setdefault("imported_from", original)
     write = registry.IdentityWrite(
         name=name, coefficients=coefficients, meta=keep, face_png=face_png,
         face_embedding=faces[0][1] if faces else None, extra_faces=faces[1:],
     )
-    return BundlePlan(write=write, original_name=original, notes=notes)
+    return BundlePlan(write=write, original_name=original, notes=notes, basis=carried)
 
 
 def _check_against_basis(meta: dict[str, Any]) -> None:
@@ -338,5 +349,13 @@ def import_bundle(path: Path, new_name: str | None = None, replace: bool = False
             f"Identity '{plan.write.name}' already exists. Use --as NEW to import under another "
             "name, or --force to replace it."
         )
+    notes = list(plan.notes)
+    if plan.basis is not None:  # checked by check_bundle; its tensors are checked here
+        from .bundlebasis import register_carried_basis
+
+        if register_carried_basis(*plan.basis, source=str(path)):
+            notes.append(f"Basis {plan.write.meta['basis_id']} came with the bundle and is now "
+                         "registered.")
+        _check_against_basis({**plan.write.meta, "name": plan.write.name})
     ident = registry.save_identity(plan.write, replace=replace)
-    return ident, plan.notes
+    return ident, notes

@@ -62,6 +62,7 @@ class DoctorReport:
     fixed: list[Problem] = field(default_factory=list)
     remaining: list[Problem] = field(default_factory=list)
     fix_errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (a missing basis)
 
     @property
     def healthy(self) -> bool:
@@ -75,6 +76,7 @@ class DoctorReport:
             "fixed": [p.to_dict() for p in self.fixed],
             "remaining": [p.to_dict() for p in self.remaining],
             "fix_errors": self.fix_errors,
+            "notes": self.notes,
         }
 
 
@@ -194,16 +196,28 @@ def _identity_problems(folder: Path, home: Path) -> list[Problem]:
                                 f"{_rel(child, home)} is not named by identity.toml of "
                                 f"'{name}' (left by an interrupted replace).", "delete it"))
     basis_toml = paths.bases_dir() / ident.basis_id / "basis.toml"
-    if not basis_toml.is_file():
-        problems.append(Problem(
-            "basis-missing", folder,
-            f"'{name}' uses basis {ident.basis_id}, which is not in the data home; it cannot be "
-            "rendered until you fetch it (`celebctl basis fetch`) or build it with `celebctl "
-            "basis build --model MODEL` for the model it was fitted with (its metadata says "
-            f"{str(ident.meta.get('model'))!r})."))
-    else:
+    if basis_toml.is_file():
         problems += _basis_mismatch(ident, folder)
+    # else: not a problem: the first render builds it (see missing_basis_notes)
     return problems
+
+
+def missing_basis_notes() -> list[str]:
+    """One note per basis that identities use and this machine lacks (an imported bundle's):
+    the first render builds it from their model, as `add` does."""
+    users: dict[str, list[Any]] = {}
+    for ident in registry.list_identities().identities:
+        if not (paths.bases_dir() / ident.basis_id / "basis.toml").is_file():
+            users.setdefault(ident.basis_id, []).append(ident)
+    notes = []
+    for basis_id, idents in users.items():
+        names = ", ".join(f"'{i.name}'" for i in idents)
+        model = str(idents[0].meta.get("model") or "")
+        notes.append(
+            f"Basis {basis_id} ({names}) is not on this machine yet: the first render builds "
+            f"it from {model!r}, the model they were fitted with (or now: `celebctl basis build "
+            f"--model {model or 'MODEL'}`; or `celebctl basis fetch` it).")
+    return notes
 
 
 def _basis_mismatch(ident: Any, folder: Path) -> list[Problem]:
@@ -357,6 +371,7 @@ def run_doctor(fix: bool = False) -> DoctorReport:
     if not home.exists():
         return report
     report.problems = check_home(home)
+    report.notes = missing_basis_notes()
     if not fix:
         report.remaining = list(report.problems)
         return report

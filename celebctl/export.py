@@ -196,11 +196,12 @@ def diffusers_bytes(name: str, token: str | None = None) -> bytes:
 
 
 def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
-                    overwrite: bool = False, include_face: bool = True) -> ExportResult:
+                    overwrite: bool = False, include_face: bool = True,
+                    with_basis: bool = False) -> ExportResult:
     """Export identity ``name`` in format ``fmt`` to ``output``.
 
     - ``celeb``: a ``.celeb`` bundle for ``celebctl import``; it contains the face crop and
-      face embedding unless ``include_face`` is False.
+      face embedding unless ``include_face`` is False, and the basis with ``with_basis``.
     - ``a1111``: one ``.safetensors`` file for the WebUI's/ComfyUI's embeddings folder (the
       file name is the prompt word there).
     - ``diffusers``: a folder holding ``learned_embeds.safetensors`` for
@@ -219,7 +220,7 @@ def export_identity(name: str, output: str | Path, fmt: str = "celeb", *,
     output = Path(output).expanduser()
     if fmt == "celeb":
         path = bundles.export_bundle(name, output, include_face=include_face,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, with_basis=with_basis)
         return ExportResult(name, fmt, path, [path], None)
     # A clear IdentityNotFound before anything else.
     ident = registry.get_identity(name, verify="all")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,14 @@ def test_bundles_are_written_and_count_as_done(tiny_home, tmp_path):
     third = invoke("add-many", folder, *FIT, "--bundles", out, "--json")
     assert json.loads(third.stdout)["people"][0]["reason"] == "bundle written from the registry"
     assert (out / "alice.celeb").is_file()
+    # --with-basis: the bundles carry the basis (#24 point 11).
+    (out / "alice.celeb").unlink()
+    fourth = invoke("add-many", folder, *FIT, "--bundles", out, "--with-basis")
+    assert fourth.exit_code == 0, fourth.output
+    with zipfile.ZipFile(out / "alice.celeb") as archive:
+        assert {"basis.toml", "basis.safetensors"} <= set(archive.namelist())
+    alone = invoke("add-many", folder, *FIT, "--with-basis")
+    assert alone.exit_code == 1 and "give --bundles DIR" in alone.stderr
 
 
 def test_the_default_pack_follows_the_device_and_model():

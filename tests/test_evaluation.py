@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,8 @@ def test_eval_table_baseline_and_pairs(home, tmp_path):
     assert singles and all(row["baseline"]["prompt"].startswith("a photo of a person")
                            for row in singles)
     assert len({img["prompt"] for img in baseline}) == len(baseline)  # each text rendered once
-    assert "baseline alice" in text and "baseline prompt" in text
+    assert "identity / baseline: each prompt with 'a person'" in text
+    assert re.search(r"(\d\.\d{3}|-) / (\d\.\d{3}|-)", text), text
 
 
 def test_no_clip_skips_the_column(home, tmp_path):

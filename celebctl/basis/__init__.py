@@ -44,13 +44,13 @@ from .compute import (
     unique_names,
 )
 from .fetch import fetch_basis
+from .firstuse import info_for_identities
 from .metadata import BasisInfo, _read_meta, identity_mismatch, parse_meta
 from .store import (
     Basis,
     BasisList,
     basis_users,
     get_basis_info,
-    info_for_identities,
     is_basis_id,
     list_bases,
     load_basis,

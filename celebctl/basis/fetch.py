@@ -162,6 +162,14 @@ def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
             raise FetchError(f"Cannot read {path}: {exc.strerror or exc}. Nothing was "
                              "written.") from None
     raw, raw_meta = blobs
+    return register_basis_bytes(source, raw, raw_meta, sha256, tensors_path.name, meta_path.name)
+
+
+def register_basis_bytes(source: str, raw: bytes, raw_meta: bytes, sha256: str | None = None,
+                         tensors_name: str = TENSORS_FILE, meta_name: str = META_FILE
+                         ) -> tuple[BasisInfo, bool]:
+    """Check a basis given as its two files' bytes completely, then register it (unless that
+    basis is there already). Returns (info, created); raises FetchError naming ``source``."""
     actual = checksums.sha256_bytes(raw)
     if sha256 is not None and actual != sha256:
         raise FetchError(f"Checksum mismatch for {source}: expected sha256 {sha256}, got "
@@ -169,13 +177,13 @@ def _register_fetched(source: str, tensors_path: Path, meta_path: Path,
     try:
         meta = documents.parse_toml(raw_meta)
     except documents.UnsafeDocument as exc:
-        raise FetchError(f"{meta_path.name} from {source} {exc}. Nothing was written.") from None
+        raise FetchError(f"{meta_name} from {source} {exc}. Nothing was written.") from None
     try:
         info = parse_meta(meta, paths.bases_dir() / str(meta.get("id", "")), f"{source} (TOML)")
         if actual != info.tensors_sha256:
-            raise CorruptEntry(f"{tensors_path.name} does not match tensors_sha256 in its TOML.")
-        tensors = _load_tensor_bytes(raw, tensors_path.name)
-        _check_tensors(tensors, info, tensors_path.name)
+            raise CorruptEntry(f"{tensors_name} does not match tensors_sha256 in its TOML.")
+        tensors = _load_tensor_bytes(raw, tensors_name)
+        _check_tensors(tensors, info, tensors_name)
     except CelebctlError as exc:
         raise FetchError(f"Refusing {source}: {exc} Nothing was written.") from exc
     existing = _existing(info.id)

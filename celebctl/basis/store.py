@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,19 +259,6 @@ def get_basis_info(basis_id: str, allow_prefix: bool = False) -> BasisInfo:
     """Metadata of one basis (exact id, or a prefix with ``allow_prefix``), without loading its
     tensors."""
     return _read_meta(_resolve_folder(basis_id, allow_prefix))
-
-
-def info_for_identities(basis_id: str, names: Sequence[str]) -> Any:
-    """The metadata of the basis identities use, or BasisNotFound that says how to get it."""
-    try:
-        return get_basis_info(basis_id)
-    except BasisNotFound:
-        raise BasisNotFound(
-            f"{', '.join(names)} use{'s' if len(names) == 1 else ''} basis {basis_id}, which is "
-            "not on this machine. Fetch it from whoever sent the identity (`celebctl basis "
-            "fetch`), or build it with `celebctl basis build --model MODEL` for the model the "
-            "identity was fitted with."
-        ) from None
 
 
 def basis_users(basis_id: str) -> list[str]:

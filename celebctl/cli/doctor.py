@@ -71,6 +71,8 @@ def _print_report(report: core.DoctorReport, fix: bool) -> None:
             out.print(f"  {problem.kind}: {problem.fix} ({where})")
     for message in report.fix_errors:
         warn(f"a fix failed: {message}")
+    for note in report.notes:
+        out.print(styled(("Note:", "bold"), f" {note}"))
     if report.healthy:
         out.print(f"The data home is healthy ({report.home}).")
         return

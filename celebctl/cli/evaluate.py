@@ -167,19 +167,19 @@ def eval_cmd(
         table.add_column("misses", justify="right")
     table.add_column("prompt sim", justify="right")
     with_baseline = any(r.baseline for r in result.images)
-    if with_baseline:  # the "a person" baseline of each prompt, beside its numbers
-        for name in result.names:
-            table.add_column(f"baseline {name}", justify="right")
-        table.add_column("baseline prompt", justify="right")
+    if with_baseline:  # each prompt's "a person" baseline beside its numbers, in one cell
+        table.caption = "identity / baseline: each prompt with 'a person' in the identity's place"
+
+    def pair(row: dict, key: str) -> str:
+        if not with_baseline:
+            return _fmt(row[key])
+        return f"{_fmt(row[key])} / {_fmt((row.get('baseline') or {}).get(key))}"
+
     for row in result.per_prompt(False):
         cells = [cell(row["prompt"])]
         for name in result.names:
-            cells += [cell(_fmt(row[f"identity.{name}"])), cell(row[f"misses.{name}"])]
-        cells.append(cell(_fmt(row["prompt_similarity"])))
-        if with_baseline:
-            base = row.get("baseline") or {}
-            cells += [cell(_fmt(base.get(f"identity.{name}"))) for name in result.names]
-            cells.append(cell(_fmt(base.get("prompt_similarity"))))
+            cells += [cell(pair(row, f"identity.{name}")), cell(row[f"misses.{name}"])]
+        cells.append(cell(pair(row, "prompt_similarity")))
         table.add_row(*cells)
     out.print(table)
     for label, baseline_rows in (("mean", False), ("baseline mean ('a person')", True)):

@@ -232,6 +232,9 @@ def add_many_cmd(
         "--bundles", help="Also write each person as DIR/NAME.celeb (for jobs across machines: "
         "`celebctl import DIR/*.celeb` merges them).", metavar="DIR",
         show_default=False)] = None,
+    with_basis: Annotated[bool, typer.Option(
+        "--with-basis", help="With --bundles: carry the basis in each bundle, so it renders "
+        "on a machine without the basis or the model.")] = False,
     steps: StepsOpt = None,
     lr: LrOpt = 1e-2,
     batch_size: BatchOpt = 2,
@@ -260,7 +263,8 @@ def add_many_cmd(
                                    resolution=resolution, direct=direct, pool_size=pool_size,
                                    clip_skip=clip_skip)
     options = batch.BatchOptions(model=model, device=device, dtype=dtype, settings=settings,
-                                 pack=pack, replace=replace, bundles=bundles)
+                                 pack=pack, replace=replace, bundles=bundles,
+                                 bundle_basis=with_basis)
     with progress_callback(quiet) as progress:
         result = batch.add_many(source, options, progress=progress, notify=_say)
     if not result.is_main:

@@ -158,6 +158,9 @@ def export_cmd(
     no_face: Annotated[bool, typer.Option("--no-face", help=(
         "Leave the face crop and face embedding out of a .celeb bundle (the identity still "
         "renders but cannot be refitted with `joint`)."))] = False,
+    with_basis: Annotated[bool, typer.Option("--with-basis", help=(
+        "Carry the identity's basis in the .celeb bundle (a few MB), so it renders on a machine "
+        "that has neither the basis nor the model to build it."))] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -166,7 +169,11 @@ def export_cmd(
     A `.celeb` bundle contains the person's face crop unless --no-face; the other formats
     contain only the identity's two token vectors.
     """
-    result = export_identity(name, output, fmt.value, overwrite=force, include_face=not no_face)
+    if with_basis and fmt is not ExportFormat.celeb:
+        raise typer.BadParameter("--with-basis is for .celeb bundles (--format celeb).",
+                                 param_hint="--with-basis")
+    result = export_identity(name, output, fmt.value, overwrite=force, include_face=not no_face,
+                             with_basis=with_basis)
     if json_out:
         print_json(result.to_dict())
         return
@@ -207,6 +214,7 @@ def import_cmd(
             out.print(f"Imported '{ident.name}'.")
         return
     imported, failed = [], []
+    said: set[str] = set()  # a note shared by several bundles (a missing basis) is said once
     for bundle in bundle_paths:
         try:
             ident, notes = _import_one(bundle, None, force)
@@ -215,7 +223,9 @@ def import_cmd(
             err.print(styled(("Error:", "bold red"), f" {bundle}: {exc}"))
             continue
         for note in notes:
-            warn(note)
+            if note not in said:
+                warn(note)
+                said.add(note)
         imported.append({"name": ident.name, "path": str(ident.path), "notes": notes})
         if not json_out:
             out.print(f"Imported '{ident.name}' from {bundle.name}.")

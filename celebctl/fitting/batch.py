@@ -42,6 +42,7 @@ class BatchOptions:
     pack: int | None = None  # people per training batch; None: by device
     replace: bool = False
     bundles: Path | None = None  # also write NAME.celeb here (for jobs across machines)
+    bundle_basis: bool = False  # and carry the basis in each (a fresh machine needs no step)
 
     def check(self) -> None:
         """Refuse options that cannot work, before anything is read or loaded."""
@@ -50,6 +51,8 @@ class BatchOptions:
             raise InvalidOption(f"--pack must be between 1 and {MAX_PACK}.")
         if self.bundles is not None and self.bundles.exists() and not self.bundles.is_dir():
             raise InvalidOption(f"--bundles {self.bundles} is not a folder.")
+        if self.bundle_basis and self.bundles is None:
+            raise InvalidOption("--with-basis puts the basis in the bundles: give --bundles DIR.")
 
 
 @dataclass
@@ -290,7 +293,8 @@ class _Fitter:
 
         bundle = _bundle_path(self.options, person.name)
         if bundle is not None:
-            export_bundle(person.name, bundle, overwrite=True)
+            export_bundle(person.name, bundle, overwrite=True,
+                          with_basis=self.options.bundle_basis)
 
     def _row(self, person: Person, status: str, reason: str = "",
              seconds: float | None = None) -> PersonRow:

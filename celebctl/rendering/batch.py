@@ -6,7 +6,8 @@ The job:
 1. The file is read and checked (:mod:`.promptfile`) and every line planned: identities
    found (an unknown one is reported with its line), one model and one basis for the whole
    file, each line's token count. Nothing loads before this passes.
-2. Rank 0 lists the images still to make: line N's image with seed S is
+2. The model loads (on ``cuda:LOCAL_RANK`` under a launcher, :mod:`celebctl.distributed`).
+3. Rank 0 lists the images still to make: line N's image with seed S is
    ``L{N:05d}-s{S:07d}-{slug}.png``; one that exists as a complete PNG made with the same
    prompt and settings is skipped, one made otherwise (other steps, size, seed, basis, or an
    identity fitted anew since: its TI hash differs) stops the job (nothing is replaced).
@@ -21,6 +22,10 @@ The job:
    PNG's parameters, which is what makes those parameters a recipe.
 5. PNGs are written crash-safely (a temp file, then a link to the final name), so a PNG is
    there in full or not at all, and a rerun carries on where a stopped job ended.
+
+Steps 2 and 3 swap whenever the image size is known without the model (given, a built-in
+model, a diffusers folder): what is left, and an image made otherwise, are decided before the
+model loads, so a job with nothing left to draw loads nothing.
 
 Rank 0 reports progress over the whole job (the group's counters) and gathers every rank's
 rows for the summary.
@@ -40,6 +45,7 @@ from ..clipskip import check_loaded_range, render_clip_skip
 from ..denoise import UNetCall, sample_images
 from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
 from ..loras import apply_loras, resolve_loras, set_key
+from .early import resolution_without_loading, schedule_type_without_loading, syntax_notes_by_line
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
 from .images import DEFAULT_OUT_DIR, _prepare_out_dir, embedding_hashes, png_bytes
 from .img2img import HiresFix, InitImage, prepare_redraw
@@ -53,7 +59,6 @@ from .plan import (
     default_guidance,
     lora_requests_of,
     noise_note,
-    unsupported_syntax_notes,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
 from .render import ProgressCallback, check_basis_once, image_settings
@@ -241,21 +246,6 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                        basis_id=basis_id, spec=spec, notes=notes)
 
 
-def syntax_notes_by_line(lines: Sequence[PromptLine], negative: str, shown: str) -> list[str]:
-    """`render`'s notes for WebUI syntax celebctl reads as text (:func:`unsupported_syntax_notes`),
-    one per kind for the whole file with the lines that use it, and the negative's."""
-    lines_of: dict[str, list[int]] = {}
-    for line in lines:
-        for note in unsupported_syntax_notes(line.text):
-            lines_of.setdefault(note, []).append(line.number)
-    notes = []
-    for note, numbers in lines_of.items():
-        where = ", ".join(str(n) for n in numbers[:10])
-        where += f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
-        notes.append(f"Line{'s' if len(numbers) > 1 else ''} {where} of {shown}: {note}")
-    return notes + unsupported_syntax_notes("", negative)
-
-
 def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
     """None when ``path`` is a complete PNG made with ``expected``'s settings; else why not."""
     import json
@@ -419,11 +409,11 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     # What is left, and whether an image was made otherwise, is decided before the model loads
     # whenever the image size is known without it (#24: no load for a job with nothing to do).
     side = (components.default_resolution if components is not None
-            else _resolution_without_loading(job.spec))
+            else resolution_without_loading(job.spec))
     known = None
     if (width and height) or redraw.init is not None or side is not None:
         known = redraw.sizes(width, height, side or 0)[:2]  # an init image's own size counts
-    early_schedule = _schedule_type_without_loading(choice, job.spec, components)
+    early_schedule = schedule_type_without_loading(choice, job.spec, components)
     if early_schedule is None:  # the model's scheduler decides the PNG's schedule type
         known = None
     todo, skipped = decide(*known, early_schedule) if known is not None else ([], {})
@@ -554,57 +544,6 @@ def _settings_of(job: PromptsPlan, steps: int, choice: samplers.SamplerChoice,
         return cache[index]
 
     return settings
-
-
-def _schedule_type_without_loading(choice: samplers.SamplerChoice, spec: ModelSpec,
-                                   components: Components | None) -> str | None:
-    """The schedule type the PNGs will record, when known before the model loads: a sampler
-    chosen by name has its own; an older `--scheduler` value reads the model's scheduler
-    config (loaded parts, a built-in model, a diffusers folder). None otherwise."""
-    import json
-
-    from ..models import BUILTIN_FAMILIES
-
-    if choice.legacy is None:
-        return choice.schedule
-    config: Any = None
-    if components is not None:
-        config = components.scheduler.config
-    elif spec.kind in BUILTIN_FAMILIES:
-        from ..models.builtin import _sd_scheduler_config
-
-        config = _sd_scheduler_config()
-    elif spec.kind == "folder" and spec.path is not None:
-        try:
-            config = json.loads((spec.path / "scheduler" / "scheduler_config.json")
-                                .read_text("utf-8"))
-        except (OSError, ValueError):
-            return None
-    if not isinstance(config, dict) and not hasattr(config, "get"):
-        return None
-    return samplers.schedule_label(choice, config)
-
-
-def _resolution_without_loading(spec: ModelSpec) -> int | None:
-    """The model's default image size when it is known for certain without loading it: the
-    built-in models, and a diffusers folder's UNet and VAE configs. None otherwise (a single
-    file's size is known once it is loaded)."""
-    import json
-
-    from ..models import BUILTIN_FAMILIES
-
-    if spec.kind in BUILTIN_FAMILIES:
-        return spec.default_resolution
-    if spec.kind != "folder" or spec.path is None:
-        return None
-    try:
-        unet = json.loads((spec.path / "unet" / "config.json").read_text("utf-8"))
-        vae = json.loads((spec.path / "vae" / "config.json").read_text("utf-8"))
-        size = unet["sample_size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
 
 
 def _chunk_count(plan: RenderPlan) -> int:
