@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from celebctl import registry, rendering
-from celebctl.rendering import batch
+from celebctl.rendering import resume
 from tests.helpers import one_torch_thread
 
 runner = CliRunner()
@@ -62,8 +62,8 @@ def test_another_basis_or_identity_hash_is_not_this_jobs_image(tmp_path):
             "sampler": "DDIM", "celebctl_version": "x", "identities": ["alice"]}
     path = tmp_path / "a.png"
     path.write_bytes(png_bytes(Image.new("RGB", (8, 8)), made))
-    assert batch._existing_image(path, dict(made)) is None
-    assert batch._existing_image(path, {**made, "basis_id": "b2"}) == (
+    assert resume.existing_image(path, dict(made)) is None
+    assert resume.existing_image(path, {**made, "basis_id": "b2"}) == (
         "was made with other settings (basis_id: 'b1', not 'b2')")
-    assert batch._existing_image(path, {**made, "ti_hashes": {"alice": "bbbb"}}) == (
+    assert resume.existing_image(path, {**made, "ti_hashes": {"alice": "bbbb"}}) == (
         "was made with another fit of alice (TI hash 'aaaa', not 'bbbb')")

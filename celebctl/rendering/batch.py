@@ -34,7 +34,7 @@ rows for the summary.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .. import filehash, samplers
 from ..clipskip import check_loaded_range, render_clip_skip
 from ..denoise import UNetCall, sample_images
-from ..errors import BasisMismatch, CelebctlError, InvalidOption, StorageError
+from ..errors import BasisMismatch, CelebctlError, InvalidOption
 from ..loras import apply_loras, resolve_loras, set_key
 from .early import resolution_without_loading, schedule_type_without_loading, syntax_notes_by_line
 from .encoding import PromptEmbeds, encode_prompt_pair, identity_vectors_for
@@ -61,7 +61,8 @@ from .plan import (
     noise_note,
 )
 from .promptfile import PromptLine, image_name, read_prompts_file
-from .render import ProgressCallback, check_basis_once, image_settings
+from .render import ProgressCallback, check_basis_once
+from .resume import resume_note, settings_of, todo_images
 from .settings import auto_batch_size, make_scheduler, render_dtype, sampler_choice
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,16 +71,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_SEEDS = 1000
 MAX_JOB_IMAGES = 1_000_000
-# The settings an existing PNG must share with this job to count as this job's image.
-SAME_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "cfg_scale",
-                 "width", "height", "model", "person_noun", "sampler", "schedule_type",
-                 "scheduler_config", "clip_skip", "loras", "denoising_strength",
-                 "init_image_sha256", "hires_scale", "hires_steps", "hires_upscaler",
-                 "basis_id", "ti_hashes")
-# Settings earlier releases did not record: compared only when the PNG has them (there the
-# "scheduler" value ddim/dpm/euler says it all).
-NEWER_SETTINGS = ("schedule_type", "scheduler_config")
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _DONE_KEY = "prompts/images-done"
 
 
@@ -246,74 +237,6 @@ def plan_prompt_lines(lines: Sequence[PromptLine], negative: str = "",
                        basis_id=basis_id, spec=spec, notes=notes)
 
 
-def _existing_image(path: Path, expected: dict[str, Any]) -> str | None:
-    """None when ``path`` is a complete PNG made with ``expected``'s settings; else why not."""
-    import json
-
-    from PIL import Image
-
-    from ..storage.special_files import is_regular_file
-
-    if not is_regular_file(path, follow_symlinks=False):
-        return "is not a regular file"
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            handle.seek(-len(_PNG_END), 2)
-            tail = handle.read()
-        if head != b"\x89PNG\r\n\x1a\n" or tail != _PNG_END:
-            return "is not a complete PNG"
-        with Image.open(path) as image:
-            raw = (getattr(image, "text", None) or {}).get("celebctl")
-        made = json.loads(raw) if raw else None
-    except (OSError, ValueError, SyntaxError):
-        return "is not a complete PNG"
-    if not isinstance(made, dict):
-        return "was not made by celebctl"
-    for key in SAME_SETTINGS:
-        if key in NEWER_SETTINGS and key not in made:
-            continue
-        if made.get(key) != expected.get(key):
-            return _other_settings(key, made.get(key), expected.get(key))
-    return None
-
-
-def _other_settings(key: str, made: Any, expected: Any) -> str:
-    """Why an image is not this job's: the first setting that differs, in words."""
-    if key == "ti_hashes" and isinstance(made, dict) and isinstance(expected, dict):
-        # An identity replaced or refitted since (`add --replace`, `joint`): its TI hash moved.
-        for name, digest in expected.items():
-            if made.get(name) != digest:
-                return (f"was made with another fit of {name} (TI hash {made.get(name)!r}, "
-                        f"not {digest!r})")
-    return f"was made with other settings ({key}: {made!r}, not {expected!r})"
-
-
-def _todo(job: PromptsPlan, seeds: Sequence[int], out_dir: Path,
-          settings: Callable[[int], dict[str, Any]]
-          ) -> tuple[list[tuple[int, int]], dict[tuple[int, int], Path]]:
-    """The images still to make and those already there; raises StorageError for a name that
-    holds something else."""
-    from ..documents import visible
-
-    present = {p.name for p in out_dir.iterdir()}
-    todo, skipped = [], {}
-    for index, (line, plan) in enumerate(zip(job.lines, job.plans, strict=True)):
-        for seed in seeds:
-            name = image_name(line, seed, plan.prompt.plain())
-            if name not in present:
-                todo.append((index, seed))
-                continue
-            why = _existing_image(out_dir / name, {**settings(index), "seed": seed})
-            if why is not None:
-                raise StorageError(
-                    f"{visible(str(out_dir / name))} {why}, so it is not this job's image "
-                    f"(line {line.number}, seed {seed}). Nothing is replaced: move it away or "
-                    "render into another --out.")
-            skipped[(index, seed)] = out_dir / name
-    return todo, skipped
-
-
 def _stack(embeds: Sequence[PromptEmbeds]) -> PromptEmbeds:
     """One row per image: the embeddings of a batch's images, stacked."""
     import torch
@@ -396,8 +319,8 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
         decided: Any = None
         if launch.is_main:
             try:
-                decided = _todo(job, seed_list, out,
-                                _settings_of(job, steps, choice, guidances, side_w, side_h,
+                decided = todo_images(job, seed_list, out,
+                                settings_of(job, steps, choice, guidances, side_w, side_h,
                                              model_hashing, hashes, schedule_type, redraw))
             except CelebctlError as exc:
                 decided = exc
@@ -442,7 +365,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
     schedule_type = samplers.schedule_label(choice, noise_scheduler.config)
     if known != (width, height) or early_schedule != schedule_type:
         todo, skipped = decide(width, height, schedule_type)  # not known before loading
-    settings = _settings_of(job, steps, choice, guidances, width, height, model_hashing,
+    settings = settings_of(job, steps, choice, guidances, width, height, model_hashing,
                             hashes, schedule_type, redraw)
     mine = shard(todo, launch)
     # Batches hold one LoRA set, one chunk count and one guidance scale (see the module
@@ -509,7 +432,7 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
             for future in pending:
                 future.result()
     except CelebctlError as exc:
-        exc.args = (f"{exc} {_resume_note(len(written))}",)
+        exc.args = (f"{exc} {resume_note(len(written))}",)
         raise
     report()
     if group is not None and launch.is_main:
@@ -522,28 +445,6 @@ def render_prompts_file(path: str | Path, *, seeds: int = 1, seed: int = 0, nega
                          world_size=launch.world_size, notes=notes,
                          sampler=choice.sampler.name, schedule_type=schedule_type,
                          elapsed_s=time.perf_counter() - started)
-
-
-def _settings_of(job: PromptsPlan, steps: int, choice: samplers.SamplerChoice,
-                 guidances: Sequence[float], width: int, height: int,
-                 model_hashing: filehash.BackgroundHash, hashes: dict[str, str],
-                 schedule_type: str, redraw: Any) -> Callable[[int], dict[str, Any]]:
-    """Line index -> the settings its PNGs record (the model's hash is waited for only when a
-    line's settings are first needed: a fresh job never needs it before the model loads)."""
-    cache: dict[int, dict[str, Any]] = {}
-
-    def settings(index: int) -> dict[str, Any]:
-        if index not in cache:
-            made = image_settings(job.plans[index], steps=steps, scheduler=choice,
-                                  guidance=guidances[index], width=width, height=height,
-                                  model_hash=model_hashing.result(), ti_hashes=hashes,
-                                  schedule_type=schedule_type)
-            made.update(redraw.settings(steps, width, height))
-            cache.clear()  # one line's images are near each other: keep few
-            cache[index] = made
-        return cache[index]
-
-    return settings
 
 
 def _chunk_count(plan: RenderPlan) -> int:
@@ -562,8 +463,3 @@ def _batches(items: Sequence[tuple[int, int]], size: int, guidances: Sequence[fl
             group_of = key
         batches[-1].append(item)
     return batches
-
-
-def _resume_note(count: int) -> str:
-    done = f"{count} image{'s' if count != 1 else ''} of this process had been written in full"
-    return f"{done}; run the same command again to render the rest (finished ones are skipped)."
