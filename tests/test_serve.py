@@ -211,6 +211,7 @@ def test_lora_tags_in_prompts_and_the_lora_list(server):
         "prompt": "alice <lora:flim:0.8>", **SMALL})
     assert answer.status_code == 422
     assert "No LoRA 'flim'" in answer.json()["message"]
+    assert str(server.home) not in answer.json()["message"]  # the server's paths stay its own
     assert len(jobs(server)) == before
 
 

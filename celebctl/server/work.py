@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, LoraError
 from .jobs import Job, JobInterrupted
 
 MAX_PHOTO_UPLOAD = 20 * 1024 * 1024
@@ -96,10 +96,18 @@ def check_render(settings: ServerSettings, options: RenderOptions) -> Any:
             raise InvalidOption(f"The hires fix makes {options.width}x{options.height} into "
                                 f"{out_w}x{out_h}, past this server's {settings.max_size} px "
                                 "(celebctl serve --max-size); lower the scale or the size.")
-    return rendering.plan_render(options.prompt, options.negative, settings.spec(),
-                                 tokenizer=_warm_tokenizer(settings),
-                                 person_noun=options.person_noun,
-                                 clip_skip=options.clip_skip)
+    try:
+        return rendering.plan_render(options.prompt, options.negative, settings.spec(),
+                                     tokenizer=_warm_tokenizer(settings),
+                                     person_noun=options.person_noun,
+                                     clip_skip=options.clip_skip)
+    except LoraError as exc:  # a client learns the LoRA names (GET /loras), not our paths
+        from ..documents import visible
+        from ..loras.files import lora_folder
+
+        folder = visible(str(lora_folder()))
+        raise LoraError(str(exc).replace(folder, "the server's LoRA folder (GET "
+                                         "/sdapi/v1/loras lists it)")) from None
 
 
 def _warm_tokenizer(settings: ServerSettings) -> Any:
@@ -171,6 +179,7 @@ def render(settings: ServerSettings, options: RenderOptions):
             return summary
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            options.init_image = None  # finished jobs are kept a while; the image is not
 
     return run
 
