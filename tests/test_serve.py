@@ -293,6 +293,8 @@ def test_txt2img_refuses_what_it_would_draw_differently(server, field, value):
     ({"steps": 151}, "steps must be between 1 and 150"),
     ({"batch_size": 9, "n_iter": 2}, "At most 16 images"),
     ({"width": 4096}, "width must be at most 1024"),
+    ({"enable_hr": True, "hr_second_pass_steps": 151}, "hires steps must be at most 150"),
+    ({"enable_hr": True, "hr_scale": 4, "width": 512, "height": 512}, "past this server's 1024"),
     ({"prompt": "<nobody> at the beach"}, "nobody"),
 ])
 def test_limits_and_prompts_refused_before_queueing(server, body, says):

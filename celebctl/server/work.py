@@ -90,6 +90,10 @@ def check_render(settings: ServerSettings, options: RenderOptions) -> Any:
     prepare_redraw(init_image=options.init_image, strength=options.strength,
                    hires=options.hires, steps=options.steps, width=options.width,
                    height=options.height)
+    if options.hires is not None and options.hires.steps_for(options.steps) > settings.max_steps:
+        raise InvalidOption(f"hires steps must be at most {settings.max_steps} on this server "
+                            f"(celebctl serve --max-steps), not "
+                            f"{options.hires.steps_for(options.steps)}.")
     if options.hires is not None and options.width and options.height:
         out_w, out_h = options.hires.size(options.width, options.height)
         if max(out_w, out_h) > settings.max_size:
