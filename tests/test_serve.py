@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from celebctl import samplers
 from tests.helpers import PHOTO
 from tests.serving import ServerProcess
 
@@ -71,15 +72,20 @@ def test_webuiapi_client_renders_an_identity_by_name(server):
     # The PNG carries the same text chunks `celebctl render` writes.
     text = result.images[0].info
     assert text["parameters"].startswith("alice person riding a bike\nNegative prompt: ")
-    assert "Steps: 2, Sampler: Euler, CFG scale: 6, Seed: 5, Size: 64x64" in text["parameters"]
+    assert ("Steps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 6, Seed: 5, "
+            "Size: 64x64") in text["parameters"]
     assert "Identities: alice" in text["parameters"]
     meta = json.loads(text["celebctl"])
-    assert meta["identities"] == ["alice"] and meta["scheduler"] == "euler"
+    assert meta["identities"] == ["alice"] and meta["sampler"] == "Euler"
     assert result.info["infotexts"] == [text["parameters"]]
+    assert result.info["scheduler"] == "Automatic" and result.info["clip_skip"] == 1
 
     assert api.util_get_model_names() == ["tiny"]
     assert api.util_get_current_model() == "tiny"
-    assert sorted(s["name"] for s in api.get_samplers()) == ["DDIM", "DPM++ 2M", "Euler"]
+    listed = {s["name"]: s for s in api.get_samplers()}
+    assert list(listed) == samplers.sampler_names()
+    assert "k_euler_a" in listed["Euler a"]["aliases"]
+    assert listed["DPM++ 2M"]["options"] == {"scheduler": "karras"}
     embeddings = api.get_embeddings()
     assert set(embeddings["loaded"]) == {"alice", "bob"}
     assert embeddings["loaded"]["alice"]["vectors"] == 2
@@ -89,15 +95,124 @@ def test_webuiapi_client_renders_an_identity_by_name(server):
     assert progress["state"]["job_count"] == 0 and progress["progress"] == 0.0
 
 
-def test_webuiapi_default_sampler_is_refused_by_name(server):
+def test_webuiapi_defaults_euler_a_and_automatic_render(server):
     import webuiapi
 
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # "Euler a", "automatic"
-    with pytest.raises(RuntimeError) as caught:
-        api.txt2img(prompt="alice", width=64, height=64)
-    status, body = caught.value.args
-    assert status == 422
-    assert "sampler_name: celebctl has no sampler 'Euler a'" in json.loads(body)["message"]
+    result = api.txt2img(prompt="alice", width=64, height=64, steps=2, seed=8)
+    assert result.info["sampler_name"] == "Euler a" and result.info["scheduler"] == "Automatic"
+    assert "Sampler: Euler a, Schedule type: Automatic" in result.images[0].info["parameters"]
+
+
+def test_karras_schedule_and_clip_skip_override(server):
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
+        "prompt": "alice", **SMALL, "seed": 4, "sampler_name": "DPM++ 2M",
+        "scheduler": "karras", "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert (info["sampler_name"], info["scheduler"], info["clip_skip"]) == (
+        "DPM++ 2M", "Karras", 2)
+    params = png_text(base64.b64decode(answer.json()["images"][0]))["parameters"]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in params
+    assert "Clip skip: 2" in params
+    # alice was fitted at clip skip 1: the render says so.
+    assert any("clip skip" in note for note in info["celebctl"]["notes"])
+    listed = httpx.get(f"{server.url}/sdapi/v1/schedulers").json()
+    karras = next(s for s in listed if s["label"] == "Karras")
+    assert set(karras) == {"name", "label", "aliases", "default_rho", "need_inner_model"}
+    assert karras["name"] == "karras"
+    assert httpx.get(f"{server.url}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+
+
+def test_hires_fix_through_webuiapi(server):
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", steps=2)
+    result = api.txt2img(prompt="bob", width=64, height=64, seed=2, enable_hr=True,
+                         hr_scale=2, hr_upscaler=webuiapi.HiResUpscaler.Latent,
+                         hr_second_pass_steps=2, denoising_strength=0.6)
+    assert result.images[0].size == (128, 128)
+    params = result.images[0].info["parameters"]
+    assert "Size: 64x64" in params  # the first pass's, as the WebUI writes it
+    for field in ("Denoising strength: 0.6", "Hires upscale: 2", "Hires steps: 2",
+                  "Hires upscaler: Latent"):
+        assert field in params
+    assert result.info["denoising_strength"] == 0.6
+    assert result.info["extra_generation_params"]["Hires upscaler"] == "Latent"
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
+
+
+def test_img2img_through_webuiapi(server):
+    import webuiapi
+    from PIL import Image
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, steps=4)
+    with Image.open(PHOTO) as photo:
+        init = photo.convert("RGB").resize((80, 72))
+    result = api.img2img(images=[init], prompt="alice", width=64, height=64, seed=3,
+                         denoising_strength=0.5)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    params = result.images[0].info["parameters"]
+    assert "Denoising strength: 0.5" in params and "Sampler: Euler a" in params
+    assert result.info["denoising_strength"] == 0.5
+    assert "init_images" not in result.parameters
+    meta = json.loads(result.images[0].info["celebctl"])
+    assert meta["init_image_sha256"]  # the PNG records which image it started from
+
+
+def _img2img(server, image: bytes, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=300, json={
+        "prompt": "alice", **SMALL, "init_images": [
+            "data:image/png;base64," + base64.b64encode(image).decode()], **body})
+
+
+def test_img2img_init_images_that_are_not_images(server):
+    from PIL import Image
+
+    before = len(jobs(server))
+    answer = _img2img(server, b"#!/bin/sh\necho hi\n")
+    assert answer.status_code == 422
+    assert answer.json()["message"].startswith("init_images: ")
+    assert "not an image" in answer.json()["message"]
+    assert "/tmp" not in answer.json()["message"] and "celebctl-init" not in answer.text
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 MP in a few kB
+    answer = _img2img(server, buffer.getvalue())
+    assert answer.status_code == 422 and "megapixel" in answer.json()["message"]
+    answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json={
+        "prompt": "alice", **SMALL, "init_images": ["not base64!"]})
+    assert answer.status_code == 422 and "base64" in answer.json()["message"]
+    answer = _img2img(server, PHOTO.read_bytes(), mask="aGVsbG8=")
+    assert answer.status_code == 422 and answer.json()["message"].startswith("mask: ")
+    assert len(jobs(server)) == before  # refused before anything queued
+
+
+def test_lora_tags_in_prompts_and_the_lora_list(server):
+    from celebctl import models
+    from tests.helpers import data_home
+    from tests.test_lora import make_lora
+
+    folder = server.home / "loras"
+    with data_home(server.home):
+        parts = models.load_pipeline_components("tiny", "cpu", "fp32")
+    make_lora(parts, folder / "styles" / "film.safetensors")
+    (folder / "old.ckpt").write_bytes(b"never listed")
+    listed = httpx.get(f"{server.url}/sdapi/v1/loras").json()
+    assert listed == [{"name": "film", "alias": "film", "path": "styles/film.safetensors",
+                       "metadata": {}}]
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
+        "prompt": "alice <lora:film:0.8>", **SMALL, "seed": 1, "sampler_name": "Euler"})
+    assert answer.status_code == 200, answer.text
+    params = png_text(base64.b64decode(answer.json()["images"][0]))["parameters"]
+    assert "<lora:film:0.8>" in params and "Lora hashes: " in params
+    before = len(jobs(server))
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={
+        "prompt": "alice <lora:flim:0.8>", **SMALL})
+    assert answer.status_code == 422
+    assert "No LoRA 'flim'" in answer.json()["message"]
+    assert str(server.home) not in answer.json()["message"]  # the server's paths stay its own
+    assert len(jobs(server)) == before
 
 
 def test_open_webui_request_shape(server):
@@ -130,12 +245,13 @@ def test_sillytavern_request_shape(server):
     assert httpx.get(f"{base}/sdapi/v1/options").status_code == 200
     assert "DPM++ 2M" in [s["name"] for s in httpx.get(f"{base}/sdapi/v1/samplers").json()]
     assert [s["name"] for s in httpx.get(f"{base}/sdapi/v1/schedulers").json()] == [
-        "automatic"]
+        "automatic", "uniform", "karras", "exponential", "sgm_uniform", "ddim", "beta"]
     assert httpx.post(f"{base}/sdapi/v1/options",
                       json={"sd_model_checkpoint": "tiny"}).status_code == 200
     # The lists its settings panel asks for: answered, and empty where celebctl has none.
-    assert [u["name"] for u in httpx.get(f"{base}/sdapi/v1/upscalers").json()] == ["None"]
-    assert httpx.get(f"{base}/sdapi/v1/latent-upscale-modes").json() == []
+    assert [u["name"] for u in httpx.get(f"{base}/sdapi/v1/upscalers").json()] == [
+        "None", "Lanczos"]
+    assert httpx.get(f"{base}/sdapi/v1/latent-upscale-modes").json() == [{"name": "Latent"}]
     assert httpx.get(f"{base}/sdapi/v1/sd-vae").json() == []
     body = {
         "prompt": "alice and bob, best quality", "negative_prompt": "lowres",
@@ -158,9 +274,9 @@ def test_sillytavern_request_shape(server):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("enable_hr", True), ("init_images", ["aGVsbG8="]), ("restore_faces", True),
-    ("tiling", True), ("sampler_name", "Euler a"), ("scheduler", "karras"),
-    ("override_settings", {"CLIP_stop_at_last_layers": 2}),
+    ("mask", "aGVsbG8="), ("init_images", ["aGVsbG8="]), ("restore_faces", True),
+    ("tiling", True), ("sampler_name", "Euler b"), ("scheduler", "align_your_steps"),
+    ("override_settings", {"CLIP_stop_at_last_layers": 99}),
     ("override_settings", {"sd_model_checkpoint": "sd_xl_base_1.0"}),
     ("alwayson_scripts", {"ADetailer": {"args": [True]}}),
 ])
@@ -177,6 +293,8 @@ def test_txt2img_refuses_what_it_would_draw_differently(server, field, value):
     ({"steps": 151}, "steps must be between 1 and 150"),
     ({"batch_size": 9, "n_iter": 2}, "At most 16 images"),
     ({"width": 4096}, "width must be at most 1024"),
+    ({"enable_hr": True, "hr_second_pass_steps": 151}, "hires steps must be at most 150"),
+    ({"enable_hr": True, "hr_scale": 4, "width": 512, "height": 512}, "past this server's 1024"),
     ({"prompt": "<nobody> at the beach"}, "nobody"),
 ])
 def test_limits_and_prompts_refused_before_queueing(server, body, says):

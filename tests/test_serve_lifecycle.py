@@ -70,14 +70,18 @@ def test_list_and_help_do_not_import_the_server():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize(("sampler", "scheduler"), [
-    ("DDIM", "ddim"), ("Euler", "euler"), ("DPM++ 2M", "dpm"), ("k_euler", "euler")])
-def test_webui_sampler_names_map_to_schedulers(sampler, scheduler):
+@pytest.mark.parametrize(("body", "sampler", "schedule"), [
+    ({"sampler_name": "DDIM"}, "DDIM", "Automatic"),
+    ({"sampler_name": "Euler a", "scheduler": "automatic"}, "Euler a", "Automatic"),
+    ({"sampler_name": "DPM++ 2M", "scheduler": "karras"}, "DPM++ 2M", "Karras"),
+    ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Automatic"}, "DPM++ 2M", "Karras"),
+    ({"sampler_index": "k_euler", "scheduler": "sgm_uniform"}, "Euler", "SGM Uniform"),
+    ({"sampler_name": "UniPC"}, "UniPC", "Automatic")])
+def test_webui_sampler_names_go_through_celebctl_samplers(body, sampler, schedule):
     from celebctl.server.webui import Txt2ImgRequest, render_options_from_txt2img
 
-    options = render_options_from_txt2img(
-        Txt2ImgRequest(prompt="alice", sampler_name=sampler), {"tiny"})
-    assert options.scheduler == scheduler
+    options = render_options_from_txt2img(Txt2ImgRequest(prompt="alice", **body), {"tiny"})
+    assert (options.sampler, options.schedule, options.scheduler) == (sampler, schedule, None)
 
 
 def test_webui_defaults_are_the_webuis():
@@ -86,12 +90,26 @@ def test_webui_defaults_are_the_webuis():
     options = render_options_from_txt2img(Txt2ImgRequest(prompt="alice"), {"tiny"})
     assert (options.steps, options.guidance, options.width, options.height) == (
         50, 7.0, 512, 512)
-    assert options.scheduler == "euler"  # sampler_index's default, "Euler"
+    assert (options.sampler, options.schedule) == ("Euler", "Automatic")  # sampler_index's
     assert options.seed is None and options.num_images == 1
+    assert options.clip_skip is None and options.hires is None
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "UniPC", "LCM"])
-def test_webui_samplers_celebctl_lacks_are_refused_by_field(sampler):
+@pytest.mark.parametrize(("body", "field", "says"), [
+    ({"sampler_name": "Euler b"}, "sampler_name", "Unknown sampler 'Euler b'"),
+    ({"sampler_index": "nope"}, "sampler_index", "Unknown sampler 'nope'"),
+    ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler", "no 'Karras' schedule"),
+    ({"scheduler": "align_your_steps"}, "scheduler", "Unknown schedule type"),
+    ({"sampler_name": "DPM++ 2M Karras", "scheduler": "exponential"}, "scheduler",
+     "already says schedule type Karras"),
+    ({"sampler_name": "DDIM", "eta": 0.5}, "eta", "eta 0"),
+    ({"sampler_name": "Euler a", "eta": 0.5}, "eta", "eta 1"),
+    ({"sampler_name": "Euler", "s_churn": 1}, "s_churn", "without churn"),
+    ({"clip_skip": 40}, "clip_skip", "whole number from 1"),
+    ({"clip_skip": 2, "override_settings": {"CLIP_stop_at_last_layers": 3}}, "clip_skip",
+     "differs"),
+])
+def test_webui_values_celebctl_lacks_are_refused_by_field(body, field, says):
     from celebctl.server.webui import (
         Txt2ImgRequest,
         UnsupportedField,
@@ -99,8 +117,95 @@ def test_webui_samplers_celebctl_lacks_are_refused_by_field(sampler):
     )
 
     with pytest.raises(UnsupportedField) as caught:
-        render_options_from_txt2img(Txt2ImgRequest(sampler_name=sampler), {"tiny"})
-    assert caught.value.field == "sampler_name"
+        render_options_from_txt2img(Txt2ImgRequest(**body), {"tiny"})
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ") and says in str(caught.value)
+
+
+def test_webui_eta_and_clip_skip_that_change_nothing_are_taken():
+    from celebctl.server.webui import Txt2ImgRequest, render_options_from_txt2img
+
+    for body in ({"sampler_name": "Euler a", "eta": 1}, {"sampler_name": "DDIM", "eta": 0},
+                 {"sampler_name": "Euler", "eta": 0.3}, {"clip_skip": 0}):
+        render_options_from_txt2img(Txt2ImgRequest(**body), {"tiny"})
+    options = render_options_from_txt2img(
+        Txt2ImgRequest(override_settings={"CLIP_stop_at_last_layers": 2}), {"tiny"})
+    assert options.clip_skip == 2
+    assert render_options_from_txt2img(Txt2ImgRequest(clip_skip=3), {"tiny"}).clip_skip == 3
+
+
+def test_webui_hires_fields_map_to_hires_fix():
+    from celebctl.server.webui import Txt2ImgRequest, render_options_from_txt2img
+
+    options = render_options_from_txt2img(Txt2ImgRequest(enable_hr=True), {"tiny"})
+    hires = options.hires
+    # A1111's StableDiffusionProcessingTxt2Img defaults: hr_scale 2, denoising 0.75, Latent.
+    assert (hires.scale, hires.steps, hires.denoise, hires.upscaler) == (
+        2.0, None, 0.75, "latent")
+    options = render_options_from_txt2img(Txt2ImgRequest(
+        enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_second_pass_steps=3,
+        denoising_strength=0.4, hr_sampler_name="Use same sampler", hr_scheduler="",
+        hr_checkpoint_name="tiny", hr_prompt="", sampler_name="Euler"), {"tiny"})
+    assert (options.hires.scale, options.hires.steps, options.hires.denoise,
+            options.hires.upscaler) == (1.5, 3, 0.4, "lanczos")
+    # Off, its fields are ignored, as the WebUI ignores them.
+    assert render_options_from_txt2img(Txt2ImgRequest(hr_upscaler="ESRGAN_4x"),
+                                       {"tiny"}).hires is None
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"hr_resize_x": 1024}, "hr_resize_x"),
+    ({"hr_scale": 8}, "hr_scale"), ({"denoising_strength": 0}, "denoising_strength"),
+    ({"hr_sampler_name": "DDIM"}, "hr_sampler_name"), ({"hr_scheduler": "karras"},
+                                                       "hr_scheduler"),
+    ({"hr_prompt": "other"}, "hr_prompt"), ({"hr_negative_prompt": "x"}, "hr_negative_prompt"),
+    ({"hr_checkpoint_name": "sdxl"}, "hr_checkpoint_name"),
+])
+def test_webui_hires_fields_it_cannot_honour_are_refused(body, field):
+    from celebctl.server.webui import (
+        Txt2ImgRequest,
+        UnsupportedField,
+        render_options_from_txt2img,
+    )
+
+    with pytest.raises(UnsupportedField) as caught:
+        render_options_from_txt2img(Txt2ImgRequest(enable_hr=True, prompt="a", **body),
+                                    {"tiny"})
+    assert caught.value.field == field
+
+
+def test_webui_img2img_fields():
+    import base64
+
+    from celebctl.server.webui import (
+        Img2ImgRequest,
+        UnsupportedField,
+        render_options_from_img2img,
+    )
+
+    raw = base64.b64encode(b"png bytes").decode()
+    for sent in (raw, "data:image/png;base64," + raw):
+        options, data = render_options_from_img2img(Img2ImgRequest(init_images=[sent]),
+                                                    {"tiny"})
+        assert data == b"png bytes" and options.strength == 0.75  # the WebUI's default
+    # webuiapi's img2img defaults (eta 1 with Euler a, inpainting fields without a mask).
+    options, _ = render_options_from_img2img(Img2ImgRequest(
+        init_images=[raw], sampler_name="Euler a", eta=1.0, mask_blur=4, inpainting_fill=0,
+        inpaint_full_res=True, image_cfg_scale=1.5, initial_noise_multiplier=1,
+        denoising_strength=0.5, include_init_images=False), {"tiny"})
+    assert options.strength == 0.5 and options.sampler == "Euler a"
+    for body, field in (({"init_images": []}, "init_images"),
+                        ({"init_images": [raw, raw]}, "init_images"),
+                        ({"init_images": ["%%%"]}, "init_images"),
+                        ({"init_images": [raw], "resize_mode": 1}, "resize_mode"),
+                        ({"init_images": [raw], "mask": raw}, "mask"),
+                        ({"init_images": [raw], "initial_noise_multiplier": 0.5},
+                         "initial_noise_multiplier"),
+                        ({"init_images": [raw], "denoising_strength": 1.5},
+                         "denoising_strength")):
+        with pytest.raises(UnsupportedField) as caught:
+            render_options_from_img2img(Img2ImgRequest(**body), {"tiny"})
+        assert caught.value.field == field
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ class RenderRequest(BaseModel):
     num_images: int = 1
     steps: int = 50
     guidance: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # the older ddim/dpm/euler
+    sampler: str | None = None  # the WebUI's names ("DPM++ 2M"); none: the config's, or DDIM
+    schedule: str | None = None  # "Karras", ...
+    clip_skip: int | None = None  # None: the identities' own
     seed: int | None = 0
     width: int | None = None
     height: int | None = None
@@ -45,7 +48,8 @@ async def render(body: RenderRequest, state: State
                  ) -> dict[str, Any]:
     options = work.RenderOptions(
         prompt=body.prompt, negative=body.negative, num_images=body.num_images,
-        steps=body.steps, guidance=body.guidance, scheduler=body.scheduler, seed=body.seed,
+        steps=body.steps, guidance=body.guidance, scheduler=body.scheduler,
+        sampler=body.sampler, schedule=body.schedule, clip_skip=body.clip_skip, seed=body.seed,
         width=body.width, height=body.height, person_noun=body.person)
     await state.run_blocking(work.check_render, state.settings, options)
     job = state.queue.submit("render", f"render: {body.prompt[:60]}",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, LoraError
 from .jobs import Job, JobInterrupted
 
 MAX_PHOTO_UPLOAD = 20 * 1024 * 1024
@@ -47,12 +47,18 @@ class RenderOptions:
     num_images: int = 1
     steps: int = 50
     guidance: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # the older ddim/dpm/euler
+    sampler: str | None = None  # the WebUI's names (celebctl.samplers)
+    schedule: str | None = None
     seed: int | None = 0  # None: a random one
     width: int | None = None
     height: int | None = None
     batch_size: int | None = None
     person_noun: bool = True
+    clip_skip: int | None = None  # None: the identities' own (celebctl's rule)
+    hires: Any = None  # rendering.img2img.HiresFix
+    init_image: Any = None  # rendering.img2img.InitImage (staged by stage_init_image)
+    strength: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,13 +79,39 @@ def check_render(settings: ServerSettings, options: RenderOptions) -> Any:
         if value is not None and value > settings.max_size:
             raise InvalidOption(f"{label} must be at most {settings.max_size} px on this server "
                                 f"(celebctl serve --max-size), not {value}.")
+    from ..rendering.img2img import prepare_redraw
+    from ..rendering.settings import sampler_choice
+
+    choice = sampler_choice(options.scheduler, options.sampler, options.schedule)
     rendering.check_render_options(
         num_images=options.num_images, steps=options.steps, guidance=options.guidance,
-        scheduler=options.scheduler, seed=options.seed, width=options.width,
+        scheduler=choice, seed=options.seed, width=options.width,
         height=options.height, batch_size=options.batch_size)
-    return rendering.plan_render(options.prompt, options.negative, settings.spec(),
-                                 tokenizer=_warm_tokenizer(settings),
-                                 person_noun=options.person_noun)
+    prepare_redraw(init_image=options.init_image, strength=options.strength,
+                   hires=options.hires, steps=options.steps, width=options.width,
+                   height=options.height)
+    if options.hires is not None and options.hires.steps_for(options.steps) > settings.max_steps:
+        raise InvalidOption(f"hires steps must be at most {settings.max_steps} on this server "
+                            f"(celebctl serve --max-steps), not "
+                            f"{options.hires.steps_for(options.steps)}.")
+    if options.hires is not None and options.width and options.height:
+        out_w, out_h = options.hires.size(options.width, options.height)
+        if max(out_w, out_h) > settings.max_size:
+            raise InvalidOption(f"The hires fix makes {options.width}x{options.height} into "
+                                f"{out_w}x{out_h}, past this server's {settings.max_size} px "
+                                "(celebctl serve --max-size); lower the scale or the size.")
+    try:
+        return rendering.plan_render(options.prompt, options.negative, settings.spec(),
+                                     tokenizer=_warm_tokenizer(settings),
+                                     person_noun=options.person_noun,
+                                     clip_skip=options.clip_skip)
+    except LoraError as exc:  # a client learns the LoRA names (GET /loras), not our paths
+        from ..documents import visible
+        from ..loras.files import lora_folder
+
+        folder = visible(str(lora_folder()))
+        raise LoraError(str(exc).replace(folder, "the server's LoRA folder (GET "
+                                         "/sdapi/v1/loras lists it)")) from None
 
 
 def _warm_tokenizer(settings: ServerSettings) -> Any:
@@ -134,10 +166,13 @@ def render(settings: ServerSettings, options: RenderOptions):
                 result = rendering.render_prompt(
                     options.prompt, negative=options.negative, num_images=options.num_images,
                     steps=options.steps, guidance=options.guidance,
-                    scheduler=options.scheduler, seed=int(options.seed or 0),
+                    scheduler=options.scheduler, sampler=options.sampler,
+                    schedule=options.schedule, seed=int(options.seed or 0),
                     width=options.width, height=options.height,
                     batch_size=options.batch_size, components=components, out_dir=folder,
-                    progress=job.progress, on_file=keep, person_noun=options.person_noun)
+                    progress=job.progress, on_file=keep, person_noun=options.person_noun,
+                    clip_skip=options.clip_skip, init_image=options.init_image,
+                    strength=options.strength, hires=options.hires)
             except JobInterrupted:
                 return {"interrupted": True, "images": len(job.outputs),
                         "seeds": [int(options.seed or 0) + i for i in range(len(job.outputs))]}
@@ -148,8 +183,32 @@ def render(settings: ServerSettings, options: RenderOptions):
             return summary
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            options.init_image = None  # finished jobs are kept a while; the image is not
 
     return run
+
+
+def stage_init_image(data: bytes) -> Any:
+    """An uploaded init image as a checked InitImage: written to a fresh private folder under a
+    name the server chooses, read with `render --init-image`'s checks (a real image, not a
+    bomb, not damaged; PhotoError otherwise, naming no server path), the folder removed."""
+    from ..errors import PhotoError
+    from ..rendering.img2img import load_init_image
+
+    if len(data) > MAX_PHOTO_UPLOAD:
+        raise InvalidOption(f"init_images: the image is {len(data) / 2**20:.1f} MB; the limit "
+                            f"is {MAX_PHOTO_UPLOAD // 2**20} MB.")
+    folder = Path(tempfile.mkdtemp(prefix="celebctl-init-"))
+    path = folder / "init-image"
+    try:
+        path.write_bytes(data)
+        try:
+            return load_init_image(path)
+        except PhotoError as exc:
+            message = str(exc).removeprefix("--init-image: ").replace(str(path), "the image")
+            raise PhotoError(f"init_images: {message}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_add(name: str, photos: list[bytes], *, replace: bool, steps: int | None) -> None:
