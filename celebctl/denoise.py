@@ -227,6 +227,12 @@ def _denoise(unet_call, scheduler, embeds, family, generators, steps, guidance, 
     else:  # img2img: noised latents, and the tail of the schedule
         latents, timesteps = start.prepare(scheduler, generators, vae, family, device, dtype)
     unet_timesteps = timesteps.to(device)
+    if hasattr(scheduler, "noise_sampler_seed"):
+        # DPM++ SDE draws its noise from Brownian trees: one per image, seeded with the image's
+        # own seed (as the WebUI seeds them), so an image is the same in any batch and a seed
+        # gives the same image again. Unseeded, diffusers would pick a random seed.
+        scheduler.noise_sampler_seed = [g.initial_seed() for g in generators]
+        scheduler.noise_sampler = None
     cfg = guidance > 1
     states = _rows(embeds.prompt, batch)
     if cfg:

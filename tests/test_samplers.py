@@ -217,6 +217,9 @@ def same_as_diffusers(parts, pipe, made, tmp_path, guidance=7.5, steps=2, seed=4
                                      guidance=guidance, out_dir=tmp_path)
     ours = np.asarray(Image.open(result.paths[0]).convert("RGB"))
     pipe.scheduler = rendering.make_scheduler(made, parts.scheduler.config)
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE: its Brownian tree's seed
+        pipe.scheduler.register_to_config(noise_sampler_seed=[seed])
+        pipe.scheduler.noise_sampler_seed = [seed]
     with models.quiet_libraries():
         theirs = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=64,
                       width=64, generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
