@@ -66,7 +66,7 @@ def test_basis_ids_models_and_commands_complete(home):
         m for m in BUILTIN_FAMILIES if m.startswith("tiny")]
     assert complete("celebctl add alice p.png -m sd", shell="bash") == [
         "sd15-random", "sdxl-random"]
-    assert complete("celebctl re", shell="bash") == ["remove", "rename", "render"]
+    assert complete("celebctl re", shell="bash") == ["refit", "remove", "rename", "render"]
 
 
 def test_completion_of_an_empty_or_missing_home_is_empty(celebctl_home):

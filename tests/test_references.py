@@ -149,7 +149,9 @@ def test_import_notes_never_instruct_with_the_bundle_model(tiny_home, tmp_path):
     _, notes = bundles.import_bundle(bundle)
     text = " ".join(notes)
     assert "--model attacker/evil-model" not in text
-    assert "'attacker/evil-model'" in text and "not checked" in text
+    # The bundle's model is named as data: the model it says it was fitted with (the first
+    # render builds the missing basis from it and keeps it only when the id matches).
+    assert "'attacker/evil-model'" in text and "the model the bundle names" in text
     result = invoke("doctor", "--json")
     messages = " ".join(p["message"] for p in json.loads(result.stdout)["problems"])
     assert "--model attacker/evil-model" not in messages
