@@ -154,18 +154,11 @@ def normalise_model_key(key: str) -> str:
 
 def _config_models() -> dict[str, Any]:
     """The config file's ``[models]`` table (empty when there is no config)."""
-    from . import documents, paths
-    from .models.specs import MAX_CONFIG_BYTES
-    from .storage import special_files
+    from . import paths
+    from .models.specs import read_config_file
 
     config = paths.config_path()
-    if not os.path.lexists(config):
-        return {}
-    try:
-        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
-    except (OSError, ValueError) as exc:
-        raise InvalidOption(f"Could not read the config file {config}: {exc}. Fix or delete "
-                            "it.") from exc
+    data = read_config_file()
     table = data.get("models", {})
     if not isinstance(table, dict):
         raise InvalidOption(f"`models` in {config} must be a table of "

@@ -173,18 +173,11 @@ def lora_folder(lora_dir: str | Path | None = None) -> Path:
 
 def configured_lora_dir() -> Path | None:
     """The ``lora_dir`` set in the config file, or None."""
-    from .. import documents, paths
-    from ..models.specs import MAX_CONFIG_BYTES
-    from ..storage import special_files
+    from .. import paths
+    from ..models.specs import read_config_file
 
     config = paths.config_path()
-    if not os.path.lexists(config):
-        return None
-    try:
-        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
-    except (OSError, ValueError) as exc:
-        raise LoraError(f"Could not read the config file {config}: {exc}. Fix or delete it."
-                        ) from exc
+    data = read_config_file(LoraError)
     value = data.get("lora_dir")
     if value is None:
         return None

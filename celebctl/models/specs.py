@@ -93,19 +93,26 @@ class ModelSpec:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-def configured_model() -> str | None:
-    """The ``default_model`` the user set in the config file, or None when there is none."""
+def read_config_file(error: type[Exception] = InvalidOption) -> dict[str, Any]:
+    """The user's config file (``config.toml`` in the data home) as a dict, {} when there is
+    none; ``error`` (a CelebctlError class) names the file when it cannot be read. Every
+    config key is read through this one function."""
     from .. import documents
 
     config = paths.config_path()
     if not os.path.lexists(config):
-        return None
+        return {}
     try:
-        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
+        return documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
     except (OSError, ValueError) as exc:
-        raise InvalidOption(
-            f"Could not read the config file {config}: {exc}. Fix or delete it."
-        ) from exc
+        raise error(f"Could not read the config file {config}: {exc}. Fix or delete it."
+                    ) from exc
+
+
+def configured_model() -> str | None:
+    """The ``default_model`` the user set in the config file, or None when there is none."""
+    config = paths.config_path()
+    data = read_config_file()
     value = data.get("default_model")
     if value is None:
         return None
@@ -125,17 +132,12 @@ def configured_sampling() -> tuple[str | None, str | None]:
     """The ``sampler`` and ``schedule`` the user set in the config file (WebUI names, e.g.
     ``sampler = "DPM++ 2M"`` and ``schedule = "Karras"``), each None when not set. Both are
     checked here, so a typo is named with the file before anything loads."""
-    from .. import documents, samplers
+    from .. import samplers
 
     config = paths.config_path()
-    if not os.path.lexists(config):
+    data = read_config_file()
+    if not data:
         return None, None
-    try:
-        data = documents.parse_toml(special_files.read_regular_file(config, MAX_CONFIG_BYTES))
-    except (OSError, ValueError) as exc:
-        raise InvalidOption(
-            f"Could not read the config file {config}: {exc}. Fix or delete it."
-        ) from exc
     values: list[str | None] = []
     for key in ("sampler", "schedule"):
         value = data.get(key)
