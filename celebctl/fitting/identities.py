@@ -154,14 +154,14 @@ def _face_files(pngs: Sequence[bytes], embeddings) -> dict[str, Any]:
             "extra_faces": [(png, embeddings[k]) for k, png in enumerate(pngs) if k]}
 
 
-def new_identity_write(name: str, photos: Sequence[Any], prepared: Sequence[Any],
-                       result: FitResult, components, spec, basis):
-    """The registry write of a freshly fitted identity: coefficients, every face crop and
-    embedding, and the metadata (model, basis, fit, sources) that `add` and `add-many` record."""
-    from .. import __version__, registry
+def fitted_meta(result: FitResult, components, spec, basis, sources: list[Any],
+                fit_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata of a freshly fitted identity (model, basis, family, clip skip, fit,
+    sources), as `add`, `add-many` and `refit` record it."""
+    from .. import __version__
     from ..models import families
 
-    meta = {
+    return {
         "basis_id": basis.id,
         "model": spec.ref,
         "face_encoder": spec.face_encoder,
@@ -170,9 +170,19 @@ def new_identity_write(name: str, photos: Sequence[Any], prepared: Sequence[Any]
         "encoder_widths": families.encoder_widths(components.text_encoders),
         "clip_skip": result.settings.clip_skip or 1,
         "celebctl_version": __version__,
-        "fit": _fit_meta(result.settings, result, components, []),
-        "sources": [_source(p, f) for p, f in zip(photos, prepared, strict=True)],
+        "fit": {**_fit_meta(result.settings, result, components, []), **(fit_extra or {})},
+        "sources": sources,
     }
+
+
+def new_identity_write(name: str, photos: Sequence[Any], prepared: Sequence[Any],
+                       result: FitResult, components, spec, basis):
+    """The registry write of a freshly fitted identity: coefficients, every face crop and
+    embedding, and the metadata (model, basis, fit, sources) that `add` and `add-many` record."""
+    from .. import registry
+
+    meta = fitted_meta(result, components, spec, basis,
+                       [_source(p, f) for p, f in zip(photos, prepared, strict=True)])
     return registry.IdentityWrite(
         name=name, coefficients=result.coefficients[name], meta=meta,
         **_face_files([f.png_bytes() for f in prepared], result.face_embeddings[name]),

@@ -16,8 +16,8 @@ from typing import Any
 from ..errors import FitError, IdentityExists, InvalidOption
 from .identities import (
     _face_files,
-    _fit_meta,
     _note,
+    fitted_meta,
     load_fit_model,
     noise_model_note,
     with_clip_skip,
@@ -89,23 +89,12 @@ def _refit_write(ident, name: str, pngs: list[bytes], result: FitResult, compone
                  basis, replace: bool):
     """The registry write of a refitted identity: new coefficients, model, basis and fit; the
     same crops and sources; where it came from."""
-    from .. import __version__, registry
-    from ..models import families
+    from .. import registry
 
-    meta = {
-        "basis_id": basis.id,
-        "model": spec.ref,
-        "face_encoder": spec.face_encoder,
-        "hidden": int(basis.components.shape[2]),
-        "family": components.family,
-        "encoder_widths": families.encoder_widths(components.text_encoders),
-        "clip_skip": result.settings.clip_skip or 1,
-        "celebctl_version": __version__,
-        "fit": {**_fit_meta(result.settings, result, components, []),
-                "refit_from": {"name": ident.name, "model": str(ident.meta.get("model", "")),
-                               "basis_id": ident.basis_id}},
-        "sources": list(ident.meta.get("sources", [])),
-    }
+    meta = fitted_meta(result, components, spec, basis, list(ident.meta.get("sources", [])),
+                       {"refit_from": {"name": ident.name,
+                                       "model": str(ident.meta.get("model", "")),
+                                       "basis_id": ident.basis_id}})
     return registry.IdentityWrite(
         name=name, coefficients=result.coefficients[name], meta=meta,
         **_face_files(pngs, result.face_embeddings[name]),
