@@ -71,6 +71,16 @@ def fitted(request) -> Path:
     return fitted_template(request)
 
 
+@pytest.fixture(scope="module")
+def components(fitted):
+    """The tiny model's parts on the CPU in fp32, loaded once per test module (from ``fitted``)."""
+    from celebctl import models
+    from tests.helpers import data_home
+
+    with data_home(fitted):
+        return models.load_pipeline_components("tiny", "cpu", "fp32")
+
+
 @pytest.fixture
 def home(tiny_home, fitted) -> Path:
     """The test's data home with alice and bob registered (copied from ``fitted``)."""

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from celebctl import denoise, export, models, rendering
 from celebctl.cli import app
 from celebctl.errors import InvalidOption, PhotoError
-from tests.helpers import data_home, one_torch_thread
+from tests.helpers import one_torch_thread
 
 runner = CliRunner()
 PROMPT = "a castle at dawn"
@@ -26,12 +26,6 @@ PROMPT = "a castle at dawn"
 def one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def components(fitted):
-    with data_home(fitted):
-        return models.load_pipeline_components("tiny", "cpu", "fp32")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from celebctl import denoise, models, rendering
 from celebctl.cli import app
 from celebctl.errors import IdentityNotFound, InvalidOption
-from tests.helpers import data_home, one_torch_thread
+from tests.helpers import one_torch_thread
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def components(fitted):
-    with data_home(fitted):
-        return models.load_pipeline_components("tiny", "cpu", "fp32")
 
 
 def invoke(*args):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from celebctl import __version__, models, registry, rendering
 from celebctl.cli import app
 from celebctl.errors import BasisMismatch, IdentityNotFound, InvalidOption, PromptError
-from tests.helpers import add_identity, data_home, one_torch_thread
+from tests.helpers import add_identity, one_torch_thread
 
 PHOTO = Path(__file__).parent / "data" / "astronaut.png"
 runner = CliRunner()
@@ -29,12 +29,6 @@ runner = CliRunner()
 def one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def components(fitted):
-    with data_home(fitted):
-        return models.load_pipeline_components("tiny", "cpu", "fp32")
 
 
 def render(components, prompt="alice shaking hands with bob", out=None, **kwargs):
